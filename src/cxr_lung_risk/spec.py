@@ -1,0 +1,131 @@
+"""Model specifications, read from the JSON files in the repository's ``models/`` folder.
+
+The JSON files are the single source of truth for ensemble members, architectures, LASSO
+weights, the intercept, input size/normalisation and where the weights come from.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["Member", "EnsembleSpec", "AgeSpec", "load_spec", "lung_risk_spec", "age_spec"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member: a network whose raw output enters the LASSO combination."""
+
+    index: int
+    name: str
+    architecture: str
+    weight: float
+    file: str
+    image_size: int = 224
+    num_outputs: int = 1
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """The CXR-Lung-Risk ensemble: ``score = sum(w_i * pred_i) + intercept`` (years)."""
+
+    name: str
+    title: str
+    column: str
+    unit: str
+    unit_meaning: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    intercept: float
+    members: tuple[Member, ...]
+    weights: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def active_members(self, all_members: bool = False) -> tuple[Member, ...]:
+        """Members to load and run: those with a non-zero LASSO weight unless ``all_members``."""
+        if all_members:
+            return self.members
+        return tuple(m for m in self.members if m.weight != 0.0)
+
+
+@dataclass(frozen=True)
+class AgeSpec:
+    """CXR-Age: one ResNet34 with a calibrated regression output (years)."""
+
+    name: str
+    title: str
+    column: str
+    unit: str
+    unit_meaning: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    architecture: str
+    file: str
+    calibration: dict[str, Any]
+    tta: dict[str, Any]
+    weights: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def load_spec(name: str) -> dict[str, Any]:
+    """Return the raw JSON of ``models/<name>.json`` (installed as ``cxr_lung_risk.specs``)."""
+    text = resources.files("cxr_lung_risk.specs").joinpath(f"{name}.json").read_text("utf-8")
+    return json.loads(text)
+
+
+@lru_cache(maxsize=None)
+def lung_risk_spec() -> EnsembleSpec:
+    raw = load_spec("cxr_lung_risk")
+    members = tuple(
+        Member(
+            index=i,
+            name=m["name"],
+            architecture=m["architecture"].lower(),
+            weight=float(m["weight"]),
+            file=m["file"],
+            image_size=int(m.get("image_size", 224)),
+            num_outputs=int(m.get("num_outputs", 1)),
+            normalize=bool(m.get("normalize", True)),
+        )
+        for i, m in enumerate(raw["members"])
+    )
+    return EnsembleSpec(
+        name=raw["name"],
+        title=raw["title"],
+        column=raw["output"]["column"],
+        unit=raw["output"]["unit"],
+        unit_meaning=raw["output"]["unit_meaning"],
+        input_size=int(raw["input"]["size"]),
+        mean=tuple(raw["input"]["mean"]),
+        std=tuple(raw["input"]["std"]),
+        intercept=float(raw["intercept"]),
+        members=members,
+        weights=raw["weights"],
+        raw=raw,
+    )
+
+
+@lru_cache(maxsize=None)
+def age_spec() -> AgeSpec:
+    raw = load_spec("cxr_age")
+    return AgeSpec(
+        name=raw["name"],
+        title=raw["title"],
+        column=raw["output"]["column"],
+        unit=raw["output"]["unit"],
+        unit_meaning=raw["output"]["unit_meaning"],
+        input_size=int(raw["input"]["size"]),
+        mean=tuple(raw["input"]["mean"]),
+        std=tuple(raw["input"]["std"]),
+        architecture=raw["architecture"],
+        file=raw["file"],
+        calibration=raw["calibration"],
+        tta=raw["tta"],
+        weights=raw["weights"],
+        raw=raw,
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: where the real DICOM files and the shared references live."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared")).resolve()
+
+
+def _pydicom_data_dir() -> Path | None:
+    try:
+        import data_store  # installed by PyPI's pydicom-data
+    except ImportError:
+        return None
+    d = Path(data_store.__file__).parent / "data"
+    return d if d.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared reference folder not found at {SHARED} (set CXR_SHARED_DIR)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def sample_pngs(shared_dir) -> list[Path]:
+    return sorted((shared_dir / "reference" / "sample_png").glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def dicom_data() -> Path:
+    d = _pydicom_data_dir()
+    if d is None:
+        pytest.fail("pydicom-data is not installed (pip install pydicom-data)")
+    return d
+
+
+def im6_tool(name: str) -> str | None:
+    """Path of Debian's real ImageMagick 6 tool (``convert``/``mogrify``), never a stand-in."""
+    for cand in (f"/usr/bin/{name}-im6.q16", f"/usr/bin/{name}-im6", f"/usr/bin/{name}"):
+        if os.path.exists(cand):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_tools() -> dict[str, str]:
+    """dcmj2pnm and ImageMagick 6 (Debian). Skips only when CI cannot have them."""
+    tools = {"dcmj2pnm": shutil.which("dcmj2pnm"), "mogrify": im6_tool("mogrify"), "convert": im6_tool("convert")}
+    missing = [k for k, v in tools.items() if not v]
+    if missing:
+        pytest.skip(f"real tools missing: {missing} (apt-get install dcmtk imagemagick)")
+    return tools
