@@ -1,0 +1,161 @@
+"""Loading published weights safely and strictly.
+
+Accepts a directory of ``.pth`` files or the Zenodo zip itself (``ensamble-model-weights/...``),
+bare state dicts or fastai's ``{'model': ..., 'opt': ...}`` container. Never unpickles arbitrary
+objects: ``torch.load(weights_only=True)`` with an allow-listed stand-in for the one fastcore
+class (``fastcore.foundation.L``) that fastai's optimizer state pickles; the ``opt`` part is
+discarded.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["WeightsError", "WeightSource", "load_state_dict_file", "load_into", "open_source"]
+
+
+class WeightsError(Exception):
+    """A weights file is missing, unreadable or does not fit the architecture (one sentence)."""
+
+
+class _FastcoreL(list):
+    """Stand-in for ``fastcore.foundation.L`` so fastai's optimizer state unpickles safely."""
+
+    def __setstate__(self, state: Any) -> None:  # BUILD opcode
+        items = state.get("items") if isinstance(state, dict) else None
+        if items is not None:
+            self[:] = list(items)
+
+
+_FastcoreL.__module__ = "fastcore.foundation"
+_FastcoreL.__qualname__ = "L"
+_FastcoreL.__name__ = "L"
+
+_SAFE_GLOBALS = [_FastcoreL]
+
+
+def _torch_load(f: Any, name: str, mmap: bool) -> Any:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{name}: cannot read the weights file ({msg[:200]})") from None
+    except Exception as e:  # pickle.UnpicklingError and friends
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(f"{name}: cannot read the weights file ({type(e).__name__}: {msg[:200]})") from None
+
+
+def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
+    """fastai ``learn.load`` semantics: a dict whose keys are exactly {'model', 'opt'} is a container."""
+    if isinstance(obj, Mapping) and set(obj.keys()) == {"model", "opt"}:
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{name}: not a state dict (expected tensors, or fastai's {{'model', 'opt'}} container)")
+    return dict(obj)
+
+
+def load_state_dict_file(path: str | Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    """Read one ``.pth`` file (bare state dict or fastai container) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: weights file is empty")
+    try:
+        obj = _torch_load(str(path), str(path), mmap=mmap)
+    except WeightsError:
+        if not mmap:
+            raise
+        obj = _torch_load(str(path), str(path), mmap=False)  # legacy (non-zip) format
+    return _unwrap(obj, str(path))
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], name: str, *, assign: bool = False) -> nn.Module:
+    """Strictly load ``state`` into ``model``; any missing/unexpected/mis-shaped key is an error naming it."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        raise WeightsError(f"{name}: missing key {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if unexpected:
+        raise WeightsError(
+            f"{name}: unexpected key {unexpected[0]!r}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
+    for k, v in expected.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise WeightsError(f"{name}: key {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+    state = {k: (t.float() if t.is_floating_point() and t.dtype != expected[k].dtype else t) for k, t in state.items()}
+    model.load_state_dict(state, strict=True, assign=assign)
+    return model
+
+
+class WeightSource:
+    """Where the member files come from: a directory, or the published zip (read in place)."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = Path(location)
+        self._zip: zipfile.ZipFile | None = None
+        self._names: dict[str, str] = {}
+        if self.location.is_dir():
+            self.kind = "dir"
+        elif self.location.is_file() and zipfile.is_zipfile(self.location):
+            self.kind = "zip"
+            try:
+                self._zip = zipfile.ZipFile(self.location)
+                for info in self._zip.infolist():
+                    if not info.is_dir():
+                        self._names.setdefault(Path(info.filename).name, info.filename)
+            except (zipfile.BadZipFile, OSError) as e:
+                raise WeightsError(f"{self.location}: the weights zip is corrupt ({e}); download it again") from None
+        elif self.location.is_file():
+            raise WeightsError(f"{self.location}: not a directory or a zip file of weights (is the download truncated?)")
+        else:
+            raise WeightsError(f"{self.location}: weights location not found")
+
+    def __repr__(self) -> str:
+        return f"WeightSource({str(self.location)!r})"
+
+    def has(self, filename: str) -> bool:
+        if self.kind == "dir":
+            return (self.location / filename).is_file() or any(self.location.glob(f"*/{filename}"))
+        return filename in self._names
+
+    def path_of(self, filename: str) -> Path:
+        if self.kind != "dir":
+            raise WeightsError("path_of() is only for directories")
+        direct = self.location / filename
+        if direct.is_file():
+            return direct
+        found = sorted(self.location.glob(f"*/{filename}"))
+        if not found:
+            raise WeightsError(f"{direct}: weights file not found")
+        return found[0]
+
+    def load(self, filename: str, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+        if self.kind == "dir":
+            return load_state_dict_file(self.path_of(filename), mmap=mmap)
+        assert self._zip is not None
+        if filename not in self._names:
+            raise WeightsError(f"{self.location}: {filename} is missing from the zip")
+        member = self._names[filename]
+        name = f"{self.location}!{member}"
+        try:
+            data = self._zip.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
+            raise WeightsError(f"{name}: cannot read it from the zip ({e}); the zip is corrupt, download it again") from None
+        return _unwrap(_torch_load(io.BytesIO(data), name, mmap=False), name)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+
+def open_source(location: str | Path) -> WeightSource:
+    return WeightSource(location)
