@@ -1,0 +1,498 @@
+"""The DICOM Comprehensive SR document: a TID 1500 Imaging Measurement Report per source image.
+
+Public API::
+
+    build_measurement_report(source, measurements, *, algorithm, ...) -> pydicom.Dataset
+    write_sr(ds, path) -> Path
+    read_measurements(path) -> dict[str, float]
+    sr_filename(source_sop_instance_uid) -> str
+
+What is copied from the source: the Patient, General Study, Patient Study, Clinical Trial
+Subject and Clinical Trial Study modules (top-level attributes, private tags removed from
+their sequences), written with the source's Specific Character Set so that the raw bytes of
+person names are kept. Never copied: the source's SOP/Series UIDs (except as references),
+equipment, acquisition, image or private attributes.
+
+UIDs: with ``deterministic=False`` every build gets random ``2.25.<uuid4>`` UIDs and the
+current time. With ``deterministic=True`` UIDs are ``2.25.<int of a UUIDv5>``: the SOP
+Instance UID and tracking UIDs from (source SOP Instance UID, reported values, algorithm,
+software version); the Series Instance UID from (Study Instance UID, device, software version,
+series number), so one study's reports share a series; all dates/times are the source's
+StudyDate/StudyTime (else ContentDate/ContentTime, else 1970-01-01 00:00:00). Identical input
+then gives byte-identical files (with the same cxr-lung-risk, highdicom and pydicom versions).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import os
+import re
+import tempfile
+import uuid
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+from highdicom import ContributingEquipment
+from highdicom.sr import ComprehensiveSR, MeasurementReport
+from pydicom import Dataset
+from pydicom.charset import convert_encodings, decode_bytes, encode_string
+from pydicom.datadict import tag_for_keyword
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
+
+from ... import __version__ as SOFTWARE_VERSION
+from .content import (
+    AlgorithmInfo,
+    Measurement,
+    coding_scheme_item,
+    image_library,
+    measurement_groups,
+    member_concept,
+    observation_context,
+)
+from .enum import StandardCodes
+
+__all__ = [
+    "Measurement",
+    "AlgorithmInfo",
+    "COMPREHENSIVE_SR_STORAGE",
+    "build_measurement_report",
+    "write_sr",
+    "read_measurements",
+    "sr_filename",
+    "decide_character_set",
+    "COPIED_KEYWORDS",
+]
+
+#: SOP Class UID of Comprehensive SR Storage.
+COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-lung-risk:dicom-sr")
+_EPOCH = datetime.datetime(1970, 1, 1, 0, 0, 0)
+
+#: Top-level attributes copied from the source: Patient, General Study, Patient Study,
+#: Clinical Trial Subject and Clinical Trial Study modules (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2,
+#: C.7.1.3, C.7.2.3).
+COPIED_KEYWORDS: tuple[str, ...] = (
+    # Patient
+    "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
+    "PatientAlternativeCalendar", "PatientSex", "ReferencedPatientSequence",
+    "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence",
+    "OtherPatientNames", "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence",
+    "EthnicGroup", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    # General Study
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
+    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
+    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence",
+    "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    "RequestingService",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge",
+    "PatientSize", "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension",
+    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation",
+    "SmokingStatus", "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate",
+    "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence", "AdmissionID",
+    "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence",
+    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID",
+    "ClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
+    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
+    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
+    "LongitudinalTemporalOffsetFromEvent", "LongitudinalTemporalEventType",
+    "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+)
+
+# Attributes highdicom reads from its "evidence" dataset (besides the UIDs).
+_EVIDENCE_KEYWORDS = (
+    "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
+    "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+
+
+# ----------------------------------------------------------------------------- charset
+def _scs_values(source: Dataset) -> list[str]:
+    """The source's Specific Character Set as a list; a missing first value becomes
+    ``ISO 2022 IR 6`` (``\\ISO 2022 IR 87`` -> ``ISO 2022 IR 6\\ISO 2022 IR 87``)."""
+    elem = source.get("SpecificCharacterSet")
+    if elem is None:
+        return []
+    values = [elem] if isinstance(elem, str) else list(elem)
+    values = [str(v).strip() for v in values]
+    if all(v == "" for v in values):
+        return []
+    if len(values) > 1 and values[0] == "":
+        values[0] = "ISO 2022 IR 6"
+    return values
+
+
+def _encodable(text: str, encodings: list[str]) -> bool:
+    """Whether ``text`` survives encoding with ``encodings`` (no replacement characters)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            raw = encode_string(text, encodings)
+            return decode_bytes(raw, encodings, set()) == text
+    except (UnicodeError, UserWarning, LookupError, ValueError):
+        return False
+
+
+def decide_character_set(source: Dataset, texts: Iterable[str]) -> str | list[str] | None:
+    """Specific Character Set of the report, decided before building it.
+
+    The source's value (normalised: empty first value -> ``ISO 2022 IR 6``) if every text
+    this package adds (``texts``) can be encoded with it; otherwise ``ISO_IR 192`` (UTF-8),
+    in which case person names are re-encoded rather than copied byte for byte. ``None``
+    (no attribute, default repertoire) when the source has none and ``texts`` are ASCII.
+    """
+    values = _scs_values(source)
+    encodings = convert_encodings(values or ["ISO_IR 6"])
+    if all(_encodable(t, encodings) for t in texts if t):
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else values
+    return "ISO_IR 192"
+
+
+# ----------------------------------------------------------------------------- uids, times
+def _uuid_uid(u: uuid.UUID) -> str:
+    return f"2.25.{u.int}"
+
+
+def _deterministic_uid(payload: dict) -> str:
+    return _uuid_uid(uuid.uuid5(_UUID_NAMESPACE, json.dumps(payload, sort_keys=True, ensure_ascii=True)))
+
+
+def _fixed_datetime(source: Dataset) -> datetime.datetime:
+    """StudyDate/StudyTime, else ContentDate/ContentTime, else 1970-01-01 00:00:00."""
+    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("ContentDate", "ContentTime")):
+        try:
+            date = DA(source.get(date_kw)) if source.get(date_kw) else None
+        except (ValueError, TypeError):
+            date = None
+        if date is None:
+            continue
+        try:
+            time = TM(source.get(time_kw)) if source.get(time_kw) else None
+        except (ValueError, TypeError):
+            time = None
+        t = time if time is not None else datetime.time(0, 0, 0)
+        return datetime.datetime.combine(date, datetime.time(t.hour, t.minute, t.second, t.microsecond))
+    return _EPOCH
+
+
+# ----------------------------------------------------------------------------- building
+def _evidence_for_highdicom(source: Dataset, scs) -> Dataset:
+    """A minimal copy of the source with exactly what highdicom's SR constructor reads.
+
+    Values highdicom would reject (malformed dates, a sex other than M/F/O) are left empty
+    here; the source's own values are copied into the report afterwards anyway.
+    """
+    ev = Dataset()
+    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        value = source.get(kw)
+        if not value:
+            raise ValueError(f"The source DICOM has no {kw}, so no report can reference it.")
+        setattr(ev, kw, value)
+    if scs is not None:
+        ev.SpecificCharacterSet = scs
+    for kw in _EVIDENCE_KEYWORDS:
+        value = source.get(kw)
+        if kw in ("PatientBirthDate", "StudyDate"):
+            try:
+                value = DA(value) if value else None
+            except (ValueError, TypeError):
+                value = None
+        elif kw == "StudyTime":
+            try:
+                value = TM(value) if value else None
+            except (ValueError, TypeError):
+                value = None
+        elif kw == "PatientSex":
+            value = value if value in ("M", "F", "O") else None
+        setattr(ev, kw, value if value not in ("",) else None)
+    return ev
+
+
+def _copy_source_modules(sr: Dataset, source: Dataset) -> None:
+    """Copy the patient/study/clinical-trial modules; private tags in sequences are dropped."""
+    for kw in COPIED_KEYWORDS:
+        tag = tag_for_keyword(kw)
+        if tag is None or tag not in source:
+            continue
+        elem = copy.deepcopy(source[tag])
+        if elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                item.remove_private_tags()
+        sr[tag] = elem
+
+
+def _own_texts(
+    measurements: Sequence[Measurement],
+    algorithm: AlgorithmInfo,
+    device_name: str,
+    manufacturer: str,
+    series_description: str,
+) -> list[str]:
+    texts = [device_name, manufacturer, series_description, algorithm.name, algorithm.version]
+    texts += [f"{k}={v}" for k, v in algorithm.parameters.items()]
+    for m in measurements:
+        texts += [m.name, m.code_meaning, m.unit_meaning]
+        for member in m.members or {}:
+            texts.append(member_concept(m, member).meaning)
+    return texts
+
+
+def build_measurement_report(
+    source: pydicom.Dataset,
+    measurements: Sequence[Measurement],
+    *,
+    algorithm: AlgorithmInfo,
+    device_name: str = "cxr-lung-risk",
+    manufacturer: str = "cxr-lung-risk open implementation",
+    deterministic: bool = False,
+    series_number: int = 9001,
+    instance_number: int = 1,
+) -> pydicom.Dataset:
+    """Build a Comprehensive SR (TID 1500 Imaging Measurement Report) for one source image.
+
+    Args:
+        source: the source image's dataset (pixel data not needed: ``stop_before_pixels``).
+        measurements: results to report (at least one), e.g. CXR-Lung-Risk and CXR-Age.
+        algorithm: algorithm name/version/parameters written in every measurement group.
+        device_name: name of the software, used as Device Observer Name and Manufacturer's
+            Model Name.
+        manufacturer: Manufacturer of the report and Device Observer Manufacturer.
+        deterministic: derive UIDs and times from the input (see module docstring) so that
+            identical input gives a byte-identical file.
+        series_number: Series Number of the report.
+        instance_number: Instance Number of the report.
+
+    Returns:
+        A ``highdicom.sr.ComprehensiveSR`` (a ``pydicom.Dataset``) ready for :func:`write_sr`.
+
+    Raises:
+        ValueError: no measurement, or the source lacks the UIDs a report must reference, or
+            its SOP class is not an image storage class.
+    """
+    if not measurements:
+        raise ValueError("At least one measurement is needed to build a report.")
+    names = [m.name for m in measurements]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Measurement names must be unique: {names}.")
+    series_description = f"{algorithm.name} {algorithm.version} (research use only)"[:64]
+    scs = decide_character_set(
+        source, _own_texts(measurements, algorithm, device_name, manufacturer, series_description)
+    )
+
+    source_uid = str(source.get("SOPInstanceUID", ""))
+    content_key = {
+        "source": source_uid,
+        "values": [
+            {
+                "name": m.name,
+                "code": [m.code_value, m.code_meaning],
+                "value": repr(float(m.value)),
+                "unit": [m.unit, m.unit_meaning],
+                "members": sorted((k, repr(float(v))) for k, v in (m.members or {}).items()),
+            }
+            for m in measurements
+        ],
+        "algorithm": [algorithm.name, algorithm.version, sorted(algorithm.parameters.items())],
+        "software": SOFTWARE_VERSION,
+        "device": [manufacturer, device_name],
+        "numbers": [series_number, instance_number],
+    }
+    if deterministic:
+        def uid_for(label: str) -> str:
+            return _deterministic_uid({"label": label, **content_key})
+
+        when = _fixed_datetime(source)
+        series_uid = _deterministic_uid(
+            {
+                "label": "series",
+                "study": str(source.get("StudyInstanceUID", "")),
+                "software": SOFTWARE_VERSION,
+                "device": [manufacturer, device_name],
+                "series_number": series_number,
+            }
+        )
+    else:
+        def uid_for(label: str) -> str:
+            return _uuid_uid(uuid.uuid4())
+
+        when = datetime.datetime.now().replace(microsecond=0)
+        series_uid = uid_for("series")
+    sop_uid = uid_for("instance")
+    device_uid = _deterministic_uid({"label": "device", "device": [manufacturer, device_name], "software": SOFTWARE_VERSION})
+
+    report = MeasurementReport(
+        observation_context=observation_context(
+            device_uid=device_uid,
+            device_name=device_name,
+            manufacturer=manufacturer,
+            model_name=device_name,
+            serial_number=SOFTWARE_VERSION,
+        ),
+        procedure_reported=StandardCodes.IMAGING_PROCEDURE,
+        imaging_measurements=measurement_groups(measurements, algorithm, source, uid_for),
+        title=StandardCodes.IMAGING_MEASUREMENT_REPORT,
+    )
+    # TID 1500 row order: ..., Procedure Reported, Image Library (TID 1600), Imaging Measurements.
+    root_items = report[0].ContentSequence
+    root_items.insert(len(root_items) - 1, image_library(source))
+
+    evidence = _evidence_for_highdicom(source, scs)
+    try:
+        sr = ComprehensiveSR(
+            evidence=[evidence],
+            content=report[0],
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            coding_schemes=[coding_scheme_item()],
+            series_description=series_description,
+            manufacturer_model_name=device_name,
+            software_versions=SOFTWARE_VERSION,
+            content_date=when.date(),
+            content_time=when.time(),
+            series_date=when.date(),
+            series_time=when.time(),
+            # The character set is set below: highdicom rejects some valid values.
+            specific_character_set=None,
+        )
+    except KeyError as exc:
+        raise ValueError(
+            f"The source's SOP class {source.get('SOPClassUID')} is not an image storage class a report can describe."
+        ) from exc
+
+    if scs is not None:
+        sr.SpecificCharacterSet = scs
+    elif "SpecificCharacterSet" in sr:
+        del sr.SpecificCharacterSet
+    _copy_source_modules(sr, source)
+    sr.InstanceCreationDate = DA(when.date())
+    sr.InstanceCreationTime = TM(when.time())
+    # Only the library that wrote the file, never the source's acquisition equipment.
+    sr.ContributingEquipmentSequence = [
+        ContributingEquipment(
+            manufacturer="Highdicom open-source contributors",
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name="highdicom",
+            software_versions=hd.__version__,
+            contribution_datetime=when,
+            contribution_description="Software library used to create this instance",
+        )
+    ]
+    return sr
+
+
+# ----------------------------------------------------------------------------- files
+def write_sr(ds: pydicom.Dataset, path: str | os.PathLike) -> Path:
+    """Write the report as a DICOM Part 10 file, atomically (temporary file + rename).
+
+    Returns the path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sr-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _code_of(item: Dataset) -> tuple[str, str]:
+    seq = item.get("ConceptNameCodeSequence")
+    if not seq:
+        return ("", "")
+    return (str(seq[0].get("CodeValue", "")), str(seq[0].get("CodingSchemeDesignator", "")))
+
+
+def _is(item: Dataset, code) -> bool:
+    return _code_of(item) == (code.value, code.scheme_designator)
+
+
+def read_measurements(path: str | os.PathLike) -> dict[str, float]:
+    """Numeric values of a report's measurement groups, keyed by concept name (code meaning).
+
+    Reads the NUM items of every Measurement Group (125007 DCM) inside Imaging Measurements
+    (126010 DCM); image library descriptors are not included. Uses Floating Point Value when
+    present (full double precision), else the Decimal String Numeric Value.
+
+    Raises:
+        ValueError: the file is not a DICOM SR, or a concept name occurs twice.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # noqa: BLE001 - one clear sentence for the user
+        raise ValueError(f"{path} is not a readable DICOM file ({exc}).") from exc
+    if ds.get("Modality") != "SR" or "ContentSequence" not in ds:
+        raise ValueError(f"{path} is not a DICOM Structured Report.")
+    out: dict[str, float] = {}
+    for container in ds.ContentSequence:
+        if not _is(container, StandardCodes.IMAGING_MEASUREMENTS):
+            continue
+        for group in container.get("ContentSequence", []):
+            if not _is(group, StandardCodes.MEASUREMENT_GROUP):
+                continue
+            for item in group.get("ContentSequence", []):
+                if item.get("ValueType") != "NUM" or not item.get("MeasuredValueSequence"):
+                    continue
+                mv = item.MeasuredValueSequence[0]
+                value = float(mv.FloatingPointValue) if "FloatingPointValue" in mv else float(mv.NumericValue)
+                meaning = str(item.ConceptNameCodeSequence[0].CodeMeaning)
+                if meaning in out:
+                    raise ValueError(f"{path} reports {meaning!r} more than once.")
+                out[meaning] = value
+    return out
+
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def sr_filename(source_sop_instance_uid: str) -> str:
+    """File name ``<uid>.dcm`` for the report of a source image.
+
+    Only a well-formed UID (digits and dots, at most 64 characters) is used as is; anything
+    else (DICOM text never goes into file names unchecked) becomes ``sr-<32 hex digits of
+    its SHA-256>.dcm``.
+    """
+    uid = str(source_sop_instance_uid or "").strip().rstrip("\x00").strip()
+    if uid and len(uid) <= 64 and _UID_RE.fullmatch(uid):
+        return f"{uid}.dcm"
+    digest = hashlib.sha256(str(source_sop_instance_uid).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"sr-{digest}.dcm"
+
