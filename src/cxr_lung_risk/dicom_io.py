@@ -413,6 +413,8 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
     modality = _modality(ds, sop_class)
     if "Rows" not in ds and "Columns" not in ds:
         what = _sop_class_name(sop_class)
+        if "Image Storage" in what:
+            raise _fail(f"{what} header has no Rows/Columns (file truncated or malformed)")
         mod = f", modality {modality}" if modality else ""
         raise _skip(f"{what}{mod} is not an image (no pixel data)")
 
@@ -535,6 +537,25 @@ def decode_pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
     return pixel_array(ds, index=frame, raw=True)
 
 
+def _infer_native_syntax(ds: Dataset) -> UID | None:
+    """For a data set stored without file meta: the native syntax pydicom found it in (an
+    encapsulated PixelData cannot be interpreted without its transfer syntax)."""
+    encoding = getattr(ds, "original_encoding", (None, None))
+    implicit, little = encoding if encoding else (None, None)
+    if implicit is None or little is None:
+        return None
+    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+        return None
+    if implicit:
+        ts = pydicom.uid.ImplicitVRLittleEndian
+    else:
+        ts = pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
+    if not hasattr(ds, "file_meta") or ds.file_meta is None:
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ts
+
+
 def _has_pixel_data_tag(path: Path) -> bool:
     """Whether the raw bytes hold a (7FE0,0010) tag (either byte order)."""
     with open(path, "rb") as f:
@@ -554,7 +575,10 @@ def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opt
         raise _fail("PixelData is missing")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
-        raise _fail("transfer syntax is unknown (no TransferSyntaxUID in the file meta)")
+        ts = _infer_native_syntax(ds)
+        if ts is None:
+            raise _fail("transfer syntax is unknown (no TransferSyntaxUID in the file meta)")
+        notes.append(f"no TransferSyntaxUID in the file; read as {ts.name}")
     elem = ds["PixelData"]
     encapsulated = elem.is_undefined_length
     if ts.is_compressed != encapsulated:
