@@ -10,6 +10,8 @@ end) and can misbehave on purpose:
 - ``extra``: bytes appended to the body (Content-Length then counts them);
 - ``no_length``: send no Content-Length (HTTP/1.0-style body ended by closing).
 
+``redirects`` maps a path to a Location answered with 302 (as download hosts often do).
+
 Every request is recorded (path and Range header) in ``server.requests``.
 """
 from __future__ import annotations
@@ -53,6 +55,14 @@ class _Handler(BaseHTTPRequestHandler):
             beh = srv.behaviour.get(self.path, Behaviour())
             count = srv.counts.get(self.path, 0)
             srv.counts[self.path] = count + 1
+        target = srv.redirects.get(self.path)
+        if target is not None:
+            rec.status = 302
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if body is None:
             rec.status = 404
             self.send_response(404)
@@ -108,6 +118,7 @@ class LocalServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.behaviour: dict[str, Behaviour] = {}
+        self.redirects: dict[str, str] = {}
         self.requests: list[Request] = []
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
