@@ -8,7 +8,8 @@ end) and can misbehave on purpose:
 - ``ignore_range``: answer every request with the whole file (200);
 - ``corrupt_at``: flip the byte at this offset of the body;
 - ``extra``: bytes appended to the body (Content-Length then counts them);
-- ``no_length``: send no Content-Length (HTTP/1.0-style body ended by closing).
+- ``no_length``: send no Content-Length (HTTP/1.0-style body ended by closing);
+- ``fail_status``: answer this error status (e.g. 503) to the first ``drop_times`` requests.
 
 ``redirects`` maps a path to a Location answered with 302 (as download hosts often do).
 
@@ -30,6 +31,7 @@ class Behaviour:
     corrupt_at: int | None = None
     extra: bytes = b""
     no_length: bool = False
+    fail_status: int | None = None  # answer this status to the first ``drop_times`` requests
 
 
 @dataclass
@@ -63,9 +65,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
+        if body is not None and beh.fail_status is not None and count < beh.drop_times:
+            body = None
         if body is None:
-            rec.status = 404
-            self.send_response(404)
+            rec.status = 404 if beh.fail_status is None else beh.fail_status
+            self.send_response(rec.status)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return

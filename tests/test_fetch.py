@@ -412,6 +412,15 @@ def test_short_body_without_length_is_size_mismatch(server, tmp_path, blob):
     assert not dest.exists()
 
 
+def test_transient_503_is_retried_then_reported(server, tmp_path, blob):
+    url = server.add("/blob", blob, fail_status=503, drop_times=2)
+    dest = tmp_path / "blob.bin"
+    with pytest.raises(FetchError, match=r"interrupted.*HTTP 503.*run fetch-weights again"):
+        fetch.download(url, dest, expected_size=len(blob), expected_sha256=None, progress=False, retries=1, retry_delay=0)
+    assert fetch.download(url, dest, expected_size=len(blob), expected_sha256=None, progress=False, retries=1, retry_delay=0) == sha(blob)
+    assert [r.status for r in server.requests_for("/blob")] == [503, 503, 200]
+
+
 def test_http_404_and_unreachable(server, tmp_path):
     with pytest.raises(FetchError, match="HTTP 404"):
         fetch.download(server.url("/missing"), tmp_path / "m", expected_size=None, expected_sha256=None, progress=False)

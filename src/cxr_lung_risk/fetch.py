@@ -323,6 +323,8 @@ def _transfer_once(url: str, part: Path, expected_size: int | None, progress: bo
                 return  # the partial file already holds the whole resource
             raise _Restart() from None
         e.close()
+        if e.code == 429 or 500 <= e.code < 600:  # busy or failing server: worth another try
+            raise _Interrupted(f"HTTP {e.code} {e.reason}") from None
         raise FetchError(f"could not download {url}: the server answered HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         reason = e.reason
