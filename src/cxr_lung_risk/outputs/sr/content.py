@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -168,7 +168,7 @@ def _hd(code: Code) -> CodedConcept:
 
 def measurement_groups(
     measurements: Sequence[Measurement],
-    algorithm: AlgorithmInfo,
+    algorithms: Mapping[str, AlgorithmInfo],
     source: Dataset,
     uid_for: Callable[[str], str],
 ) -> list[MeasurementsAndQualitativeEvaluations]:
@@ -176,12 +176,12 @@ def measurement_groups(
 
     Args:
         measurements: the results to report.
-        algorithm: algorithm identification written in every group.
+        algorithms: algorithm identification of each measurement, by measurement name.
         source: the source image (its SOP Class/Instance UIDs are referenced by each group).
         uid_for: returns the tracking UID for a label (deterministic or random).
     """
 
-    def algo() -> AlgorithmIdentification:
+    def algo(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
         return AlgorithmIdentification(
             name=algorithm.name,
             version=algorithm.version,
@@ -201,7 +201,7 @@ def measurement_groups(
         groups.append(
             MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=TrackingIdentifier(uid=uid_for(f"tracking/{m.name}"), identifier=m.name),
-                algorithm_id=algo(),
+                algorithm_id=algo(algorithms[m.name]),
                 measurements=[
                     _HdMeasurement(
                         name=concept(m.code_value, m.code_meaning),
@@ -217,7 +217,7 @@ def measurement_groups(
             groups.append(
                 MeasurementsAndQualitativeEvaluations(
                     tracking_identifier=TrackingIdentifier(uid=uid_for(f"tracking/{label}"), identifier=label),
-                    algorithm_id=algo(),
+                    algorithm_id=algo(algorithms[m.name]),
                     measurements=[
                         _HdMeasurement(
                             name=member_concept(m, member),

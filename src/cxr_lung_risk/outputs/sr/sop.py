@@ -32,7 +32,7 @@ import re
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -212,10 +212,7 @@ def _evidence_for_highdicom(source: Dataset, scs) -> Dataset:
     """
     ev = Dataset()
     for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        value = source.get(kw)
-        if not value:
-            raise ValueError(f"The source DICOM has no {kw}, so no report can reference it.")
-        setattr(ev, kw, value)
+        setattr(ev, kw, source[kw].value)
     if scs is not None:
         ev.SpecificCharacterSet = scs
     for kw in _EVIDENCE_KEYWORDS:
@@ -251,13 +248,15 @@ def _copy_source_modules(sr: Dataset, source: Dataset) -> None:
 
 def _own_texts(
     measurements: Sequence[Measurement],
-    algorithm: AlgorithmInfo,
+    algorithms: Iterable[AlgorithmInfo],
     device_name: str,
     manufacturer: str,
     series_description: str,
 ) -> list[str]:
-    texts = [device_name, manufacturer, series_description, algorithm.name, algorithm.version]
-    texts += [f"{k}={v}" for k, v in algorithm.parameters.items()]
+    texts = [device_name, manufacturer, series_description]
+    for algorithm in algorithms:
+        texts += [algorithm.name, algorithm.version]
+        texts += [f"{k}={v}" for k, v in algorithm.parameters.items()]
     for m in measurements:
         texts += [m.name, m.code_meaning, m.unit_meaning]
         for member in m.members or {}:
@@ -269,7 +268,7 @@ def build_measurement_report(
     source: pydicom.Dataset,
     measurements: Sequence[Measurement],
     *,
-    algorithm: AlgorithmInfo,
+    algorithm: AlgorithmInfo | Mapping[str, AlgorithmInfo],
     device_name: str = "cxr-lung-risk",
     manufacturer: str = "cxr-lung-risk open implementation",
     deterministic: bool = False,
@@ -281,7 +280,9 @@ def build_measurement_report(
     Args:
         source: the source image's dataset (pixel data not needed: ``stop_before_pixels``).
         measurements: results to report (at least one), e.g. CXR-Lung-Risk and CXR-Age.
-        algorithm: algorithm name/version/parameters written in every measurement group.
+        algorithm: algorithm name/version/parameters written in every measurement group;
+            or a mapping from measurement name to the algorithm of that measurement (e.g.
+            CXR-Lung-Risk and CXR-Age are different networks); every measurement needs one.
         device_name: name of the software, used as Device Observer Name and Manufacturer's
             Model Name.
         manufacturer: Manufacturer of the report and Device Observer Manufacturer.
@@ -299,12 +300,26 @@ def build_measurement_report(
     """
     if not measurements:
         raise ValueError("At least one measurement is needed to build a report.")
+    for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        if not source.get(kw):
+            raise ValueError(f"The source DICOM has no {kw}, so no report can reference it.")
     names = [m.name for m in measurements]
     if len(set(names)) != len(names):
         raise ValueError(f"Measurement names must be unique: {names}.")
-    series_description = f"{algorithm.name} {algorithm.version} (research use only)"[:64]
+    if isinstance(algorithm, AlgorithmInfo):
+        algorithms = {m.name: algorithm for m in measurements}
+    else:
+        algorithms = dict(algorithm)
+        missing = [n for n in names if n not in algorithms]
+        if missing:
+            raise ValueError(f"No algorithm identification given for {missing}.")
+    used = list(
+        {(a.name, a.version, tuple(a.parameters.items())): a for a in (algorithms[n] for n in names)}.values()
+    )
+    series_description = " + ".join(f"{a.name} {a.version}" for a in used)
+    series_description = (series_description[:44] + " (research use only)")[:64]
     scs = decide_character_set(
-        source, _own_texts(measurements, algorithm, device_name, manufacturer, series_description)
+        source, _own_texts(measurements, used, device_name, manufacturer, series_description)
     )
 
     source_uid = str(source.get("SOPInstanceUID", ""))
@@ -320,7 +335,7 @@ def build_measurement_report(
             }
             for m in measurements
         ],
-        "algorithm": [algorithm.name, algorithm.version, sorted(algorithm.parameters.items())],
+        "algorithm": [[n, a.name, a.version, sorted(a.parameters.items())] for n, a in sorted(algorithms.items()) if n in names],
         "software": SOFTWARE_VERSION,
         "device": [manufacturer, device_name],
         "numbers": [series_number, instance_number],
@@ -357,7 +372,7 @@ def build_measurement_report(
             serial_number=SOFTWARE_VERSION,
         ),
         procedure_reported=StandardCodes.IMAGING_PROCEDURE,
-        imaging_measurements=measurement_groups(measurements, algorithm, source, uid_for),
+        imaging_measurements=measurement_groups(measurements, algorithms, source, uid_for),
         title=StandardCodes.IMAGING_MEASUREMENT_REPORT,
     )
     # TID 1500 row order: ..., Procedure Reported, Image Library (TID 1600), Imaging Measurements.
