@@ -330,6 +330,7 @@ def test_redirect_and_resume_across_it(server, tmp_path, blob):
     assert [(r.range, r.status) for r in server.requests_for("/real/blob")] == [(None, 200), ("bytes=70000-", 206)]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file locks")
 def test_concurrent_fetch_is_refused(server, tmp_path, blob):
     url = server.add("/blob", blob)
     dest = tmp_path / "blob.bin"
@@ -340,6 +341,7 @@ def test_concurrent_fetch_is_refused(server, tmp_path, blob):
     assert fetch.download(url, dest, expected_size=len(blob), expected_sha256=None, progress=False) == sha(blob)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 def test_progress_bar_only_on_a_terminal(server, tmp_path, blob):
     import fcntl
     import pty

@@ -40,7 +40,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from . import __version__
 from .spec import age_spec, lung_risk_spec
