@@ -87,6 +87,10 @@ _VRS = frozenset(
 )
 
 
+#: Exceptions that are about the process, not the file: never turned into a 'failed' result.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
 class DicomInputError(Exception):
     """A problem with the inputs themselves (e.g. a path that does not exist)."""
 
@@ -271,9 +275,16 @@ class _Refusal(Exception):
     """Internal: stop processing one file with a status and a reason."""
 
     def __init__(self, status: str, sentence: str):
+        sentence = _printable(sentence)
         super().__init__(sentence)
         self.status = status
         self.reason = f"{status}: {sentence}"
+
+
+def _printable(text: str, limit: int = 300) -> str:
+    """One printable line: control/undecodable characters (from corrupt headers) become '?'."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(str(text).split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _skip(sentence: str) -> _Refusal:
@@ -355,7 +366,7 @@ def _sop_class_name(uid: str) -> str:
     if not uid:
         return "object"
     name = UID(uid).name
-    return name if name and name != uid else f"SOP class {uid}"
+    return name if name and name != uid else f"SOP class {_printable(uid, 80)}"
 
 
 def _ts_name(ds: Dataset) -> str:
@@ -410,9 +421,18 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
     if _is_dicomdir(path, ds):
         raise _skip("DICOMDIR (a media directory index, not an image)")
     sop_class = str(ds.get("SOPClassUID", "") or "")
+    if not sop_class:
+        try:
+            sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+        except Exception:
+            sop_class = ""
+    if sop_class and not UID(sop_class).is_valid:
+        raise _fail(f"SOPClassUID '{sop_class[:64]}' is not a valid UID (corrupt header)")
     modality = _modality(ds, sop_class)
     if "Rows" not in ds and "Columns" not in ds:
         what = _sop_class_name(sop_class)
+        if not sop_class:
+            raise _fail("the header has neither a SOP Class UID nor Rows/Columns (file truncated or corrupt)")
         if "Image Storage" in what:
             raise _fail(f"{what} header has no Rows/Columns (file truncated or malformed)")
         mod = f", modality {modality}" if modality else ""
@@ -534,7 +554,13 @@ def decode_pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
     frame of a multi-frame image (0-based).  Raises on undecodable data."""
     from pydicom.pixels import pixel_array
 
-    return pixel_array(ds, index=frame, raw=True)
+    plugin = ""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts == pydicom.uid.RLELossless:
+        # pydicom's own RLE decoder: pylibjpeg-rle (Rust) panics on some corrupt segments,
+        # printing a backtrace to stderr; pydicom's raises a normal exception (0.2 s per CXR).
+        plugin = "pydicom"
+    return pixel_array(ds, index=frame, raw=True, decoding_plugin=plugin)
 
 
 def _infer_native_syntax(ds: Dataset) -> UID | None:
@@ -579,6 +605,8 @@ def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opt
         if ts is None:
             raise _fail("transfer syntax is unknown (no TransferSyntaxUID in the file meta)")
         notes.append(f"no TransferSyntaxUID in the file; read as {ts.name}")
+    if not ts.is_transfer_syntax:
+        raise _fail(f"transfer syntax UID '{str(ts)[:64]}' is not a known transfer syntax")
     elem = ds["PixelData"]
     encapsulated = elem.is_undefined_length
     if ts.is_compressed != encapsulated:
@@ -602,7 +630,9 @@ def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opt
             arr = decode_pixels(ds, 0 if frames > 1 else None)
         except MemoryError:
             raise _fail("not enough memory to decode the pixel data") from None
-        except Exception as exc:
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - Rust decoders (pyo3) panic with a BaseException
             raise _fail(f"could not decode the pixel data ({_ts_name(ds)}): {_short(exc)}") from None
     for w in caught:
         msg = _short(w.message, 200)
@@ -626,8 +656,15 @@ def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opt
 def load_image(path: str | Path, options: SelectionOptions | None = None) -> LoadedImage:
     """Read, select and decode one file.  Never raises for bad input: every problem becomes a
     ``'skipped'`` or ``'failed'`` :class:`LoadedImage` with a one-sentence reason."""
-    opts = options if options is not None else SelectionOptions()
-    path = Path(path)
+    with warnings.catch_warnings():
+        # pydicom warns about every odd value it meets; the sentence we return says what matters
+        warnings.simplefilter("ignore")
+        res = _load_image(Path(path), options if options is not None else SelectionOptions())
+    res.warnings = [_printable(w) for w in res.warnings]
+    return res
+
+
+def _load_image(path: Path, opts: SelectionOptions) -> LoadedImage:
     notes: list[str] = []
     header: Dataset | None = None
     try:
@@ -643,7 +680,9 @@ def load_image(path: str | Path, options: SelectionOptions | None = None) -> Loa
             raise _skip("not a DICOM file")
         try:
             header = read_header(path)
-        except Exception as exc:
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:  # noqa: BLE001
             raise _fail(f"malformed DICOM header: {_short(exc)}") from None
         if len(header) == 0 and not getattr(header, "file_meta", None):
             raise _fail("malformed DICOM: no data elements could be read")
@@ -653,7 +692,9 @@ def load_image(path: str | Path, options: SelectionOptions | None = None) -> Loa
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 full = pydicom.dcmread(path, force=True)
-        except Exception as exc:
+        except _PASS_THROUGH:
+            raise
+        except BaseException as exc:  # noqa: BLE001
             raise _fail(f"malformed DICOM data set: {_short(exc)}") from None
         if "PixelData" not in full and _has_pixel_data_tag(path):
             raise _fail("pixel data is truncated or unreadable (the data set ends inside PixelData)")
@@ -663,6 +704,8 @@ def load_image(path: str | Path, options: SelectionOptions | None = None) -> Loa
         return LoadedImage(refusal.status, refusal.reason, notes, None, None, header)
     except MemoryError:
         return LoadedImage("failed", "failed: not enough memory to read the file", notes, None, None, header)
-    except Exception as exc:  # last resort: never let a bad file escape as an exception
+    except _PASS_THROUGH:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - last resort: never let a bad file escape
         return LoadedImage("failed", f"failed: unexpected error reading the file ({type(exc).__name__}: "
                            f"{_short(exc, 120)})", notes, None, None, header)
