@@ -17,7 +17,6 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import (
     AlgorithmIdentification,
@@ -359,7 +358,3 @@ def image_library(source: Dataset) -> ContainerContentItem:
     library = ContainerContentItem(name=_hd(StandardCodes.IMAGE_LIBRARY), relationship_type=contains)
     library.ContentSequence = ContentSequence([group])
     return library
-
-
-# highdicom is imported as ``hd`` for callers that want its version in parameters.
-HIGHDICOM_VERSION: str = hd.__version__

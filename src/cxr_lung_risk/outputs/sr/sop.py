@@ -380,34 +380,37 @@ def build_measurement_report(
     root_items.insert(len(root_items) - 1, image_library(source))
 
     evidence = _evidence_for_highdicom(source, scs)
-    try:
-        sr = ComprehensiveSR(
-            evidence=[evidence],
-            content=report[0],
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_uid,
-            instance_number=instance_number,
-            manufacturer=manufacturer,
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            coding_schemes=[coding_scheme_item()],
-            series_description=series_description,
-            manufacturer_model_name=device_name,
-            software_versions=SOFTWARE_VERSION,
-            content_date=when.date(),
-            content_time=when.time(),
-            series_date=when.date(),
-            series_time=when.time(),
-            # The character set is set below: highdicom rejects some valid values.
-            specific_character_set=None,
-        )
-    except KeyError as exc:
-        raise ValueError(
-            f"The source's SOP class {source.get('SOPClassUID')} is not an image storage class a report can describe."
-        ) from exc
+    with warnings.catch_warnings():
+        # The source's names are copied as they are; highdicom's style advice is not for users.
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        try:
+            sr = ComprehensiveSR(
+                evidence=[evidence],
+                content=report[0],
+                series_instance_uid=series_uid,
+                series_number=series_number,
+                sop_instance_uid=sop_uid,
+                instance_number=instance_number,
+                manufacturer=manufacturer,
+                is_complete=True,
+                is_final=False,
+                is_verified=False,
+                transfer_syntax_uid=ExplicitVRLittleEndian,
+                coding_schemes=[coding_scheme_item()],
+                series_description=series_description,
+                manufacturer_model_name=device_name,
+                software_versions=SOFTWARE_VERSION,
+                content_date=when.date(),
+                content_time=when.time(),
+                series_date=when.date(),
+                series_time=when.time(),
+                # The character set is set below: highdicom rejects some valid values.
+                specific_character_set=None,
+            )
+        except KeyError as exc:
+            raise ValueError(
+                f"The source's SOP class {source.get('SOPClassUID')} is not an image storage class a report can describe."
+            ) from exc
 
     if scs is not None:
         sr.SpecificCharacterSet = scs
