@@ -294,3 +294,44 @@ def test_dcmj2pnm_rules_live(real_tools, dicom_data, tmp_path):
         if n:
             failures.append(f"{name}: {n} pixels differ")
     assert not failures, failures
+
+
+@pytest.fixture(scope="module")
+def rg3_8bit(real_tools, dicom_data, tmp_path_factory):
+    """dcmj2pnm's real 8-bit rendering of RG3_UNCR (the input mogrify sees)."""
+    d = tmp_path_factory.mktemp("rg3")
+    tif = d / "rg3.tif"
+    _run([real_tools["dcmj2pnm"], "-O", "+ot", "+G", str(dicom_data / "RG3_UNCR.dcm"), str(tif)])
+    with Image.open(tif) as im:
+        return np.array(im)
+
+
+def _edge_case(rg3: np.ndarray, name: str) -> np.ndarray:
+    if name == "wide_100x600":  # x factor > y factor: horizontal pass first, 6x enlargement
+        return rg3[800:900, 300:900].copy()
+    if name == "shrink_700x513":  # barely shrinking: Lanczos support ~3
+        return rg3[500:1200, 600:1113].copy()
+    if name == "enlarge_900x511":  # barely enlarging: Mitchell
+        return rg3[400:1300, 600:1111].copy()
+    bg = np.full((50, 60), rg3[900, 900], np.uint8)
+    if name == "single_pixel":  # trims to 1x1: no auto-level, 1 -> 512 resize
+        bg[10, 10] = rg3[100, 100] ^ 0x55
+    elif name == "tiny_4x2":
+        bg[10:12, 10:14] = rg3[880:882, 880:884] ^ 0x0F
+    elif name == "only_corner_differs":  # ImageMagick finds no box: blank output
+        bg[0, 0] = rg3[900, 900] ^ 0xFF
+    return bg
+
+
+@pytest.mark.tools
+@pytest.mark.parametrize("name", ["wide_100x600", "shrink_700x513", "enlarge_900x511", "single_pixel",
+                                  "tiny_4x2", "only_corner_differs"])
+def test_live_imagemagick_edge_cases(real_tools, rg3_8bit, tmp_path, name):
+    img8 = _edge_case(rg3_8bit, name)
+    tif = tmp_path / f"{name}.tif"
+    Image.fromarray(img8).save(tif)
+    _run([real_tools["mogrify"], "-trim", "+repage", "-colorspace", "RGB", "-auto-level", "-depth", "8",
+          "-resize", "512x512^", "-format", "png", str(tif)])
+    with Image.open(tif.with_suffix(".png")) as im:
+        ref = np.array(im.convert("L"))
+    assert _ndiff(imagemagick_recipe(img8, IM_DEBIAN), ref) == 0

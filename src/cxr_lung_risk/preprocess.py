@@ -264,21 +264,26 @@ def _clamp_q16(acc: np.ndarray, single: bool) -> np.ndarray:
         r = (acc + np.float32(0.5)).astype(np.float32)
     else:
         r = acc + 0.5
-    r = np.where(acc <= 0, 0, np.where(acc >= _QR, _QR, np.trunc(r)))
-    return r.astype(np.float32 if single else np.float64)
+    np.trunc(r, out=r)
+    np.clip(r, 0, _QR, out=r)  # value <= 0 -> 0 and value >= 65535 -> 65535 agree with trunc
+    return r
 
 
 def _filter_axis(img: np.ndarray, n_out: int, axis: int, enlarge: bool, single: bool) -> np.ndarray:
     """One separable resize pass along ``axis`` (0 = vertical, 1 = horizontal)."""
     ft = np.float32 if single else np.float64
     idx, w = _contributions(img.shape[axis], n_out, enlarge, single)
-    src = img if axis == 0 else img.T
+    src = np.ascontiguousarray(img if axis == 0 else img.T, dtype=ft)
     shape = (n_out, src.shape[1])
-    acc = np.zeros(shape, dtype=ft)
+    acc = np.empty(shape, dtype=ft)
+    buf = np.empty(shape, dtype=ft)
     for j in range(idx.shape[1]):
         # acc += w * p, in the precision of the build and in the C loop's order
-        term = np.multiply(src[idx[:, j]], w[:, j][:, None], dtype=ft)
-        np.add(acc, term, out=acc)
+        target = acc if j == 0 else buf
+        np.take(src, idx[:, j], axis=0, out=target)
+        np.multiply(target, w[:, j][:, None], out=target)
+        if j:
+            np.add(acc, buf, out=acc)
     out = _clamp_q16(acc, single)
     return out if axis == 0 else out.T
 
@@ -295,7 +300,7 @@ def _resize(q: np.ndarray, single: bool) -> np.ndarray:
     if new_w == w and new_h == h:
         return q
     enlarge = float(xf) * float(yf) > 1.0 if not single else bool(ft(xf * yf) > 1.0)
-    src = q.astype(ft)
+    src = q.astype(ft, copy=False)
     if xf > yf:
         tmp = _filter_axis(src, new_w, 1, enlarge, single)
         return _filter_axis(tmp, new_h, 0, enlarge, single)
@@ -324,13 +329,14 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS) -> np.ndarra
         return np.zeros((TARGET, TARGET), dtype=np.uint8)
     t, b, l, r = box
     a = a[t:b + 1, l:r + 1]
-    # -colorspace RGB: sRGB EOTF to Q16 linear light
-    lin = _srgb_to_linear_q16(single)[a]
-    # -auto-level
-    lo, hi = float(lin.min()), float(lin.max())
+    # -colorspace RGB: sRGB EOTF to Q16 linear light (a 256-entry table, applied lazily)
+    eotf = _srgb_to_linear_q16(single)
+    present = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
+    # -auto-level: range of the linear values over the trimmed image
+    lo, hi = float(eotf[present].min()), float(eotf[present].max())
     if abs(hi - lo) >= (1e-15 if single else 1e-12):
         # per gray value, then mapped (the table has at most 256 distinct entries)
-        vals = _srgb_to_linear_q16(single).astype(np.float64)
+        vals = eotf.astype(np.float64)
         scale = 1.0 / (hi - lo)
         lv = _QR * (scale * (vals - lo))
         if single:
@@ -347,12 +353,12 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS) -> np.ndarra
             d = lvq // 257
         table = (d.astype(np.int64) * 257)
     else:
-        table = _srgb_to_linear_q16(single)
+        table = eotf
         if single:
             table = np.trunc(table * 255 / _QR + 0.5).astype(np.int64) * 257
         else:
             table = (table // 257) * 257
-    q = table[a]
+    q = table.astype(np.float32 if single else np.float64)[a]
     out = _resize(q, single)
     if single:
         return _quantum_to_char(out)
