@@ -530,6 +530,30 @@ def test_wrong_transfer_syntax_claims(rg1_small, dicom_data, tmp_path):
     assert res.status == "failed" and res.reason.startswith("failed: malformed DICOM header"), res.reason
 
 
+def test_corrupt_rle_segment_quiet(rg1_small, tmp_path, capfd):
+    """An RLE segment that expands past the frame (found by the fuzz test): pylibjpeg-rle panics
+    in Rust on it (a BaseException, with a backtrace on stderr); load_image must stay quiet."""
+    import struct
+
+    from pydicom.encaps import encapsulate
+
+    seg = bytes([0x81, 0x07]) * 40  # 40 replicate runs of 128 bytes = 5120 > 64 * 64 per segment
+    frame = struct.pack("<16I", 2, 64, 64 + len(seg), *([0] * 13)) + seg + seg
+    ds = pydicom.dcmread(rg1_small)
+    ds.Rows = ds.Columns = 64
+    ds.PixelData = encapsulate([frame])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.save_as(tmp_path / "bad_rle.dcm")
+    capfd.readouterr()
+    res = load_image(tmp_path / "bad_rle.dcm")
+    # pydicom's RLE decoder trims the excess and warns; the warning is passed on
+    assert res.status == "ok", res.reason
+    assert any(w.startswith("decoder: ") and "non-conformant padding" in w for w in res.warnings), res.warnings
+    assert res.pixels.shape == (64, 64)
+    assert "panicked" not in capfd.readouterr().err
+
+
 def test_no_preamble_files(rg1, rg1_ref, tmp_path):
     data = rg1.read_bytes()
     ds = pydicom.dcmread(rg1, stop_before_pixels=True)

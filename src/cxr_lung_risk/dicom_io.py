@@ -40,7 +40,10 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+import pydicom.errors
+import pydicom.multival
+import pydicom.uid
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 
 from .preprocess import PixelMeta
@@ -184,8 +187,6 @@ def is_dicom_file(path: str | Path) -> bool:
     except OSError:
         return False
     if len(head) >= 132 and head[128:132] == b"DICM":
-        return True
-    if head[:4] == b"DICM":  # preamble stripped but meta kept
         return True
     return _looks_like_bare_dataset(head, size)
 
@@ -577,7 +578,7 @@ def _infer_native_syntax(ds: Dataset) -> UID | None:
     else:
         ts = pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
     if not hasattr(ds, "file_meta") or ds.file_meta is None:
-        ds.file_meta = pydicom.dataset.FileMetaDataset()
+        ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ts
     return ts
 
