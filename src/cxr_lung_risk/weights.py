@@ -37,7 +37,25 @@ _FastcoreL.__module__ = "fastcore.foundation"
 _FastcoreL.__qualname__ = "L"
 _FastcoreL.__name__ = "L"
 
-_SAFE_GLOBALS = [_FastcoreL]
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """numpy scalars as fastai v1's optimizer state pickles them (``lr``/``betas`` are
+    ``numpy.float64`` after one-cycle scheduling), under numpy 1.x's and 2.x's module names.
+    An allow-list of value types only: ``scalar(dtype, bytes)`` builds a number, nothing else."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    out: list[Any] = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    for name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType", "BoolDType"):
+        t = getattr(getattr(np, "dtypes", None), name, None)
+        if t is not None:
+            out.append(t)
+    return out
+
+
+_SAFE_GLOBALS = [_FastcoreL, *_numpy_scalar_globals()]
 
 
 def _torch_load(f: Any, name: str, mmap: bool) -> Any:

@@ -1,0 +1,256 @@
+"""DICOM Secondary Capture (RGB) of a saliency overlay, built with highdicom.
+
+One SC Image (SOP Class 1.2.840.10008.5.1.4.1.1.7) per source image and model:
+
+- ``ImageType`` ``DERIVED\\SECONDARY``, 8-bit RGB, the 224x224 crop the network saw with the
+  heat map blended on it;
+- ``SeriesDescription`` and ``DerivationDescription`` name the model and the method (input
+  gradient saliency, DCM 130404 "Saliency"; or Grad-CAM, DCM 130403), also given as the
+  Derivation Code Sequence;
+- Source Image Sequence referencing the source (purpose DCM 121322);
+- the patient/study/clinical-trial modules copied from the source exactly as the SR writer does
+  (:data:`cxr_lung_risk.outputs.sr.sop.COPIED_KEYWORDS`, which includes StudyDescription that
+  highdicom's constructor drops), plus BodyPartExamined, Laterality (Type 2C in the SC IOD) and
+  PatientOrientation from the source.
+
+A Parametric Map would be the better IOD, but highdicom 0.28.2 cannot build one on a 2D CR.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.datadict import tag_for_keyword
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import DA, TM
+
+__all__ = ["SaliencyMethod", "METHODS", "build_secondary_capture", "write_sc", "sc_filename", "SECONDARY_CAPTURE_STORAGE"]
+
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-lung-risk:dicom-sc")
+
+
+@dataclass(frozen=True)
+class SaliencyMethod:
+    """How a map was computed: the words and the DICOM code that say so."""
+
+    key: str
+    title: str
+    description: str
+    code_value: str
+    code_meaning: str
+    coding_scheme: str = "DCM"
+
+
+METHODS: dict[str, SaliencyMethod] = {
+    "gradient": SaliencyMethod(
+        "gradient",
+        "input-gradient saliency",
+        "max over RGB of |d score / d input| w.r.t. the normalised 224x224 input, scaled to its 99th percentile, "
+        "hot colormap blended at alpha 0.5",
+        "130404",
+        "Saliency",
+    ),
+    "gradcam": SaliencyMethod(
+        "gradcam",
+        "Grad-CAM",
+        "ReLU of the gradient-weighted sum of the last convolutional feature maps (summed over ensemble members "
+        "by their LASSO weights), bilinear to 224x224, scaled to its maximum, hot colormap blended at alpha 0.5",
+        "130403",
+        "Gradient-weighted class activation",
+    ),
+}
+
+# Source attributes that describe the imaged body part (copied when present).
+_ANATOMY_KEYWORDS = ("BodyPartExamined", "Laterality", "PatientOrientation")
+
+
+def _uid(payload: str | None) -> str:
+    u = uuid.uuid5(_UUID_NAMESPACE, payload) if payload is not None else uuid.uuid4()
+    return f"2.25.{u.int}"
+
+
+def _safe(source: Dataset, kw: str):
+    v = source.get(kw)
+    if v in (None, ""):
+        return None
+    try:
+        if kw in ("PatientBirthDate", "StudyDate"):
+            return DA(v)
+        if kw == "StudyTime":
+            return TM(v)
+    except (ValueError, TypeError):
+        return None
+    if kw == "PatientSex":
+        return v if v in ("M", "F", "O") else None
+    return v
+
+
+def _copy_modules(sc: Dataset, source: Dataset) -> None:
+    from .sr.sop import COPIED_KEYWORDS
+
+    for kw in (*COPIED_KEYWORDS, *_ANATOMY_KEYWORDS):
+        tag = tag_for_keyword(kw)
+        if tag is None or tag not in source:
+            continue
+        elem = copy.deepcopy(source[tag])
+        if elem.VR == "SQ" and elem.value is not None:
+            for item in elem.value:
+                item.remove_private_tags()
+        sc[tag] = elem
+
+
+def build_secondary_capture(
+    source: Dataset,
+    rgb: np.ndarray,
+    *,
+    model_title: str,
+    method: str = "gradient",
+    software_version: str = "",
+    manufacturer: str = "cxr-lung-risk open implementation",
+    series_number: int = 9101,
+    instance_number: int = 1,
+    deterministic: bool = False,
+) -> Dataset:
+    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``.
+
+    Raises:
+        ValueError: the source lacks the UIDs a derived image must reference, or ``rgb`` is not
+        an H x W x 3 uint8 array, or ``method`` is unknown.
+    """
+    import highdicom as hd
+
+    from .sr.sop import decide_character_set
+
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(METHODS)}")
+    m = METHODS[method]
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"a saliency overlay must be an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+        if not str(source.get(kw, "")).strip():
+            raise ValueError(f"the source has no {kw}, so a derived image cannot reference it")
+
+    series_description = f"{model_title} {m.title}"[:64]
+    derivation = (
+        f"{model_title} {m.title} ({m.description}); research use only, not for diagnosis"
+    )[:1024]
+    scs = decide_character_set(source, [series_description, derivation, manufacturer, model_title])
+
+    src_uid = str(source.SOPInstanceUID)
+    key = f"{src_uid}|{model_title}|{method}|{software_version}"
+    series_uid = _uid(f"series|{source.StudyInstanceUID}|{model_title}|{method}|{software_version}" if deterministic else None)
+    sop_uid = _uid(f"instance|{key}" if deterministic else None)
+
+    orientation = source.get("PatientOrientation")
+    use_orientation = ("L", "F")  # placeholder for highdicom; replaced by the source's value below
+    sc = hd.sc.SCImage(
+        pixel_array=np.ascontiguousarray(rgb),
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=str(source.StudyInstanceUID),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        patient_id=_safe(source, "PatientID"),
+        patient_name=None,
+        patient_birth_date=_safe(source, "PatientBirthDate"),
+        patient_sex=_safe(source, "PatientSex"),
+        accession_number=_safe(source, "AccessionNumber"),
+        study_id=_safe(source, "StudyID"),
+        study_date=_safe(source, "StudyDate"),
+        study_time=_safe(source, "StudyTime"),
+        patient_orientation=use_orientation,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    if scs is not None:
+        sc.SpecificCharacterSet = scs
+    elif "SpecificCharacterSet" in sc:
+        del sc.SpecificCharacterSet
+    _copy_modules(sc, source)
+    if orientation is None:
+        sc.PatientOrientation = ""
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.SeriesDescription = series_description
+    sc.DerivationDescription = derivation
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = m.code_value, m.coding_scheme, m.code_meaning
+    sc.DerivationCodeSequence = [code]
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator = "121322", "DCM"
+    purpose.CodeMeaning = "Source image for image processing operation"
+    ref.PurposeOfReferenceCodeSequence = [purpose]
+    sc.SourceImageSequence = [ref]
+    sc.BurnedInAnnotation = "NO"
+    sc.LossyImageCompression = "00"
+    sc.SoftwareVersions = software_version or "unknown"
+    sc.ImageComments = "Saliency overlay of a research model; not for diagnostic use"
+    if deterministic:
+        when = _fixed_datetime(source)
+        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
+        sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
+        sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
+    else:
+        now = datetime.datetime.now()
+        sc.ContentDate, sc.ContentTime = DA(now.date()), TM(now.time())
+        sc.SeriesDate, sc.SeriesTime = DA(now.date()), TM(now.time())
+    return sc
+
+
+def _fixed_datetime(source: Dataset) -> datetime.datetime:
+    try:
+        d = DA(source.get("StudyDate")) if source.get("StudyDate") else None
+    except (ValueError, TypeError):
+        d = None
+    try:
+        t = TM(source.get("StudyTime")) if source.get("StudyTime") else None
+    except (ValueError, TypeError):
+        t = None
+    if d is None:
+        return datetime.datetime(1970, 1, 1)
+    t = t or datetime.time(0, 0, 0)
+    return datetime.datetime.combine(d, datetime.time(t.hour, t.minute, t.second))
+
+
+def write_sc(ds: Dataset, path: str | os.PathLike) -> Path:
+    """Write atomically (temporary file + rename) as a DICOM Part 10 file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".sc-", suffix=".dcm", dir=path.parent)
+    os.close(fd)
+    try:
+        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def sc_filename(source_sop_instance_uid: str, model_name: str) -> str:
+    """``<source SOP Instance UID>_<model>.dcm`` (a hash when the UID is malformed)."""
+    uid = str(source_sop_instance_uid or "").strip().rstrip("\x00").strip()
+    if not (uid and len(uid) <= 64 and _UID_RE.fullmatch(uid)):
+        uid = hashlib.sha256(str(source_sop_instance_uid).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    model = re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-") or "model"
+    return f"{uid}_{model}.dcm"
