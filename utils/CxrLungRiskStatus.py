@@ -1,0 +1,37 @@
+"""
+MHub module: make a failed CXR-Lung-Risk run visible in the exit status.
+
+mhubio logs exceptions raised while processing an instance and still exits 0. The runner
+(``CxrLungRiskRunner``) therefore writes every failure to an error file; this module, placed
+last in the workflow (after the DataOrganizer, so the results of the other instances are
+exported first), prints that file to stderr and exits with status 1 when it is not empty.
+"""
+
+import os
+import sys
+
+from mhubio.core import IO, Module
+
+ERROR_FILE_DEFAULT = "output_data/cxr_lung_risk_errors.txt"
+
+
+@IO.Config("error_file", str, ERROR_FILE_DEFAULT, the="error file written by CxrLungRiskRunner (relative to general.data_base_dir)")
+class CxrLungRiskStatus(Module):
+
+    error_file: str
+
+    def task(self) -> None:
+        path = os.path.join(self.config.data.abspath, self.error_file)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            self.log("CXR-Lung-Risk: no errors", level="NOTICE")
+            return
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        for line in lines:
+            self.log(line, level="ERROR")
+        print(f"cxr-lung-risk: error: {len(lines)} instance(s) failed, listed in {path}:", file=sys.stderr)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        sys.stderr.flush()
+        # SystemExit is not caught by mhubio (it only catches Exception per instance)
+        sys.exit(1)
