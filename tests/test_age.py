@@ -262,17 +262,20 @@ def test_predict_model_all_writes_both_values(tmp_path, dicom_data, synthetic_we
 
     src = tmp_path / "in"
     src.mkdir()
-    for name in ("RG1_UNCR.dcm", "RG1_UNCI.dcm"):
-        shutil.copy(dicom_data / name, src / name)
+    shutil.copy(dicom_data / "RG1_UNCR.dcm", src / "RG1_UNCR.dcm")
+    shutil.copy(dicom_data / "RG1_UNCR.dcm", src / "copy_of_RG1_UNCR.dcm")  # same image, same values
     out = tmp_path / "out"
     p = _run_cli(
         "predict", str(src), "--out", str(out), "--model", "all", "--weights", str(synthetic_weights),
         "--age-weights", str(age_weights), "--device", "cpu", "--format", "csv,sr", "--workers", "0",
     )
     assert p.returncode == 0, p.stderr
-    with open(out / "results.csv", newline="", encoding="utf-8") as f:
+    from cxr_lung_risk.outputs.tables import RESULTS_CSV
+
+    with open(out / RESULTS_CSV, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
+    assert rows[0]["CXR_Age"] == rows[1]["CXR_Age"] and rows[0]["CXR_Lung_Risk"] == rows[1]["CXR_Lung_Risk"]
     for r in rows:
         assert np.isfinite(float(r["CXR_Lung_Risk"])) and np.isfinite(float(r["CXR_Age"]))
         sr_path = out / "sr" / f"{r['SOPInstanceUID']}.dcm"
