@@ -3,7 +3,7 @@ MHub module: import PNG/JPEG chest radiographs (one instance per image file).
 
 mhubio has no PNG/JPEG importer nor file type, so each image found (recursively, sorted) under
 ``source_dir`` becomes an instance whose ``sid`` is its path relative to ``source_dir`` with the
-extension dropped and ``/`` replaced by ``__``; the file is copied into the instance folder and
+extension dropped and ``/`` replaced by ``__``; the file is copied (same name) into the instance folder and
 typed ``any`` with meta ``mod=cr`` and ``format=png|jpeg`` (query: ``any:format=png|jpeg``).
 """
 
@@ -46,7 +46,8 @@ class CxrImageImporter(Module):
             self.config.data.addInstance(instance)
             meta = dict(self.meta)
             meta["format"] = fmt
-            data = InstanceData("image" + os.path.splitext(path)[1].lower(), DataType(FileType.NONE, Meta(**meta)), instance)
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(path))
+            data = InstanceData(name, DataType(FileType.NONE, Meta(**meta)), instance)
             data.dc.makedirs()
             shutil.copyfile(path, data.abspath)
             data.confirm()

@@ -29,7 +29,7 @@ class CxrLungRiskStatus(Module):
             lines = [line.rstrip("\n") for line in f if line.strip()]
         for line in lines:
             self.log(line, level="ERROR")
-        print(f"cxr-lung-risk: error: {len(lines)} instance(s) failed, listed in {path}:", file=sys.stderr)
+        print(f"cxr-lung-risk: error: {len(lines)} instance(s) failed, listed in {self.error_file}:", file=sys.stderr)
         for line in lines:
             print(f"  {line}", file=sys.stderr)
         sys.stderr.flush()

@@ -1,0 +1,161 @@
+"""The MHub workflow run by the real mhubio 0.0.2 runner (its own venv, pydicom < 3) on real DICOM.
+
+``scripts/mhub_local.sh`` creates/reuses ``.venvs/mhub`` and runs ``config/default.yml``:
+DicomImporter (dicomsort) -> FileFilter (CR/DX) -> CxrLungRiskRunner (our CLI, once) ->
+DataOrganizer -> CxrLungRiskStatus. Weights are SYNTHETIC (same layout as the published ones);
+the values mean nothing, the test checks the plumbing, the refusals and the error surfacing.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from conftest import REPO
+
+pytestmark = pytest.mark.mhub
+
+SCRIPT = REPO / "scripts" / "mhub_local.sh"
+VENV = REPO / ".venvs" / "mhub"
+
+
+def _cli() -> str:
+    cli = os.environ.get("CXR_LUNG_RISK_CLI") or shutil.which("cxr-lung-risk")
+    if not cli:
+        pytest.fail("the cxr-lung-risk CLI is not installed (pip install -e .)")
+    return cli
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CXR_LUNG_RISK_CLI=_cli())
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL
+    )
+
+
+@pytest.fixture(scope="module")
+def mhub_venv() -> Path:
+    proc = _run("--setup-only")
+    assert proc.returncode == 0, proc.stderr
+    # the runner's own venv really has mhubio 0.0.2 and a pydicom 2.x
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", "import importlib.metadata as m, pydicom; "
+         "print(m.version('mhubio'), pydicom.__version__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    assert out[0] == "0.0.2" and int(out[1].split(".")[0]) < 3, out
+    return VENV
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    from cxr_lung_risk.spec import lung_risk_spec
+    from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
+
+    d = tmp_path_factory.mktemp("synthetic_weights")
+    spec = lung_risk_spec()
+    write_synthetic_weights(d, SyntheticRecipe(), spec=spec, members=[m.index for m in spec.members if m.weight != 0.0])
+    return d
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, dicom_data) -> dict[str, Path]:
+    """A chest CR plus CT, MR and US files in one flat input folder, as a user would drop them."""
+    d = tmp_path_factory.mktemp("mhub_in")
+    files = {
+        "cr": dicom_data / "RG1_UNCR.dcm",
+        "ct": Path(get_testdata_file("CT_small.dcm")),
+        "mr": Path(get_testdata_file("MR_small.dcm")),
+        "us": dicom_data / "US1_UNCR.dcm",
+    }
+    for src in files.values():
+        shutil.copyfile(src, d / src.name)
+    return {"dir": d, **files}
+
+
+def _sr_numeric_values(ds: pydicom.Dataset) -> list[float]:
+    vals = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+            vals.append(float(item.MeasuredValueSequence[0].NumericValue))
+        vals.extend(_sr_numeric_values(item))
+    return vals
+
+
+def _referenced_sops(ds: pydicom.Dataset) -> set[str]:
+    refs = set()
+    for elem in ds.iterall():
+        if elem.keyword == "ReferencedSOPInstanceUID":
+            refs.add(str(elem.value))
+    return refs
+
+
+def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, weights, inputs, tmp_path):
+    out = tmp_path / "out"
+    proc = _run("--input", str(inputs["dir"]), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (out / "cxr_lung_risk_errors.txt").exists(), proc.stderr
+
+    uid = {k: pydicom.dcmread(inputs[k], stop_before_pixels=True) for k in ("cr", "ct", "mr", "us")}
+    cr = uid["cr"]
+    # one output folder, named after the chest CR's series (dicomsort instance id); none for CT/MR/US
+    assert sorted(p.name for p in out.iterdir()) == [cr.SeriesInstanceUID]
+    inst = out / cr.SeriesInstanceUID
+    assert sorted(p.relative_to(inst).as_posix() for p in inst.rglob("*") if p.is_file()) == sorted(
+        ["cxr_lung_risk.csv", "cxr_lung_risk.json", f"sr/{cr.SOPInstanceUID}.dcm"]
+    )
+    for k in ("ct", "mr", "us"):
+        assert not list(out.rglob(f"*{uid[k].SOPInstanceUID}*")), k
+
+    with open(inst / "cxr_lung_risk.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["StudyInstanceUID"], row["SeriesInstanceUID"], row["SOPInstanceUID"]) == (
+        cr.StudyInstanceUID, cr.SeriesInstanceUID, cr.SOPInstanceUID)
+    assert row["File"] == f"{cr.SOPInstanceUID}.dcm"  # instance-relative: deterministic across machines
+    value = float(row["CXR_Lung_Risk"])
+    assert math.isfinite(value)
+
+    js = json.loads((inst / "cxr_lung_risk.json").read_text())
+    assert len(js) == 1 and js[0]["SOPInstanceUID"] == cr.SOPInstanceUID
+    assert js[0]["CXR_Lung_Risk"] == value  # CSV text and JSON number are the same double
+
+    sr = pydicom.dcmread(inst / "sr" / f"{cr.SOPInstanceUID}.dcm")
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == cr.StudyInstanceUID
+    assert cr.SOPInstanceUID in _referenced_sops(sr)
+    nums = _sr_numeric_values(sr)
+    assert nums and any(math.isclose(v, value, rel_tol=1e-9, abs_tol=1e-9) for v in nums), (nums, value)
+
+
+def test_refusals_only_run_produces_nothing_and_succeeds(mhub_venv, weights, inputs, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in ("ct", "mr", "us"):
+        shutil.copyfile(inputs[k], src / inputs[k].name)
+    out = tmp_path / "out"
+    proc = _run("--input", str(src), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(out.iterdir()) == []
+
+
+def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
+    out = tmp_path / "out"
+    missing = tmp_path / "no_weights_here"
+    proc = _run("--input", str(inputs["dir"]), "--output", str(out), "--weights", str(missing), "--device", "cpu")
+    # mhubio itself would exit 0: CxrLungRiskStatus turns the runner's errors into exit status 1
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = (out / "cxr_lung_risk_errors.txt").read_text()
+    cr = pydicom.dcmread(inputs["cr"], stop_before_pixels=True)
+    assert cr.SeriesInstanceUID in err and str(missing) in err
+    assert "cxr-lung-risk: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(out.rglob("*.csv")) and not list(out.rglob("*.dcm"))
