@@ -194,3 +194,19 @@ def test_saliency_writer_on_real_dicom(tmp_path, dicom_data):
     assert np.all(im.astype(int) >= (p.image.transpose(1, 2, 0).astype(int) // 2) - 1)
     assert dcm.parent == tmp_path / "sc" and _errors(_dciodvfy(dcm)) == []
     assert np.array_equal(pydicom.dcmread(dcm).pixel_array, im)
+
+
+def test_gradcam_refused_for_tiny_members():
+    from cxr_lung_risk import archs
+    from cxr_lung_risk.errors import UsageError
+
+    spec = lung_risk_spec()
+    tiny = [m for m in spec.active_members() if m.architecture == "tiny"][:1]
+    ens = LungRiskEnsemble(spec, tiny, [archs.build("tiny").eval()], torch.device("cpu"))
+
+    class _S:
+        ensemble = ens
+
+    with pytest.raises(UsageError, match="gradient"):
+        SaliencyWriter(Path("."), [_S()], argparse.Namespace(saliency_method="gradcam"))
+    SaliencyWriter(Path("."), [_S()], argparse.Namespace(saliency_method="gradient"))

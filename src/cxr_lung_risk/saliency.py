@@ -211,6 +211,15 @@ class SaliencyWriter:
 
             raise UsageError(f"--saliency-method must be gradient or gradcam (got {self.method!r})")
         self.targets = [target_for(s) for s in scorers]
+        if self.method == "gradcam":
+            for t in self.targets:
+                if not all(isinstance(n, nn.Sequential) and len(n) == 2 for n, _ in t.plain_parts):
+                    from .errors import UsageError
+
+                    raise UsageError(
+                        f"Grad-CAM needs every network of {t.title} built as body + head (the 'tiny' ensemble "
+                        "members are not); use --saliency-method gradient"
+                    )
         self.deterministic = bool(getattr(args, "deterministic", False))
         self.version = __version__
         cfg = age_spec().raw.get("saliency", {})
