@@ -56,3 +56,17 @@ def real_tools() -> dict[str, str]:
     if missing:
         pytest.skip(f"real tools missing: {missing} (apt-get install dcmtk imagemagick)")
     return tools
+
+
+@pytest.fixture(scope="session")
+def synthetic_weights(tmp_path_factory) -> Path:
+    """A folder with all 20 member files of SYNTHETIC weights (published layout; never the real model).
+
+    Uses the calibrated BatchNorm statistics of the oracle fixture when present, so outputs are
+    well-conditioned; the CLI tests only need the layout.
+    """
+    from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
+
+    d = tmp_path_factory.mktemp("synthetic_weights")
+    write_synthetic_weights(d, SyntheticRecipe())
+    return d

@@ -53,20 +53,10 @@ class LungRiskScorer:
         return out
 
     def measurements(self, row: dict[str, Any]) -> list[Any]:
-        from .outputs.sr import Measurement
+        from .outputs.sr import lung_risk_measurement
 
         members = {n: float(row[n]) for n in self.ensemble.member_names if n in row} if self.per_model else None
-        return [
-            Measurement(
-                name=self.spec.column,
-                code_value="CXRLR001",
-                code_meaning=self.spec.title,
-                value=float(row[self.spec.column]),
-                unit=self.spec.unit,
-                unit_meaning=self.spec.unit_meaning,
-                members=members,
-            )
-        ]
+        return [lung_risk_measurement(float(row[self.spec.column]), members=members)]
 
 
 def _parse_formats(text: str) -> set[str]:
@@ -221,6 +211,7 @@ class _SRWriter:
 
         self.sr = sr
         self.dir = out / "sr"
+        self._written: dict[str, int] = {}
         self.scorers = scorers
         self.deterministic = bool(getattr(args, "deterministic", False))
         params = {"device": str(getattr(args, "device", "auto")), "im_version": str(getattr(args, "im_version", ""))}
@@ -236,7 +227,13 @@ class _SRWriter:
             measurements += s.measurements(row)
         ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithm, deterministic=self.deterministic)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.sr.write_sr(ds, self.dir / self.sr.sr_filename(p.uids.get("SOPInstanceUID", "")))
+        name = self.sr.sr_filename(p.uids.get("SOPInstanceUID", ""))
+        if name in self._written:  # the same source image given twice: keep both reports
+            self._written[name] += 1
+            name = f"{name[:-4]}_{self._written[name]}.dcm"
+        else:
+            self._written[name] = 1
+        self.sr.write_sr(ds, self.dir / name)
 
 
 def _png_name(rel: str) -> str:

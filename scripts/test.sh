@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Set up everything the tests need from the repository's own files, then run them.
+#   bash scripts/test.sh [pytest args...]
+# Installs Debian's dcmtk + ImageMagick when missing (needs root), the package with its test
+# extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
+# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2). Suites whose venv
+# could not be installed are skipped with a message; all others must pass.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+need_apt=()
+command -v dcmj2pnm >/dev/null 2>&1 || need_apt+=(dcmtk)
+command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
+[ -x /usr/bin/mogrify-im6.q16 ] || need_apt+=(imagemagick)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing Debian packages: ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "warning: ${need_apt[*]} missing and cannot be installed here; the live-tool tests will skip" >&2
+  fi
+fi
+echo "== installing the package and test extras into .venv"
+bash scripts/install.sh --test .venv
+export PATH="$PWD/.venv/bin:$PATH"
+if [ -f tools/oracle/setup_venv.sh ]; then
+  echo "== oracle venv (.venvs/oracle)"
+  bash tools/oracle/setup_venv.sh .venvs/oracle || echo "warning: oracle venv could not be installed; oracle tests will skip" >&2
+fi
+if [ -f scripts/mhub_local.sh ]; then
+  echo "== mhub venv (.venvs/mhub)"
+  bash scripts/mhub_local.sh --setup-only || echo "warning: mhub venv could not be installed; mhub tests will skip" >&2
+fi
+echo "== pytest"
+set +e
+.venv/bin/python -m pytest -ra "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit $rc
