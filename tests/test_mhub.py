@@ -159,3 +159,21 @@ def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
     assert cr.SeriesInstanceUID in err and str(missing) in err
     assert "cxr-lung-risk: error:" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(out.rglob("*.csv")) and not list(out.rglob("*.dcm"))
+
+
+def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):
+    src = tmp_path / "in" / "site1"
+    src.mkdir(parents=True)
+    shutil.copyfile(sample_pngs[0], src / sample_pngs[0].name)
+    out = tmp_path / "out"
+    proc = _run("--workflow", "png", "--input", str(tmp_path / "in"), "--output", str(out),
+                "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sid = f"site1__{sample_pngs[0].stem}"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        f"{sid}/cxr_lung_risk.csv", f"{sid}/cxr_lung_risk.json"]
+    with open(out / sid / "cxr_lung_risk.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    js = json.loads((out / sid / "cxr_lung_risk.json").read_text())
+    assert [r["File"] for r in rows] == [sample_pngs[0].name] == [r["File"] for r in js]
+    assert math.isfinite(float(rows[0]["CXR_Lung_Risk"])) and float(rows[0]["CXR_Lung_Risk"]) == js[0]["CXR_Lung_Risk"]
