@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="CXR-Age: plain single pass")
     p.add_argument("--saliency", action="store_true", help="write saliency maps (PNG under saliency/, DICOM SC under sc/)")
+    p.add_argument(
+        "--saliency-method",
+        choices=["gradient", "gradcam"],
+        default="gradient",
+        help="saliency: gradient of the final score w.r.t. the input (default, as the original), or Grad-CAM "
+        "(only for networks with a body/head split, i.e. not the ensemble's Tiny members)",
+    )
     _add_selection_args(p)
 
     q = sub.add_parser(
