@@ -11,19 +11,21 @@ FROM mhubai/base:latest
 
 LABEL authors="cxr-lung-risk maintainers"
 
-# our package: its own venv with a Python >= 3.10 (uv, shipped in the base image, provides one)
-ARG CXR_LUNG_RISK_SOURCE="cxr-lung-risk"
-RUN uv venv --python-preference only-managed -p 3.11 /app/venv \
-  && uv pip install -n -p /app/venv "${CXR_LUNG_RISK_SOURCE}"
-
-# the published weights (CXR-Lung-Risk, Zenodo 7941660) fetched and verified at build time,
-# so that the container runs with --network none
-ENV CXR_LUNG_RISK_HOME=/app/weights
-RUN /app/venv/bin/cxr-lung-risk fetch-weights
-
-# Import the MHub model definition (config/, utils/, meta.json)
+# Import the MHub model definition: this repository (config/, utils/, meta.json, and the package
+# source with scripts/install.sh) into /app/models/cxr_lung_risk
 ARG MHUB_MODELS_REPO
 RUN buildutils/import_mhub_model.sh cxr_lung_risk ${MHUB_MODELS_REPO}
+
+# our package, in its own venv, by the README's install command (scripts/install.sh); the base
+# image's Python is too old (3.8), so a Python 3.11 from uv (shipped in the base image) runs it
+RUN uv python install 3.11 \
+  && cd /app/models/cxr_lung_risk \
+  && PYTHON="$(uv python find 3.11)" bash scripts/install.sh /app/venv
+
+# the published weights (CXR-Lung-Risk, Zenodo 7941660; CXR-Age) fetched and verified at build
+# time, so that the container runs with --network none
+ENV CXR_LUNG_RISK_HOME=/app/weights
+RUN /app/venv/bin/cxr-lung-risk fetch-weights --model all --no-progress
 
 # the MHub modules find the CLI here (overrides: workflow config `cli`, this variable)
 ENV CXR_LUNG_RISK_CLI=/app/venv/bin/cxr-lung-risk
