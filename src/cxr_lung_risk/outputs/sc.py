@@ -17,7 +17,6 @@ A Parametric Map would be the better IOD, but highdicom 0.28.2 cannot build one 
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import hashlib
 import os
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.datadict import tag_for_keyword
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
@@ -97,17 +95,9 @@ def _safe(source: Dataset, kw: str):
 
 
 def _copy_modules(sc: Dataset, source: Dataset) -> None:
-    from .sr.sop import COPIED_KEYWORDS
+    from .sr.sop import COPIED_KEYWORDS, copy_source_modules
 
-    for kw in (*COPIED_KEYWORDS, *_ANATOMY_KEYWORDS):
-        tag = tag_for_keyword(kw)
-        if tag is None or tag not in source:
-            continue
-        elem = copy.deepcopy(source[tag])
-        if elem.VR == "SQ" and elem.value is not None:
-            for item in elem.value:
-                item.remove_private_tags()
-        sc[tag] = elem
+    copy_source_modules(sc, source, (*COPIED_KEYWORDS, *_ANATOMY_KEYWORDS))
 
 
 def build_secondary_capture(

@@ -233,9 +233,10 @@ def _evidence_for_highdicom(source: Dataset, scs) -> Dataset:
     return ev
 
 
-def _copy_source_modules(sr: Dataset, source: Dataset) -> None:
-    """Copy the patient/study/clinical-trial modules; private tags in sequences are dropped."""
-    for kw in COPIED_KEYWORDS:
+def copy_source_modules(dst: Dataset, source: Dataset, keywords: Iterable[str] = COPIED_KEYWORDS) -> None:
+    """Copy the patient/study/clinical-trial modules (``keywords``) from the source as they are
+    (same bytes, same character set); private tags inside copied sequences are dropped."""
+    for kw in keywords:
         tag = tag_for_keyword(kw)
         if tag is None or tag not in source:
             continue
@@ -243,7 +244,7 @@ def _copy_source_modules(sr: Dataset, source: Dataset) -> None:
         if elem.VR == "SQ" and elem.value is not None:
             for item in elem.value:
                 item.remove_private_tags()
-        sr[tag] = elem
+        dst[tag] = elem
 
 
 def _own_texts(
@@ -416,7 +417,7 @@ def build_measurement_report(
         sr.SpecificCharacterSet = scs
     elif "SpecificCharacterSet" in sr:
         del sr.SpecificCharacterSet
-    _copy_source_modules(sr, source)
+    copy_source_modules(sr, source)
     sr.InstanceCreationDate = DA(when.date())
     sr.InstanceCreationTime = TM(when.time())
     # Only the library that wrote the file, never the source's acquisition equipment.
