@@ -2,10 +2,26 @@
 
 ``score = sum_i w_i * pred_i + intercept`` with the LASSO weights and intercept from the spec.
 Members with weight 0 are neither loaded nor run unless ``all_members=True``.
+
+Performance (see ``benchmarks/README.md`` for the measurements behind each choice):
+
+* loading: every architecture is built once on the meta device and deep-copied per member (no
+  parameter initialisation, no allocation); weights are memory-mapped and assigned in place.
+* inference: eval mode, ``torch.inference_mode``, BatchNorm2d folded into the preceding
+  convolution in float32 (``fold_bn``; changes outputs by ~1e-7 relative), channels_last
+  activations and weights (oneDNN's fast path on CPU, tensor-core layout on CUDA), one batch
+  through all members in turn (each member's weights are streamed once per batch).
+* precision: float32 by default. ``precision='bf16'`` (CPU or CUDA) or ``'fp16'`` (CUDA only)
+  runs each member's convolutional body under autocast while its head (pooling, BatchNorm1d,
+  Linear layers) stays float32, so that the outputs are not rounded to 8 mantissa bits. It is an
+  explicit option, never a default: its error against float32 is reported by the benchmark.
+* CUDA: the uint8 batch is pinned, copied asynchronously, normalised on the GPU.
 """
 from __future__ import annotations
 
+import copy
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +35,19 @@ from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
 from .weights import WeightsError, WeightSource, load_into
 
-__all__ = ["resolve_device", "LungRiskEnsemble", "EnsembleResult", "build_member"]
+__all__ = [
+    "PRECISIONS",
+    "resolve_device",
+    "resolve_precision",
+    "LungRiskEnsemble",
+    "EnsembleResult",
+    "build_member",
+    "fold_batchnorm",
+    "optimize_for_inference",
+    "split_body_head",
+]
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 _MEMBER_FILE = re.compile(r"^(?P<stem>.+)_(?P<idx>\d+)\.pth$")
 
@@ -33,15 +61,129 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def build_member(member: Member, source: WeightSource, *, device: torch.device | None = None) -> nn.Module:
-    """Build a member's network on the meta device and assign its (memory-mapped) weights."""
-    with torch.device("meta"):
-        model = archs.build(member.architecture, member.num_outputs)
-    state = source.load(member.file)
-    load_into(model, state, f"{source.location}/{member.file}" if source.kind == "dir" else f"{source.location}!{member.file}", assign=True)
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``'fp32'`` -> None (no autocast); ``'bf16'`` / ``'fp16'`` -> the autocast dtype.
+
+    Refuses combinations that would be silently slow or unsupported: fp16 on the CPU, bf16 on a
+    GPU without bfloat16 support.
+    """
+    p = str(precision).lower()
+    if p not in PRECISIONS:
+        raise WeightsError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if p == "fp32":
+        return None
+    if p == "fp16":
+        if device.type != "cuda":
+            raise WeightsError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise WeightsError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
+    return torch.bfloat16
+
+
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format) -> None:
+    """Fold an eval-mode BatchNorm2d into the convolution before it (float32 maths)."""
+    w = conv.weight.detach()
+    scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    folded = torch.empty_like(w, dtype=torch.float32, memory_format=memory_format)
+    torch.mul(w.float(), scale.view(-1, 1, 1, 1), out=folded)
+    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
+    new_bias = (bias - bn.running_mean.detach().float()) * scale + bn.bias.detach().float()
+    conv.weight = nn.Parameter(folded, requires_grad=False)
+    conv.bias = nn.Parameter(new_bias, requires_grad=False)
+
+
+_NAMED_PAIRS = (("conv", "bn"), ("conv1", "bn1"), ("conv2", "bn2"))
+
+
+def fold_batchnorm(model: nn.Module, *, memory_format: torch.memory_format = torch.contiguous_format) -> int:
+    """Fold every BatchNorm2d that directly follows a Conv2d into it; return how many were folded.
+
+    Recognised pairs: attributes ``conv``/``bn`` (InceptionV4's BasicConv2d), ``conv1``/``bn1`` and
+    ``conv2``/``bn2`` (ResNet blocks), and a Conv2d immediately followed by a BatchNorm2d inside an
+    ``nn.Sequential`` (ResNet stem and downsample, Tiny). These are exactly the places where the
+    architectures apply the BN to the convolution's output and nothing else reads it. The BN is
+    replaced by ``nn.Identity``, so state-dict keys change: fold only a loaded model.
+    """
+    if model.training:
+        raise ValueError("fold_batchnorm needs an eval-mode model")
+    n = 0
+    for mod in list(model.modules()):
+        for c, b in _NAMED_PAIRS:
+            conv, bn = getattr(mod, c, None), getattr(mod, b, None)
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                _fold_pair(conv, bn, memory_format)
+                setattr(mod, b, nn.Identity())
+                n += 1
+        if isinstance(mod, nn.Sequential):
+            keys = list(mod._modules.keys())
+            for k1, k2 in zip(keys, keys[1:]):
+                conv, bn = mod._modules[k1], mod._modules[k2]
+                if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats:
+                    _fold_pair(conv, bn, memory_format)
+                    mod._modules[k2] = nn.Identity()
+                    n += 1
+    return n
+
+
+def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
+    """Eval mode, no grads, BN folded, 4-D weights in channels_last (in place; returns ``model``)."""
     model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if fold_bn:
+        fold_batchnorm(model, memory_format=fmt)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def split_body_head(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """(convolutional body, head) of a member: ``Sequential(body, head)`` for the fastai cnn
+    learners, ``mdl[:first Linear]`` / ``mdl[first Linear:]`` for Tiny; else (model, None)."""
+    if isinstance(model, nn.Sequential) and len(model) == 2:
+        return model[0], model[1]
+    mdl = getattr(model, "mdl", None)
+    if isinstance(mdl, nn.Sequential):
+        mods = list(mdl)
+        cut = next((i for i, m in enumerate(mods) if isinstance(m, nn.Linear)), None)
+        if cut:
+            return mdl[:cut], mdl[cut:]
+    return model, None
+
+
+_TEMPLATES: dict[tuple[str, int], nn.Module] = {}
+
+
+def _meta_template(architecture: str, n_out: int) -> nn.Module:
+    """One meta-device instance per architecture; members are deep copies (3-4x faster than
+    re-running every module constructor)."""
+    key = (architecture, n_out)
+    if key not in _TEMPLATES:
+        with torch.device("meta"):
+            _TEMPLATES[key] = archs.build(architecture, n_out)
+    return _TEMPLATES[key]
+
+
+def build_member(
+    member: Member,
+    source: WeightSource,
+    *,
+    device: torch.device | None = None,
+    fold_bn: bool = False,
+    channels_last: bool = False,
+) -> nn.Module:
+    """Build a member's network on the meta device and assign its (memory-mapped) weights.
+
+    With the defaults the module has the published state-dict layout (saliency, tests); the
+    ensemble's own inference copy passes ``fold_bn``/``channels_last`` (see
+    :func:`optimize_for_inference`).
+    """
+    model = copy.deepcopy(_meta_template(member.architecture, member.num_outputs))
+    state = source.load(member.file)
+    load_into(model, state, f"{source.location}/{member.file}" if source.kind == "dir" else f"{source.location}!{member.file}", assign=True)
+    optimize_for_inference(model, fold_bn=fold_bn, channels_last=channels_last)
     if device is not None and device.type != "cpu":
         model.to(device)
     return model
@@ -56,11 +198,24 @@ class EnsembleResult:
 class LungRiskEnsemble:
     """The loaded ensemble. Build with :meth:`load`."""
 
-    def __init__(self, spec: EnsembleSpec, members: Sequence[Member], models: Sequence[nn.Module], device: torch.device) -> None:
+    def __init__(
+        self,
+        spec: EnsembleSpec,
+        members: Sequence[Member],
+        models: Sequence[nn.Module],
+        device: torch.device,
+        *,
+        precision: str = "fp32",
+        channels_last: bool = False,
+    ) -> None:
         self.spec = spec
         self.members = tuple(members)
         self.models = list(models)
         self.device = device
+        self.precision = str(precision).lower()
+        self.amp_dtype = resolve_precision(self.precision, device)
+        self.channels_last = bool(channels_last)
+        self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)
 
     @classmethod
@@ -71,9 +226,21 @@ class LungRiskEnsemble:
         spec: EnsembleSpec | None = None,
         all_members: bool = False,
         device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+        fold_bn: bool = True,
     ) -> "LungRiskEnsemble":
+        """Load the members (non-zero LASSO weight only unless ``all_members``) for inference.
+
+        ``precision``: ``fp32`` (default, exact within float32 reordering), ``bf16`` or ``fp16``
+        (CUDA only) for the convolutional bodies. ``channels_last``: None = on (measured faster on
+        CPU and CUDA). ``fold_bn``: fold BatchNorm2d into the convolutions (state-dict keys of
+        ``self.models`` then differ from the published files; outputs agree to ~1e-7).
+        """
         spec = spec or lung_risk_spec()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
+        resolve_precision(precision, dev)  # refuse before loading 1 GB
+        cl = True if channels_last is None else bool(channels_last)
         source = WeightSource(weights)
         check_member_files(spec, source)
         members = spec.active_members(all_members)
@@ -83,18 +250,35 @@ class LungRiskEnsemble:
                 f"{source.location}: missing {len(missing)} member file(s): {', '.join(missing[:5])}"
                 + (" ..." if len(missing) > 5 else "")
             )
-        models = [build_member(m, source, device=dev) for m in members]
-        return cls(spec, members, models, dev)
+        models = [build_member(m, source, device=dev, fold_bn=fold_bn, channels_last=cl) for m in members]
+        return cls(spec, members, models, dev, precision=precision, channels_last=cl)
 
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
 
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _run(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is None:
+            return self.models[i](x)
+        body, head = self._parts[i]
+        with self._autocast():
+            f = body(x)
+        if head is None:
+            return f.float()
+        return head(f.float())
+
     @torch.inference_mode()
     def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
         """Raw outputs (N, M) for a normalised float32 batch (N, 3, 224, 224)."""
         x = x.to(self.device, non_blocking=True)
-        outs = [model(x)[:, 0].float() for model in self.models]
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outs = [self._run(i, x)[:, 0].float() for i in range(len(self.models))]
         return torch.stack(outs, 1)
 
     def combine(self, per_member: np.ndarray) -> np.ndarray:
@@ -102,8 +286,10 @@ class LungRiskEnsemble:
         return per_member.astype(np.float64) @ self._w + self.spec.intercept
 
     def predict_uint8(self, batch_u8: torch.Tensor) -> EnsembleResult:
-        """Score a uint8 NCHW batch of 224x224 RGB crops."""
-        x = normalize(batch_u8.to(self.device), self.spec.mean, self.spec.std)
+        """Score a uint8 NCHW batch of 224x224 RGB crops (normalised on the model's device)."""
+        if self.device.type == "cuda" and not batch_u8.is_pinned():
+            batch_u8 = batch_u8.pin_memory()
+        x = normalize(batch_u8.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
         per = self.member_outputs(x).cpu().double().numpy()
         return EnsembleResult(self.combine(per), per)
 
