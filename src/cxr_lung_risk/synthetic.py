@@ -166,7 +166,7 @@ def calibrate_bn_stats(
     images_u8_batch: torch.Tensor | np.ndarray,
     var_scale: float,
     *,
-    var_scale_1d: float = 1.0,
+    var_scale_1d: float = SyntheticRecipe.var_scale_1d,
     rel_var_floor: float = SyntheticRecipe.rel_var_floor,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
