@@ -126,14 +126,42 @@ def fold_batchnorm(model: nn.Module, *, memory_format: torch.memory_format = tor
     return n
 
 
+def _tensor_ptrs(model: nn.Module) -> set[int]:
+    return {t.data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.device.type == "cpu"}
+
+
+def _own_storage(model: nn.Module, loaded: set[int]) -> None:
+    """Give every parameter/buffer whose data pointer is in ``loaded`` its own memory.
+
+    The loaded tensors share storage with the memory-mapped weight file; once the big conv
+    weights have been replaced by folded copies, the file's pages that were read stay resident
+    for as long as any small tensor (BN1d, head) still points into the mapping. Cloning those
+    small tensors lets the mapping go, so peak RSS holds one copy of the weights, not two.
+    """
+    for mod in model.modules():
+        for name, t in list(mod._parameters.items()):
+            if t is not None and t.data_ptr() in loaded:
+                mod._parameters[name] = nn.Parameter(t.detach().clone(), requires_grad=False)
+        for name, t in list(mod._buffers.items()):
+            if t is not None and t.data_ptr() in loaded:
+                mod._buffers[name] = t.clone()
+
+
 def optimize_for_inference(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
-    """Eval mode, no grads, BN folded, 4-D weights in channels_last (in place; returns ``model``)."""
+    """Eval mode, no grads, BN folded, 4-D weights in channels_last (in place; returns ``model``).
+
+    When anything is converted, every tensor is also detached from the (memory-mapped) file it
+    was loaded from (see :func:`_own_storage`).
+    """
     model.eval()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    loaded = _tensor_ptrs(model) if (fold_bn or channels_last) else set()
     if fold_bn:
         fold_batchnorm(model, memory_format=fmt)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if loaded:
+        _own_storage(model, loaded)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

@@ -1,0 +1,471 @@
+"""Benchmark: the original fastai pipeline vs ``cxr-lung-risk predict``, plus model-only numbers.
+
+Never a test. Every timed quantity is the median of ``--runs`` (>= 3) runs; the JSON also keeps
+every run. Both sides run as fresh subprocesses under the same conditions (same inputs, same
+environment, same thread count) on inputs copied to a scratch folder.
+
+Sections of the JSON written to ``benchmarks/results/`` (``--out`` to change):
+
+* ``machine``: CPU, cores, torch, load average at start and end (other processes disturb timings).
+* ``peak``: measured 2048^3 matmul GFLOP/s (fp32, bf16): the roofline the ensemble is held to.
+* ``model_only``: in-process, our engine: load time of the 13 members, steady-state s/image at
+  ``--batch-size``, FLOPs/image (``torch.utils.flop_counter``), achieved GFLOP/s and fraction of
+  the fp32 matmul peak; also per ``--precision`` option.
+* ``accuracy``: per-member and score max |error| of each engine option against the plain float32
+  engine (published layout, no BN folding, contiguous) and against float64, on the shared sample
+  images and their mirror images, with the weights given (use calibrated synthetic weights).
+* ``end_to_end``: per input kind (png, dicom, dicom_j2k) and N: wall time, phase times, images/s
+  and peak RSS (largest process and whole process tree) for the original and for ours, and the
+  ratios ours/original.
+
+Usage:
+  python benchmarks/bench_pipeline.py --weights SYNTH_DIR [--oracle-python /work/oracle-venv/bin/python]
+      [--n 5,32] [--dicom-n 5] [--n256] [--runs 3] [--skip-original] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared")).resolve()
+SAMPLES = SHARED / "reference" / "sample_png"
+
+
+# ---------------------------------------------------------------------------------------------
+# machine and roofline
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx": "amx_tile" in flags,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "mem_total_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def matmul_peak(runs: int = 15, n: int = 2048) -> dict[str, float]:
+    """Median and best GFLOP/s of an n^3 matmul in fp32 and bf16 on all threads."""
+    import torch
+
+    out = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, dtype=dt)
+        b = torch.randn(n, n, dtype=dt)
+        for _ in range(3):
+            a @ b
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            a @ b
+            ts.append(time.perf_counter() - t)
+        out[f"{name}_gflops_median"] = 2 * n**3 / statistics.median(ts) / 1e9
+        out[f"{name}_gflops_best"] = 2 * n**3 / min(ts) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+def sample_images() -> list[np.ndarray]:
+    """The 5 shared samples and their mirror images as uint8 CHW 224x224 crops."""
+    from cxr_lung_risk import transforms as T
+
+    imgs = [T.to_uint8_chw(T.center_crop_resize(T.open_raster(p))) for p in sorted(SAMPLES.glob("*.png"))]
+    return imgs + [np.ascontiguousarray(i[:, :, ::-1]) for i in imgs]
+
+
+def make_png_inputs(dest: Path, n: int) -> Path:
+    """N PNGs: the 5 samples, then derived copies (mirrored, resized 256/320/400, flipped)."""
+    from PIL import Image, ImageOps
+
+    dest.mkdir(parents=True, exist_ok=True)
+    srcs = [Image.open(p).convert("L") for p in sorted(SAMPLES.glob("*.png"))]
+    variants = [
+        lambda im: im,
+        ImageOps.mirror,
+        lambda im: im.resize((256, 256), Image.BICUBIC),
+        lambda im: ImageOps.mirror(im.resize((320, 300), Image.BICUBIC)),
+        lambda im: im.resize((400, 420), Image.LANCZOS),
+        ImageOps.flip,
+        lambda im: im.rotate(3, resample=Image.BILINEAR),
+    ]
+    for i in range(n):
+        im = variants[(i // len(srcs)) % len(variants)](srcs[i % len(srcs)])
+        if i >= len(srcs) * len(variants):
+            im = im.resize((224 + i % 97, 224 + i % 89), Image.BILINEAR)
+        im.save(dest / f"img_{i:04d}.png")
+    return dest
+
+
+def _dicom_source(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    p = get_testdata_file(name)
+    if p is None:
+        raise SystemExit(f"{name} not found: pip install pydicom-data")
+    return Path(p)
+
+
+def make_dicom_inputs(dest: Path, n: int, name: str = "RG1_UNCR.dcm") -> Path:
+    """N copies of a pydicom-data chest CR (each with its own SOP Instance UID)."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    dest.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(_dicom_source(name))
+    for i in range(n):
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[name, str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(dest / f"img_{i:04d}.dcm", enforce_file_format=True)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------
+# process measurement
+def _tree_rss_kb(root: int) -> tuple[int, int]:
+    """(sum of VmRSS over root and its descendants, largest single VmRSS) in kB."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                ppid, vm = 0, 0
+                for line in f:
+                    if line.startswith("PPid:"):
+                        ppid = int(line.split()[1])
+                    elif line.startswith("VmRSS:"):
+                        vm = int(line.split()[1])
+            parents[int(d)] = ppid
+            rss[int(d)] = vm
+        except (OSError, ValueError):
+            continue
+    tree = {root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, pp in parents.items():
+            if pp in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    vals = [rss.get(p, 0) for p in tree]
+    return sum(vals), max(vals, default=0)
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+    """Run ``cmd``; wall time, exit code, peak RSS of the largest process (wait4) and of the
+    whole process tree (sampled every ``poll_s``)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peak = {"tree": 0, "single": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            s, m = _tree_rss_kb(p.pid)
+            peak["tree"] = max(peak["tree"], s)
+            peak["single"] = max(peak["single"], m)
+            stop.wait(poll_s)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out = p.stdout.read() if p.stdout else b""
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return {
+        "wall_s": wall,
+        "rc": p.returncode,
+        "peak_rss_mb": ru.ru_maxrss / 1024,
+        "peak_tree_rss_mb": peak["tree"] / 1024,
+        "user_s": ru.ru_utime,
+        "sys_s": ru.ru_stime,
+        "tail": out.decode(errors="replace")[-600:] if p.returncode else "",
+    }
+
+
+def _median_summary(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, Any]:
+    return {k: statistics.median(r[k] for r in runs) for k in keys if all(k in r for r in runs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# model-only (in process)
+def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str], threads: list[int]) -> dict[str, Any]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cxr_lung_risk.engine import LungRiskEnsemble
+
+    res: dict[str, Any] = {"batch_size": batch_size}
+    loads = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        ens = LungRiskEnsemble.load(weights)
+        loads.append(time.perf_counter() - t)
+        del ens
+    res["load_s_runs"] = loads
+    res["load_s"] = statistics.median(loads)
+    ens = LungRiskEnsemble.load(weights, fold_bn=False, channels_last=False)
+    x1 = torch.zeros(1, 3, 224, 224)
+    with FlopCounterMode(display=False) as fc:
+        ens.member_outputs(x1)
+    flops = fc.get_total_flops()
+    res["members"] = len(ens.models)
+    res["gflop_per_image"] = flops / 1e9
+    del ens
+    imgs = sample_images()
+    xb = torch.from_numpy(np.stack([imgs[i % len(imgs)] for i in range(batch_size)]))
+    configs = [("fp32_plain", dict(fold_bn=False, channels_last=False), None)]
+    configs += [(f"{p}", dict(precision=p), None) for p in precisions]
+    configs += [(f"fp32_threads{t}", dict(), t) for t in threads]
+    n0 = torch.get_num_threads()
+    for name, kw, nt in configs:
+        try:
+            ens = LungRiskEnsemble.load(weights, **kw)
+        except Exception as e:  # e.g. bf16 not supported
+            res[name] = {"error": str(e)}
+            continue
+        torch.set_num_threads(nt or n0)
+        ens.predict_uint8(xb)  # warm-up (oneDNN primitive creation)
+        ts = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            ens.predict_uint8(xb)
+            ts.append(time.perf_counter() - t)
+        torch.set_num_threads(n0)
+        spi = statistics.median(ts) / batch_size
+        res[name] = {
+            "s_per_image": spi,
+            "s_per_image_best": min(ts) / batch_size,
+            "images_per_s": 1 / spi,
+            "gflops": flops / 1e9 / spi,
+            "runs_s": ts,
+        }
+        del ens
+    return res
+
+
+def accuracy(weights: Path, precisions: list[str]) -> dict[str, Any]:
+    """Max |error| per member and of the score vs the plain float32 engine and vs float64."""
+    import torch
+
+    from cxr_lung_risk.engine import LungRiskEnsemble
+    from cxr_lung_risk.transforms import normalize
+
+    x = torch.from_numpy(np.stack(sample_images()))
+    plain = LungRiskEnsemble.load(weights, fold_bn=False, channels_last=False)
+    ref = plain.predict_uint8(x)
+    for m in plain.models:
+        m.double()
+    xd = normalize(x, plain.spec.mean, plain.spec.std).double()
+    with torch.inference_mode():
+        per64 = torch.stack([m(xd)[:, 0] for m in plain.models], 1).numpy()
+    score64 = plain.combine(per64)
+    names = plain.member_names
+    del plain
+
+    def errs(per: np.ndarray, score: np.ndarray, per_ref: np.ndarray, score_ref: np.ndarray) -> dict[str, Any]:
+        d = np.abs(per - per_ref).max(0)
+        return {
+            "member_max": float(d.max()),
+            "score_max_years": float(np.abs(score - score_ref).max()),
+            "per_member": {n: float(v) for n, v in zip(names, d)},
+        }
+
+    out: dict[str, Any] = {
+        "images": int(x.shape[0]),
+        "member_output_range": [float(ref.per_member.min()), float(ref.per_member.max())],
+        "fp32_plain_vs_fp64": errs(ref.per_member, ref.scores, per64, score64),
+    }
+    for name, kw in [("fp32_default", {})] + [(p, {"precision": p}) for p in precisions if p != "fp32"]:
+        try:
+            r = LungRiskEnsemble.load(weights, **kw).predict_uint8(x)
+        except Exception as e:
+            out[name] = {"error": str(e)}
+            continue
+        out[name] = {"vs_fp32_plain": errs(r.per_member, r.scores, ref.per_member, ref.scores), "vs_fp64": errs(r.per_member, r.scores, per64, score64)}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+def prepare_original_work(oracle_python: str, weights: Path, work: Path) -> None:
+    """Untimed: fastai's learn.save of every member (what the published files are) into work/models."""
+    if (work / "models").is_dir() and len(list((work / "models").glob("*.pth"))) >= 20:
+        return
+    one = work / "one"
+    one.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(sorted(SAMPLES.glob("*.png"))[0], one / "A.png")
+    subprocess.run(
+        [oracle_python, str(REPO / "tools" / "oracle" / "run_oracle.py"), "--weights", str(weights), "--images", str(one), "--work", str(work), "--out", str(work / "prep.csv")],
+        check=True,
+        capture_output=True,
+    )
+
+
+def run_original(oracle_python: str, work: Path, images: Path, dicom: bool, scratch: Path) -> dict[str, Any]:
+    timing = scratch / "orig_timing.json"
+    cmd = [oracle_python, str(REPO / "benchmarks" / "_original_runner.py"), "--work", str(work), "--images", str(images), "--out", str(scratch / "orig.csv"), "--timing", str(timing)]
+    if dicom:
+        cmd.append("--dicom")
+    r = run_measured(cmd)
+    if r["rc"] == 0:
+        r.update(json.loads(timing.read_text()))
+    return r
+
+
+def run_ours(weights: Path, images: Path, scratch: Path, extra: list[str]) -> dict[str, Any]:
+    out = scratch / "ours_out"
+    if out.exists():
+        shutil.rmtree(out)
+    exe = shutil.which("cxr-lung-risk")
+    base = [exe] if exe else [sys.executable, "-m", "cxr_lung_risk.cli"]
+    cmd = base + ["predict", str(images), "--out", str(out), "--weights", str(weights), "--format", "csv"] + extra
+    return run_measured(cmd)
+
+
+def end_to_end(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+    res: dict[str, Any] = {}
+    cases: list[tuple[str, int]] = [("png", n) for n in args.n] + [("dicom", n) for n in args.dicom_n] + [("dicom_j2k", n) for n in args.dicom_n]
+    if args.n256:
+        cases.append(("png", 256))
+    work = args.original_work or scratch / "original_work"
+    if not args.skip_original:
+        prepare_original_work(args.oracle_python, args.weights, work)
+    for kind, n in cases:
+        src = scratch / f"in_{kind}_{n}"
+        if kind == "png":
+            make_png_inputs(src, n)
+        else:
+            make_dicom_inputs(src, n, "RG1_J2KR.dcm" if kind == "dicom_j2k" else "RG1_UNCR.dcm")
+        entry: dict[str, Any] = {"n": n}
+        sides: dict[str, list[str] | None] = {}
+        for label, extra in args.ours_variants:
+            sides[f"ours{label}"] = extra
+        if not args.skip_original and kind != "dicom_j2k" and (n <= max(args.n + args.dicom_n) or args.original_256):
+            sides["original"] = None
+        for side, extra in sides.items():
+            runs = []
+            for _ in range(args.runs):
+                if side == "original":
+                    r = run_original(args.oracle_python, work, src, kind == "dicom", scratch)
+                else:
+                    r = run_ours(args.weights, src, scratch, extra or [])
+                if r["rc"] != 0:
+                    print(f"{side} {kind} N={n} failed (rc {r['rc']}): {r['tail']}", file=sys.stderr)
+                runs.append(r)
+            ok = [r for r in runs if r["rc"] == 0]
+            summ = _median_summary(ok, ["wall_s", "peak_rss_mb", "peak_tree_rss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s"])
+            if "wall_s" in summ:
+                summ["images_per_s"] = n / summ["wall_s"]
+            entry[side] = {"median": summ, "runs": runs, "args": extra}
+            print(f"{kind:9s} N={n:3d} {side:16s} wall {summ.get('wall_s', float('nan')):7.2f}s  "
+                  f"{summ.get('images_per_s', float('nan')):6.3f} img/s  rss {summ.get('peak_tree_rss_mb', float('nan')):6.0f} MB", flush=True)
+        if "original" in entry and "ours" in entry:
+            o, u = entry["original"]["median"], entry["ours"]["median"]
+            entry["ratio_ours_over_original"] = {k: u[k] / o[k] for k in ("wall_s", "images_per_s", "peak_rss_mb", "peak_tree_rss_mb") if k in o and k in u and o[k]}
+        res[f"{kind}_{n}"] = entry
+    # wall(N) = fixed + N * per_image (two-point fit): load/start-up vs steady state
+    for side in ["ours", "original"]:
+        for kind in ("png", "dicom"):
+            pts = [(e["n"], e[side]["median"]["wall_s"]) for k, e in res.items() if k.startswith(kind + "_") and side in e and "wall_s" in e[side]["median"]]
+            if len(pts) >= 2:
+                (n1, w1), (n2, w2) = sorted(pts)[0], sorted(pts)[-1]
+                per = (w2 - w1) / (n2 - n1)
+                res.setdefault("fit", {})[f"{side}_{kind}"] = {"fixed_s": w1 - n1 * per, "s_per_image": per}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", type=Path, required=True, help="folder of (synthetic) member files")
+    ap.add_argument("--oracle-python", default=str(next((p for p in [REPO / ".venvs" / "oracle" / "bin" / "python", Path("/work/oracle-venv/bin/python")] if p.exists()), "")))
+    ap.add_argument("--n", default="5,32", help="PNG input counts (default 5,32)")
+    ap.add_argument("--dicom-n", default="5", help="DICOM input counts (default 5)")
+    ap.add_argument("--n256", action="store_true", help="also N=256 PNGs for ours (memory vs N)")
+    ap.add_argument("--original-256", action="store_true", help="with --n256, run the original on 256 too (~12 min a run)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--precisions", default="fp32,bf16", help="model-only/accuracy precisions")
+    ap.add_argument("--threads", default="1", help="model-only thread counts to compare besides the default")
+    ap.add_argument("--ours-variant", action="append", default=[], metavar="LABEL=ARGS", help="extra runs of ours, e.g. '_w1=--workers 1'")
+    ap.add_argument("--original-work", type=Path, help="reuse a folder of fastai-saved members (made once, untimed, by run_oracle.py)")
+    ap.add_argument("--skip-original", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    if args.runs < 3:
+        ap.error("--runs must be at least 3 (medians of >= 3 runs)")
+    args.n = [int(v) for v in args.n.split(",") if v]
+    args.dicom_n = [int(v) for v in args.dicom_n.split(",") if v]
+    args.ours_variants = [("", [])] + [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.ours_variant]
+    if not args.skip_original and not Path(args.oracle_python or "/nonexistent").exists():
+        ap.error("the oracle venv's python was not found: pass --oracle-python or --skip-original")
+    precisions = [p for p in args.precisions.split(",") if p]
+    result: dict[str, Any] = {"machine": machine_info(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    t0 = time.perf_counter()
+    result["peak"] = matmul_peak()
+    print("matmul peak", {k: round(v, 1) for k, v in result["peak"].items()}, flush=True)
+    if not args.skip_model:
+        mo = model_only(args.weights, args.runs, args.batch_size, precisions, [int(t) for t in args.threads.split(",") if t])
+        pk = result["peak"]["fp32_gflops_median"]
+        for k, v in mo.items():
+            if isinstance(v, dict) and "gflops" in v:
+                v["fraction_of_fp32_matmul_peak"] = v["gflops"] / pk
+        result["model_only"] = mo
+        print("model-only", json.dumps({k: (round(v["s_per_image"], 3) if isinstance(v, dict) and "s_per_image" in v else v) for k, v in mo.items() if not k.endswith("runs")}), flush=True)
+        result["accuracy"] = accuracy(args.weights, precisions)
+        print("accuracy", json.dumps({k: v for k, v in result["accuracy"].items() if k != "images"}, default=str)[:1500], flush=True)
+    if not args.skip_e2e:
+        with tempfile.TemporaryDirectory(prefix="cxr_bench_") as tmp:
+            result["end_to_end"] = end_to_end(args, Path(tmp))
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["bench_wall_s"] = time.perf_counter() - t0
+    out = args.out or REPO / "benchmarks" / "results" / f"bench_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
