@@ -24,7 +24,11 @@ bash scripts/install.sh --test .venv
 export PATH="$PWD/.venv/bin:$PATH"
 if [ -f tools/oracle/setup_venv.sh ]; then
   echo "== oracle venv (.venvs/oracle)"
-  bash tools/oracle/setup_venv.sh .venvs/oracle || echo "warning: oracle venv could not be installed; oracle tests will skip" >&2
+  if bash tools/oracle/setup_venv.sh .venvs/oracle; then
+    export CXR_ORACLE_VENV="$PWD/.venvs/oracle"  # selects the live oracle suite (marker: oracle)
+  else
+    echo "warning: oracle venv could not be installed; the live oracle test will skip" >&2
+  fi
 fi
 if [ -f scripts/mhub_local.sh ]; then
   echo "== mhub venv (.venvs/mhub)"
