@@ -158,9 +158,12 @@ def make_dicom_inputs(dest: Path, n: int, name: str = "RG1_UNCR.dcm") -> Path:
 # ---------------------------------------------------------------------------------------------
 # process measurement
 def _tree_rss_kb(root: int) -> tuple[int, int]:
-    """(sum of VmRSS over root and its descendants, largest single VmRSS) in kB."""
+    """(sum of PSS over root and its descendants, largest single VmRSS) in kB.
+
+    PSS (proportional set size) counts pages shared by forked workers once in the sum."""
     parents: dict[int, int] = {}
     rss: dict[int, int] = {}
+    pss: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
@@ -174,6 +177,15 @@ def _tree_rss_kb(root: int) -> tuple[int, int]:
                         vm = int(line.split()[1])
             parents[int(d)] = ppid
             rss[int(d)] = vm
+            pss[int(d)] = vm
+            try:
+                with open(f"/proc/{d}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            pss[int(d)] = int(line.split()[1])
+                            break
+            except OSError:
+                pass
         except (OSError, ValueError):
             continue
     tree = {root}
@@ -184,8 +196,7 @@ def _tree_rss_kb(root: int) -> tuple[int, int]:
             if pp in tree and pid not in tree:
                 tree.add(pid)
                 changed = True
-    vals = [rss.get(p, 0) for p in tree]
-    return sum(vals), max(vals, default=0)
+    return sum(pss.get(p, 0) for p in tree), max((rss.get(p, 0) for p in tree), default=0)
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.1) -> dict[str, Any]:
@@ -215,7 +226,7 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: floa
         "wall_s": wall,
         "rc": p.returncode,
         "peak_rss_mb": ru.ru_maxrss / 1024,
-        "peak_tree_rss_mb": peak["tree"] / 1024,
+        "peak_tree_pss_mb": peak["tree"] / 1024,
         "user_s": ru.ru_utime,
         "sys_s": ru.ru_stime,
         "tail": out.decode(errors="replace")[-600:] if p.returncode else "",
@@ -393,21 +404,21 @@ def end_to_end(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
                     print(f"{side} {kind} N={n} failed (rc {r['rc']}): {r['tail']}", file=sys.stderr)
                 runs.append(r)
             ok = [r for r in runs if r["rc"] == 0]
-            summ = _median_summary(ok, ["wall_s", "peak_rss_mb", "peak_tree_rss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s"])
+            summ = _median_summary(ok, ["wall_s", "peak_rss_mb", "peak_tree_pss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s"])
             if "wall_s" in summ:
                 summ["images_per_s"] = n / summ["wall_s"]
             entry[side] = {"median": summ, "runs": runs, "args": extra}
             print(f"{kind:9s} N={n:3d} {side:16s} wall {summ.get('wall_s', float('nan')):7.2f}s  "
-                  f"{summ.get('images_per_s', float('nan')):6.3f} img/s  rss {summ.get('peak_tree_rss_mb', float('nan')):6.0f} MB", flush=True)
+                  f"{summ.get('images_per_s', float('nan')):6.3f} img/s  rss {summ.get('peak_tree_pss_mb', float('nan')):6.0f} MB (tree PSS)", flush=True)
         if "original" in entry and "ours" in entry:
             o, u = entry["original"]["median"], entry["ours"]["median"]
-            entry["ratio_ours_over_original"] = {k: u[k] / o[k] for k in ("wall_s", "images_per_s", "peak_rss_mb", "peak_tree_rss_mb") if k in o and k in u and o[k]}
+            entry["ratio_ours_over_original"] = {k: u[k] / o[k] for k in ("wall_s", "images_per_s", "peak_rss_mb", "peak_tree_pss_mb") if k in o and k in u and o[k]}
         res[f"{kind}_{n}"] = entry
     # wall(N) = fixed + N * per_image (two-point fit): load/start-up vs steady state
     for side in ["ours", "original"]:
         for kind in ("png", "dicom"):
             pts = [(e["n"], e[side]["median"]["wall_s"]) for k, e in res.items() if k.startswith(kind + "_") and side in e and "wall_s" in e[side]["median"]]
-            if len(pts) >= 2:
+            if len({n for n, _ in pts}) >= 2:
                 (n1, w1), (n2, w2) = sorted(pts)[0], sorted(pts)[-1]
                 per = (w2 - w1) / (n2 - n1)
                 res.setdefault("fit", {})[f"{side}_{kind}"] = {"fixed_s": w1 - n1 * per, "s_per_image": per}
