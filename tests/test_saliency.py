@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import dciodvfy
 import torch
 from PIL import Image
 from torch import nn
@@ -128,25 +127,14 @@ def test_png_names():
 
 
 # ------------------------------------------------------------------------ Secondary Capture
-def _dciodvfy(path: Path) -> str:
-    if shutil.which("dciodvfy") is None:
-        pytest.fail("dciodvfy (dicom3tools) is not on PATH")
-    p = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-    return p.stdout + p.stderr
-
-
-def _errors(report: str) -> list[str]:
-    return [line for line in report.splitlines() if line.startswith("Error")]
-
-
 @pytest.mark.parametrize("name", ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm"])
 def test_secondary_capture_validates_and_copies_source(tmp_path, dicom_data, name):
     src = pydicom.dcmread(dicom_data / name, stop_before_pixels=True)
     rgb = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     ds = build_secondary_capture(src, rgb, model_title="CXR-Age", method="gradient", software_version="9.9")
     path = write_sc(ds, tmp_path / "sc.dcm")
-    report = _dciodvfy(path)
-    assert _errors(report) == [], report
+    errors, _ = dciodvfy(path)
+    assert errors == [], errors
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
     assert list(back.ImageType) == ["DERIVED", "SECONDARY"]
@@ -170,7 +158,7 @@ def test_secondary_capture_gradcam_and_deterministic(tmp_path, dicom_data):
     b = build_secondary_capture(src, rgb, model_title="CXR-Lung-Risk", method="gradcam", deterministic=True)
     assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
     assert "Grad-CAM" in a.SeriesDescription and a.DerivationCodeSequence[0].CodeValue == "130403"
-    assert _errors(_dciodvfy(write_sc(a, tmp_path / "a.dcm"))) == []
+    assert dciodvfy(write_sc(a, tmp_path / "a.dcm"))[0] == []
     with pytest.raises(ValueError):
         build_secondary_capture(src, rgb[..., 0], model_title="x")
 
@@ -192,7 +180,7 @@ def test_saliency_writer_on_real_dicom(tmp_path, dicom_data):
     assert im.shape == (224, 224, 3)
     # the overlay is half the gray crop plus half a colour: never darker than half the crop
     assert np.all(im.astype(int) >= (p.image.transpose(1, 2, 0).astype(int) // 2) - 1)
-    assert dcm.parent == tmp_path / "sc" and _errors(_dciodvfy(dcm)) == []
+    assert dcm.parent == tmp_path / "sc" and dciodvfy(dcm)[0] == []
     assert np.array_equal(pydicom.dcmread(dcm).pixel_array, im)
 
 
