@@ -58,18 +58,44 @@ def real_tools() -> dict[str, str]:
     return tools
 
 
-@pytest.fixture(scope="session")
-def synthetic_weights(tmp_path_factory) -> Path:
-    """A folder with all 20 member files of SYNTHETIC weights (published layout; never the real model).
+ORACLE_FIXTURE = REPO / "tests" / "data" / "oracle"
 
-    Uses the calibrated BatchNorm statistics of the oracle fixture when present, so outputs are
-    well-conditioned; the CLI tests only need the layout.
-    """
+
+def fixture_recipe() -> dict:
+    """The oracle fixture's recipe.json: synthetic-weight recipe, images, hashes."""
+    import json
+
+    return json.loads((ORACLE_FIXTURE / "recipe.json").read_text())
+
+
+def fixture_bn_stats() -> dict:
+    """The calibrated BatchNorm statistics of each synthetic member, by member index."""
+    import numpy as np
+
+    from cxr_lung_risk.spec import lung_risk_spec
+
+    out = {}
+    for m in lung_risk_spec().members:
+        with np.load(ORACLE_FIXTURE / "bn_stats" / f"member_{m.index:02d}.npz") as z:
+            out[m.index] = {k: z[k] for k in z.files}
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_weights_and_hashes(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """All 20 member files of SYNTHETIC weights (published layout; never the real model), made
+    from the oracle fixture's recipe and calibrated BatchNorm statistics (well-conditioned), once
+    per session; with the sha256 of each regenerated state dict."""
     from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
 
     d = tmp_path_factory.mktemp("synthetic_weights")
-    write_synthetic_weights(d, SyntheticRecipe())
-    return d
+    hashes = write_synthetic_weights(d, SyntheticRecipe.from_json(fixture_recipe()["recipe"]), fixture_bn_stats())
+    return d, hashes
+
+
+@pytest.fixture(scope="session")
+def synthetic_weights(synthetic_weights_and_hashes) -> Path:
+    return synthetic_weights_and_hashes[0]
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

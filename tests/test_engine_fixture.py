@@ -21,26 +21,14 @@ import torch
 from cxr_lung_risk import archs
 from cxr_lung_risk.engine import LungRiskEnsemble
 from cxr_lung_risk.spec import lung_risk_spec
-from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
 from cxr_lung_risk.transforms import center_crop_resize, open_raster, to_uint8_chw
 from cxr_lung_risk.weights import load_into, load_state_dict_file
+from conftest import fixture_bn_stats, fixture_recipe  # noqa: F401 (re-exported for test_oracle)
 
 FIX = Path(__file__).resolve().parent / "data" / "oracle"
 MEMBER_TOL = 1e-4  # raw member output
 SCORE_TOL = 1e-3  # years
 BATCH = 8
-
-
-def fixture_recipe() -> dict:
-    return json.loads((FIX / "recipe.json").read_text())
-
-
-def fixture_bn_stats() -> dict[int, dict[str, np.ndarray]]:
-    out = {}
-    for m in lung_risk_spec().members:
-        with np.load(FIX / "bn_stats" / f"member_{m.index:02d}.npz") as z:
-            out[m.index] = {k: z[k] for k in z.files}
-    return out
 
 
 def resolve(rel: str, shared: Path) -> Path:
@@ -85,12 +73,10 @@ def compare(names, oracle_per, oracle_score, ens_names, per, scores) -> dict[str
 
 
 @pytest.fixture(scope="module")
-def synthetic_dir(tmp_path_factory):
-    """The 20 SYNTHETIC member files, regenerated from the committed recipe (+ their hashes)."""
-    rec = fixture_recipe()
-    d = tmp_path_factory.mktemp("synthetic_weights")
-    hashes = write_synthetic_weights(d, SyntheticRecipe.from_json(rec["recipe"]), fixture_bn_stats())
-    return d, hashes
+def synthetic_dir(synthetic_weights_and_hashes):
+    """The 20 SYNTHETIC member files, regenerated from the committed recipe (+ their hashes);
+    made once per session in conftest.py."""
+    return synthetic_weights_and_hashes
 
 
 @pytest.fixture(scope="module")
