@@ -225,7 +225,8 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: floa
     return {
         "wall_s": wall,
         "rc": p.returncode,
-        "peak_rss_mb": ru.ru_maxrss / 1024,
+        # not ru.ru_maxrss: Linux carries the forking parent's high-water mark across exec
+        "peak_rss_mb": peak["single"] / 1024,
         "peak_tree_pss_mb": peak["tree"] / 1024,
         "user_s": ru.ru_utime,
         "sys_s": ru.ru_stime,
