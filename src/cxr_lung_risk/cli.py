@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", metavar="PATH", help="CXR-Lung-Risk weights: a folder of Lung_Age_081221_*.pth or the Zenodo zip (default: the fetch-weights cache)")
     p.add_argument("--age-weights", metavar="PATH", help="CXR-Age weights file PLCO_Fine_Tuned_120419.pth (default: the fetch-weights cache)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto: CUDA when available)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32, faithful; bf16/fp16 are faster but "
+        "change scores, see benchmarks/README.md; fp16 needs CUDA)",
+    )
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decode/preprocess processes (default: cores-1 when >2 cores, else in-process)")
     p.add_argument("--per-model", action="store_true", help="also write each member's raw output (columns Lung_Age_081221_<i>)")

@@ -89,7 +89,7 @@ def _load_lung_risk(args: argparse.Namespace) -> LungRiskScorer:
             "no CXR-Lung-Risk weights found: run `cxr-lung-risk fetch-weights` "
             "(downloads Zenodo record 7941660, 2.16 GB) or pass --weights FOLDER_OR_ZIP"
         )
-    ens = LungRiskEnsemble.load(loc, all_members=args.all_members, device=args.device)
+    ens = LungRiskEnsemble.load(loc, all_members=args.all_members, device=args.device, precision=args.precision)
     return LungRiskScorer(ens, per_model=args.per_model)
 
 
@@ -140,7 +140,6 @@ def run_predict(args: argparse.Namespace) -> int:
     files = _discover(args.inputs)
     if not files:
         raise UsageError("no input files found in " + ", ".join(map(str, args.inputs)))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     scorers = _load_scorers(args)
     opts = PrepareOptions(selection=_selection_from_args(args), im_version=args.im_version)
     workers = default_workers() if args.workers is None else args.workers
