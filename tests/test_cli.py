@@ -248,3 +248,16 @@ def test_preprocess_command_writes_pngs_and_manifest(tmp_path, mixed_input, shar
         assert got.shape == ref.shape and int((got != ref).sum()) == 0
     manifest = {r["File"]: r["status"] for r in read_csv(out / "manifest.csv")}
     assert manifest["A.png"] == "skipped" and manifest["ct.dcm"] == "skipped"
+
+
+def test_worker_processes_give_the_same_results(tmp_path, mixed_run, mixed_input, synthetic_weights):
+    """Decoding in worker processes changes nothing: same rows, same manifest, same order."""
+    _, out0 = mixed_run
+    out = tmp_path / "w2"
+    p = run_cli(
+        "predict", str(mixed_input), "--out", str(out), "--weights", str(synthetic_weights),
+        "--per-model", "--format", "csv,json", "--batch-size", "2", "--workers", "2",
+    )
+    assert p.returncode == 2, p.stderr
+    assert (out / "cxr_lung_risk.csv").read_bytes() == (out0 / "cxr_lung_risk.csv").read_bytes()
+    assert (out / "manifest.csv").read_bytes() == (out0 / "manifest.csv").read_bytes()

@@ -12,5 +12,5 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import fastai, pretrained
 fi
 "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --upgrade pip >/dev/null
-"$VENV/bin/python" -m pip install "torch==2.14.1" "torchvision==0.29.1" fastai pretrainedmodels six
+"$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" fastai pretrainedmodels six
 "$VENV/bin/python" -c "import fastai, pretrainedmodels, torch; print('oracle venv ready:', '$VENV', 'fastai', fastai.__version__, 'torch', torch.__version__)"
