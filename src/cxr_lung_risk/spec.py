@@ -11,7 +11,7 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-__all__ = ["Member", "EnsembleSpec", "AgeSpec", "load_spec", "lung_risk_spec", "age_spec"]
+__all__ = ["Member", "ModelSpec", "EnsembleSpec", "AgeSpec", "load_spec", "lung_risk_spec", "age_spec"]
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ class Member:
 
 
 @dataclass(frozen=True)
-class EnsembleSpec:
-    """The CXR-Lung-Risk ensemble: ``score = sum(w_i * pred_i) + intercept`` (years)."""
+class ModelSpec:
+    """What every model spec declares: its name, output column/unit and input transform."""
 
     name: str
     title: str
@@ -40,8 +40,14 @@ class EnsembleSpec:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    intercept: float
-    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class EnsembleSpec(ModelSpec):
+    """The CXR-Lung-Risk ensemble: ``score = sum(w_i * pred_i) + intercept`` (years)."""
+
+    intercept: float = 0.0
+    members: tuple[Member, ...] = ()
     weights: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -53,23 +59,28 @@ class EnsembleSpec:
 
 
 @dataclass(frozen=True)
-class AgeSpec:
+class AgeSpec(ModelSpec):
     """CXR-Age: one ResNet34 with a calibrated regression output (years)."""
 
-    name: str
-    title: str
-    column: str
-    unit: str
-    unit_meaning: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    architecture: str
-    file: str
-    calibration: dict[str, Any]
-    tta: dict[str, Any]
-    weights: dict[str, Any]
+    architecture: str = ""
+    file: str = ""
+    calibration: dict[str, Any] = field(default_factory=dict)
+    tta: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _common(raw: dict[str, Any]) -> dict[str, Any]:
+    return dict(
+        name=raw["name"],
+        title=raw["title"],
+        column=raw["output"]["column"],
+        unit=raw["output"]["unit"],
+        unit_meaning=raw["output"]["unit_meaning"],
+        input_size=int(raw["input"]["size"]),
+        mean=tuple(raw["input"]["mean"]),
+        std=tuple(raw["input"]["std"]),
+    )
 
 
 def load_spec(name: str) -> dict[str, Any]:
@@ -95,14 +106,7 @@ def lung_risk_spec() -> EnsembleSpec:
         for i, m in enumerate(raw["members"])
     )
     return EnsembleSpec(
-        name=raw["name"],
-        title=raw["title"],
-        column=raw["output"]["column"],
-        unit=raw["output"]["unit"],
-        unit_meaning=raw["output"]["unit_meaning"],
-        input_size=int(raw["input"]["size"]),
-        mean=tuple(raw["input"]["mean"]),
-        std=tuple(raw["input"]["std"]),
+        **_common(raw),
         intercept=float(raw["intercept"]),
         members=members,
         weights=raw["weights"],
@@ -114,14 +118,7 @@ def lung_risk_spec() -> EnsembleSpec:
 def age_spec() -> AgeSpec:
     raw = load_spec("cxr_age")
     return AgeSpec(
-        name=raw["name"],
-        title=raw["title"],
-        column=raw["output"]["column"],
-        unit=raw["output"]["unit"],
-        unit_meaning=raw["output"]["unit_meaning"],
-        input_size=int(raw["input"]["size"]),
-        mean=tuple(raw["input"]["mean"]),
-        std=tuple(raw["input"]["std"]),
+        **_common(raw),
         architecture=raw["architecture"],
         file=raw["file"],
         calibration=raw["calibration"],
