@@ -49,15 +49,12 @@ __all__ = [
 ]
 
 
-def lung_risk_measurement(value: float, members: dict[str, float] | None = None) -> Measurement:
-    """The CXR-Lung-Risk result as a :class:`Measurement` (name/unit from the model spec)."""
-    from ...spec import lung_risk_spec
-
-    spec = lung_risk_spec()
+def _from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | None = None) -> Measurement:
+    """A model's result as a :class:`Measurement`: name and unit from its spec, code from ours."""
     return Measurement(
         name=spec.column,
-        code_value=CxrCodes.CXR_LUNG_RISK.value,
-        code_meaning=CxrCodes.CXR_LUNG_RISK.meaning,
+        code_value=code.value,
+        code_meaning=code.meaning,
         value=value,
         unit=spec.unit,
         unit_meaning=spec.unit_meaning,
@@ -65,16 +62,15 @@ def lung_risk_measurement(value: float, members: dict[str, float] | None = None)
     )
 
 
+def lung_risk_measurement(value: float, members: dict[str, float] | None = None) -> Measurement:
+    """The CXR-Lung-Risk result as a :class:`Measurement` (name/unit from the model spec)."""
+    from ...spec import lung_risk_spec
+
+    return _from_spec(lung_risk_spec(), CxrCodes.CXR_LUNG_RISK, value, members)
+
+
 def age_measurement(value: float) -> Measurement:
     """The CXR-Age result as a :class:`Measurement` (name/unit from the model spec)."""
     from ...spec import age_spec
 
-    spec = age_spec()
-    return Measurement(
-        name=spec.column,
-        code_value=CxrCodes.CXR_AGE.value,
-        code_meaning=CxrCodes.CXR_AGE.meaning,
-        value=value,
-        unit=spec.unit,
-        unit_meaning=spec.unit_meaning,
-    )
+    return _from_spec(age_spec(), CxrCodes.CXR_AGE, value)
