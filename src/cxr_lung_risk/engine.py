@@ -326,11 +326,7 @@ def check_member_files(spec: EnsembleSpec, source: WeightSource) -> None:
     """Refuse a weights folder/zip whose member files do not match the spec's count."""
     stems = {_MEMBER_FILE.match(m.file).group("stem") for m in spec.members if _MEMBER_FILE.match(m.file)}
     known = {m.file for m in spec.members}
-    if source.kind == "dir":
-        names = {p.name for p in source.location.glob("*.pth")} | {p.name for p in source.location.glob("*/*.pth")}
-    else:
-        names = set(source._names)
-    found = {n for n in names if (mm := _MEMBER_FILE.match(n)) and mm.group("stem") in stems}
+    found = {n for n in source.filenames() if (mm := _MEMBER_FILE.match(n)) and mm.group("stem") in stems}
     extra = sorted(found - known)
     if extra:
         raise WeightsError(

@@ -10,7 +10,6 @@ import os
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -46,20 +45,11 @@ class Prepared:
     uids: dict[str, str] = field(default_factory=dict)
 
 
-def _is_raster(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError:
-        return False
-    return head.startswith(b"\x89PNG\r\n\x1a\n") or head[:3] == b"\xff\xd8\xff"
-
-
 def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     """Never raises for bad input: the reason lands in the returned record."""
     path = item.path
     try:
-        if opts.accept_raster and _is_raster(path):
+        if opts.accept_raster and dicom_io.is_raster_image(path):
             img = transforms.open_raster(path)
             crop = transforms.center_crop_resize(img, opts.size)
             return Prepared(item, "ok", kind="raster", image=transforms.to_uint8_chw(crop))

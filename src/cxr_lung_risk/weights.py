@@ -140,6 +140,12 @@ class WeightSource:
     def __repr__(self) -> str:
         return f"WeightSource({str(self.location)!r})"
 
+    def filenames(self) -> set[str]:
+        """Names of the ``.pth`` files available (folder and its subfolders one level down, or zip)."""
+        if self.kind == "dir":
+            return {p.name for p in self.location.glob("*.pth")} | {p.name for p in self.location.glob("*/*.pth")}
+        return {n for n in self._names if n.endswith(".pth")}
+
     def has(self, filename: str) -> bool:
         if self.kind == "dir":
             return (self.location / filename).is_file() or any(self.location.glob(f"*/{filename}"))
