@@ -12,7 +12,7 @@ from typing import Sequence
 
 from . import __version__
 
-EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2
+from .errors import EXIT_NONE
 
 DESCRIPTION = """\
 CXR-Lung-Risk (Weiss et al., Nat Commun 2023) and CXR-Age (Raghu et al., JACC Imaging 2021)

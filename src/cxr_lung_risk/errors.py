@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 
+EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2  # all scored; nothing scored or a usage error; some failed
+
+
 class UsageError(Exception):
     """A problem with what the user asked for (paths, options)."""
 

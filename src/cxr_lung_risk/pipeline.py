@@ -29,7 +29,6 @@ class PrepareOptions:
     size: int = 224
     keep_512: bool = False  # keep the preprocessed gray image (``preprocess`` command, saliency)
     accept_raster: bool = True  # PNG/JPEG inputs (already preprocessed by the user)
-    accept_dicom: bool = True
 
 
 @dataclass
@@ -53,8 +52,6 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
             img = transforms.open_raster(path)
             crop = transforms.center_crop_resize(img, opts.size)
             return Prepared(item, "ok", kind="raster", image=transforms.to_uint8_chw(crop))
-        if not opts.accept_dicom:
-            return Prepared(item, "skipped", "skipped: not a PNG/JPEG image")
         loaded = dicom_io.load_image(path, opts.selection)
         uids = {
             "StudyInstanceUID": loaded.study_uid or "",

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import UsageError
+from .errors import EXIT_NONE, EXIT_OK, EXIT_SOME_FAILED, UsageError
 from .outputs.tables import ManifestWriter, ResultWriter
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 
-EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 FORMATS = ("csv", "sr", "json")
 
