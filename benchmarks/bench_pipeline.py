@@ -255,6 +255,7 @@ def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str],
         del ens
     res["load_s_runs"] = loads
     res["load_s"] = statistics.median(loads)
+    res["load_fresh_process"] = load_fresh_process(weights, runs)
     ens = LungRiskEnsemble.load(weights, fold_bn=False, channels_last=False)
     x1 = torch.zeros(1, 3, 224, 224)
     with FlopCounterMode(display=False) as fc:
@@ -293,6 +294,123 @@ def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str],
         }
         del ens
     return res
+
+
+_LOAD_SNIPPET = r"""
+import os, sys, time, json
+from pathlib import Path
+mode, weights = sys.argv[1], Path(sys.argv[2])
+import torch
+from cxr_lung_risk.engine import LungRiskEnsemble
+from cxr_lung_risk.spec import lung_risk_spec
+files = [weights / m.file for m in lung_risk_spec().active_members(False)]
+if mode != "warm":
+    for f in files:  # drop the member files from the page cache (clean pages; no root needed)
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+    time.sleep(0.2)
+t = time.perf_counter()
+if mode == "read":
+    buf = bytearray(8 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+else:
+    LungRiskEnsemble.load(weights, prefetch=(mode != "cold_noprefetch"))
+print(json.dumps({"s": time.perf_counter() - t, "bytes": sum(f.stat().st_size for f in files)}))
+"""
+
+
+def load_fresh_process(weights: Path, runs: int) -> dict[str, Any]:
+    """Load of the 13 members in a fresh process (templates built, nothing cached in Python):
+    ``warm`` (files in the page cache), ``cold`` (files dropped from the page cache first, with the
+    engine's parallel prefetch), ``cold_noprefetch``, and ``read``: a plain sequential read of the
+    same bytes after dropping them, the I/O reference. On a VM the host may still cache the disk,
+    so "cold" here is the guest's cold cache, not necessarily a cold physical disk."""
+    out: dict[str, Any] = {}
+    for mode in ("warm", "cold", "cold_noprefetch", "read"):
+        ts = []
+        for _ in range(runs):
+            r = subprocess.run([sys.executable, "-c", _LOAD_SNIPPET, mode, str(weights)], capture_output=True, text=True)
+            if r.returncode != 0:
+                out[mode] = {"error": r.stderr[-400:]}
+                break
+            d = json.loads(r.stdout.strip().splitlines()[-1])
+            ts.append(d["s"])
+            out["bytes"] = d["bytes"]
+        else:
+            out[mode] = {"s": statistics.median(ts), "runs_s": ts}
+    if "s" in out.get("read", {}) and "bytes" in out:
+        out["read"]["mb_per_s"] = out["bytes"] / 1e6 / out["read"]["s"]
+    return out
+
+
+def compile_check(weights: Path, batch_size: int, runs: int) -> dict[str, Any]:
+    """Does ``torch.compile`` (inductor, weight freezing) pay? One member per architecture:
+    steady-state s/batch eager vs compiled, the compile time, the max |difference| of the outputs,
+    and the number of images after which the compile time is paid back for the whole ensemble."""
+    import torch
+
+    from cxr_lung_risk.engine import LungRiskEnsemble
+
+    try:
+        import torch._inductor.config as inductor_config
+    except Exception as e:  # pragma: no cover
+        return {"error": f"inductor unavailable: {e}"}
+    inductor_config.freezing = True
+    ens = LungRiskEnsemble.load(weights)
+    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    per_arch: dict[str, Any] = {}
+    count: dict[str, int] = {}
+    for m in ens.members:
+        count[m.architecture] = count.get(m.architecture, 0) + 1
+    for arch in count:
+        i = next(j for j, m in enumerate(ens.members) if m.architecture == arch)
+        model = ens.models[i]
+        with torch.inference_mode():
+            y0 = model(x)
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                model(x)
+                ts.append(time.perf_counter() - t)
+        eager = statistics.median(ts)
+        try:
+            torch._dynamo.reset()
+            t = time.perf_counter()
+            cm = torch.compile(model)
+            with torch.no_grad():
+                y1 = cm(x)
+            compile_s = time.perf_counter() - t
+            ts = []
+            with torch.no_grad():
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    cm(x)
+                    ts.append(time.perf_counter() - t)
+        except Exception as e:
+            per_arch[arch] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        comp = statistics.median(ts)
+        per_arch[arch] = {
+            "members": count[arch],
+            "eager_s_per_batch": eager,
+            "compiled_s_per_batch": comp,
+            "speedup": eager / comp,
+            "compile_s_first_member": compile_s,
+            "max_abs_diff": float((y0 - y1).abs().max()),
+        }
+    ok = [v for v in per_arch.values() if "speedup" in v]
+    if len(ok) == len(per_arch):
+        saved = sum(v["members"] * (v["eager_s_per_batch"] - v["compiled_s_per_batch"]) for v in ok) / batch_size
+        cost = sum(v["members"] * v["compile_s_first_member"] for v in ok)
+        per_arch["ensemble_saved_s_per_image"] = saved
+        per_arch["ensemble_compile_s_estimate"] = cost
+        per_arch["pays_back_after_images"] = cost / saved if saved > 0 else None
+    torch._dynamo.reset()
+    return per_arch
 
 
 def accuracy(weights: Path, precisions: list[str]) -> dict[str, Any]:
@@ -368,17 +486,32 @@ def run_ours(weights: Path, images: Path, scratch: Path, extra: list[str]) -> di
     out = scratch / "ours_out"
     if out.exists():
         shutil.rmtree(out)
-    exe = shutil.which("cxr-lung-risk")
-    base = [exe] if exe else [sys.executable, "-m", "cxr_lung_risk.cli"]
-    cmd = base + ["predict", str(images), "--out", str(out), "--weights", str(weights), "--format", "csv"] + extra
-    return run_measured(cmd)
+    timing = scratch / "ours_timing.json"
+    timing.unlink(missing_ok=True)
+    exe = shutil.which("cxr-lung-risk") or str(Path(sys.executable).with_name("cxr-lung-risk"))
+    base = [exe] if Path(exe).exists() else [sys.executable, "-m", "cxr_lung_risk.cli"]
+    cmd = base + ["predict", str(images), "--out", str(out), "--weights", str(weights), "--format", "csv", "--timings", str(timing)] + extra
+    r = run_measured(cmd)
+    if r["rc"] == 0 and timing.exists():
+        t = json.loads(timing.read_text())
+        r.update({k: t[k] for k in ("startup_s", "load_s", "prepare_s", "infer_s", "write_s") if t.get(k) is not None})
+        r["images_s"] = t["prepare_s"] + t["infer_s"] + t["write_s"]
+    return r
 
 
-def end_to_end(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
+# phase of ours -> the original's phase it replaces (ours/original ratio per phase)
+PHASES = {
+    "startup": ("startup_s", "import_s"),  # interpreter + imports
+    "load": ("load_s", "build_load_s"),  # build the networks, read the weights
+    "images": ("images_s", "images_s"),  # decode/convert + preprocess + models + write
+}
+
+
+def end_to_end(args: argparse.Namespace, scratch: Path, on_case=None) -> dict[str, Any]:
     res: dict[str, Any] = {}
-    cases: list[tuple[str, int]] = [("png", n) for n in args.n] + [("dicom", n) for n in args.dicom_n] + [("dicom_j2k", n) for n in args.dicom_n]
+    cases: list[tuple[str, int]] = [("png", n) for n in args.n] + [("dicom", n) for n in args.dicom_n] + [("dicom_j2k", n) for n in args.dicom_n[:1]]
     if args.n256:
-        cases.append(("png", 256))
+        cases += [("png", 256), ("dicom", 256)]
     work = args.original_work or scratch / "original_work"
     if not args.skip_original:
         prepare_original_work(args.oracle_python, args.weights, work)
@@ -399,13 +532,19 @@ def end_to_end(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             for _ in range(args.runs):
                 if side == "original":
                     r = run_original(args.oracle_python, work, src, kind == "dicom", scratch)
+                    if r["rc"] == 0:
+                        r["images_s"] = r["convert_s"] + r["predict_s"]
                 else:
                     r = run_ours(args.weights, src, scratch, extra or [])
                 if r["rc"] != 0:
                     print(f"{side} {kind} N={n} failed (rc {r['rc']}): {r['tail']}", file=sys.stderr)
                 runs.append(r)
             ok = [r for r in runs if r["rc"] == 0]
-            summ = _median_summary(ok, ["wall_s", "peak_rss_mb", "peak_tree_pss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s"])
+            summ = _median_summary(
+                ok,
+                ["wall_s", "peak_rss_mb", "peak_tree_pss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s",
+                 "startup_s", "load_s", "prepare_s", "infer_s", "write_s", "images_s"],
+            )
             if "wall_s" in summ:
                 summ["images_per_s"] = n / summ["wall_s"]
             entry[side] = {"median": summ, "runs": runs, "args": extra}
@@ -414,7 +553,12 @@ def end_to_end(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         if "original" in entry and "ours" in entry:
             o, u = entry["original"]["median"], entry["ours"]["median"]
             entry["ratio_ours_over_original"] = {k: u[k] / o[k] for k in ("wall_s", "images_per_s", "peak_rss_mb", "peak_tree_pss_mb") if k in o and k in u and o[k]}
+            entry["ratio_ours_over_original_per_phase"] = {
+                ph: u[ku] / o[ko] for ph, (ku, ko) in PHASES.items() if ku in u and ko in o and o[ko]
+            }
         res[f"{kind}_{n}"] = entry
+        if on_case is not None:
+            on_case(res)
     # wall(N) = fixed + N * per_image (two-point fit): load/start-up vs steady state
     for side in ["ours", "original"]:
         for kind in ("png", "dicom"):
@@ -431,9 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", type=Path, required=True, help="folder of (synthetic) member files")
     ap.add_argument("--oracle-python", default=str(next((p for p in [REPO / ".venvs" / "oracle" / "bin" / "python", Path("/work/oracle-venv/bin/python")] if p.exists()), "")))
     ap.add_argument("--n", default="5,32", help="PNG input counts (default 5,32)")
-    ap.add_argument("--dicom-n", default="5", help="DICOM input counts (default 5)")
-    ap.add_argument("--n256", action="store_true", help="also N=256 PNGs for ours (memory vs N)")
-    ap.add_argument("--original-256", action="store_true", help="with --n256, run the original on 256 too (~12 min a run)")
+    ap.add_argument("--dicom-n", default="5,32", help="DICOM input counts (default 5,32; J2K runs at the first)")
+    ap.add_argument("--n256", action="store_true", help="also N=256 PNG and DICOM for ours (memory vs N)")
+    ap.add_argument("--original-256", action="store_true", help="with --n256, run the original on 256 too (~10-14 min a run)")
+    ap.add_argument("--no-compile-check", dest="compile_check", action="store_false", help="skip the torch.compile measurement")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--precisions", default="fp32,bf16", help="model-only/accuracy precisions")
@@ -464,17 +609,31 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(v, dict) and "gflops" in v:
                 v["fraction_of_fp32_matmul_peak"] = v["gflops"] / pk
         result["model_only"] = mo
+        if args.compile_check:
+            result["compile"] = compile_check(args.weights, args.batch_size, args.runs)
+            print("compile", json.dumps(result["compile"], default=str)[:800], flush=True)
         print("model-only", json.dumps({k: (round(v["s_per_image"], 3) if isinstance(v, dict) and "s_per_image" in v else v) for k, v in mo.items() if not k.endswith("runs")}), flush=True)
         result["accuracy"] = accuracy(args.weights, precisions)
         print("accuracy", json.dumps({k: v for k, v in result["accuracy"].items() if k != "images"}, default=str)[:1500], flush=True)
-    if not args.skip_e2e:
-        with tempfile.TemporaryDirectory(prefix="cxr_bench_") as tmp:
-            result["end_to_end"] = end_to_end(args, Path(tmp))
-    result["machine"]["loadavg_end"] = os.getloadavg()
-    result["bench_wall_s"] = time.perf_counter() - t0
     out = args.out or REPO / "benchmarks" / "results" / f"bench_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def save(partial: bool) -> None:
+        result["complete"] = not partial
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    save(partial=True)
+    if not args.skip_e2e:
+        with tempfile.TemporaryDirectory(prefix="cxr_bench_") as tmp:
+
+            def on_case(res: dict[str, Any]) -> None:  # keep what is measured if the run is cut short
+                result["end_to_end"] = res
+                save(partial=True)
+
+            result["end_to_end"] = end_to_end(args, Path(tmp), on_case)
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    result["bench_wall_s"] = time.perf_counter() - t0
+    save(partial=False)
     print("wrote", out)
     return 0
 

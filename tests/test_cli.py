@@ -142,11 +142,27 @@ def mixed_input(tmp_path_factory, dicom_data, sample_pngs) -> Path:
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory, mixed_input, synthetic_weights):
     out = tmp_path_factory.mktemp("out")
+    timings = tmp_path_factory.mktemp("timings") / "t.json"
     p = run_cli(
         "predict", str(mixed_input), "--out", str(out), "--weights", str(synthetic_weights),
-        "--per-model", "--format", "csv,sr,json", "--batch-size", "2",
+        "--per-model", "--format", "csv,sr,json", "--batch-size", "2", "--timings", str(timings),
     )
+    p.timings = timings
     return p, out
+
+
+def test_timings_file_accounts_for_the_run(mixed_run, mixed_input):
+    p, _ = mixed_run
+    t = json.loads(p.timings.read_text())
+    n_inputs = sum(1 for f in mixed_input.rglob("*") if f.is_file())
+    assert t["inputs"] == n_inputs and t["scored"] == 3 and t["batch_size"] == 2
+    phases = [t[k] for k in ("load_s", "prepare_s", "infer_s", "write_s")]
+    assert all(v > 0 for v in phases[:3]) and phases[3] >= 0
+    assert sum(phases) <= t["run_s"] + 1e-3
+    assert t["run_s"] - sum(phases) < 0.5 * t["run_s"]  # the phases are where the time goes
+    assert t["startup_s"] is None or t["startup_s"] > 0
+    # and the summary line says the same
+    assert f"({t['run_s']:.1f} s: load {t['load_s']:.1f}," in p.stderr
 
 
 def test_mixed_folder_exit_code_and_manifest(mixed_run, mixed_input):

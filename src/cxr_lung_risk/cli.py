@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-model", action="store_true", help="also write each member's raw output (columns Lung_Age_081221_<i>)")
     p.add_argument("--all-members", action="store_true", help="also load and run the 7 members whose LASSO weight is 0")
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
+    p.add_argument(
+        "--timings",
+        type=Path,
+        metavar="FILE",
+        help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE",
+    )
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")

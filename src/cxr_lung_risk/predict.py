@@ -6,7 +6,10 @@ and every result is written as soon as it exists. Every input gets exactly one m
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -129,16 +132,63 @@ def _batches(stream: Iterator[Prepared], size: int, manifest: ManifestWriter, ba
         yield batch
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), else None: the start-up phase
+    (interpreter, imports) that precedes :func:`run_predict`."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class PhaseTimer:
+    """Wall seconds per phase of a run (``load``, ``prepare``, ``infer``, ``write``), summed."""
+
+    def __init__(self) -> None:
+        self.startup_s = _process_age_s()
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, float] = {"load": 0.0, "prepare": 0.0, "infer": 0.0, "write": 0.0}
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] += now - since
+        return now
+
+    def timed(self, phase: str, it: Iterator):
+        """Iterate ``it``, charging the time spent waiting for each item to ``phase``."""
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                self.add(phase, t)
+                return
+            self.add(phase, t)
+            yield item
+
+    def as_dict(self, **extra: Any) -> dict[str, Any]:
+        d: dict[str, Any] = {"startup_s": self.startup_s}
+        d.update({f"{k}_s": v for k, v in self.phases.items()})
+        d["run_s"] = time.perf_counter() - self.t0
+        d.update(extra)
+        return d
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from .cli import _selection_from_args
 
+    timer = PhaseTimer()
     formats = _parse_formats(args.format)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     files = _discover(args.inputs)
     if not files:
         raise UsageError("no input files found in " + ", ".join(map(str, args.inputs)))
+    t = time.perf_counter()
     scorers = _load_scorers(args)
+    timer.add("load", t)
     opts = PrepareOptions(selection=_selection_from_args(args), im_version=args.im_version)
     workers = default_workers() if args.workers is None else args.workers
     out: Path = args.out
@@ -160,12 +210,14 @@ def run_predict(args: argparse.Namespace) -> int:
     scored = 0
     bar = _progress(len(files), "scoring")
     try:
-        stream = iter_prepared(files, opts, workers=workers)
+        stream = timer.timed("prepare", iter_prepared(files, opts, workers=workers))
         for batch in _batches(stream, args.batch_size, manifest, bar):
+            t = time.perf_counter()
             x = torch.from_numpy(np.stack([p.image for p in batch]))
             results: dict[str, np.ndarray] = {}
             for s in scorers:
                 results.update(s.score(x))
+            t = timer.add("infer", t)
             for i, p in enumerate(batch):
                 row: dict[str, Any] = {"File": p.file.rel, **p.uids}
                 for k, v in results.items():
@@ -185,16 +237,22 @@ def run_predict(args: argparse.Namespace) -> int:
                 manifest.write(p.file.rel, "ok", reason)
                 scored += 1
                 bar.update(1)
+            timer.add("write", t)
     finally:
         bar.close()
         writer.close()
         manifest.close()
     n_failed = manifest.counts.get("failed", 0)
     n_skipped = manifest.counts.get("skipped", 0)
+    tm = timer.as_dict(inputs=len(files), scored=scored, workers=workers, batch_size=args.batch_size)
     print(
-        f"cxr-lung-risk: scored {scored}, skipped {n_skipped}, failed {n_failed} of {len(files)} inputs -> {out}",
+        f"cxr-lung-risk: scored {scored}, skipped {n_skipped}, failed {n_failed} of {len(files)} inputs -> {out} "
+        f"({tm['run_s']:.1f} s: load {tm['load_s']:.1f}, prepare {tm['prepare_s']:.1f}, models {tm['infer_s']:.1f}, "
+        f"write {tm['write_s']:.1f})",
         file=sys.stderr,
     )
+    if getattr(args, "timings", None):
+        Path(args.timings).write_text(json.dumps(tm, indent=1) + "\n")
     if scored == 0:
         return EXIT_NONE
     return EXIT_SOME_FAILED if n_failed else EXIT_OK

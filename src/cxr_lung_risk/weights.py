@@ -9,6 +9,8 @@ discarded.
 from __future__ import annotations
 
 import io
+import os
+import threading
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,6 +163,58 @@ class WeightSource:
         if not found:
             raise WeightsError(f"{direct}: weights file not found")
         return found[0]
+
+    def byte_ranges(self, filenames: list[str]) -> list[tuple[Path, int, int]]:
+        """(file, offset, length) of where each named member's bytes lie on disk."""
+        out: list[tuple[Path, int, int]] = []
+        for name in filenames:
+            try:
+                if self.kind == "dir":
+                    p = self.path_of(name)
+                    out.append((p, 0, p.stat().st_size))
+                elif name in self._names:
+                    assert self._zip is not None
+                    info = self._zip.getinfo(self._names[name])
+                    # local header (30 bytes + name + extra field) then the data
+                    out.append((self.location, info.header_offset, 30 + len(info.filename.encode()) + 1024 + info.compress_size))
+            except (WeightsError, OSError, KeyError):
+                continue  # prefetching is advisory; load() reports the problem
+        return out
+
+    def prefetch(self, filenames: list[str]) -> threading.Thread | None:
+        """Have the kernel read the named members into the page cache, in the background.
+
+        A daemon thread walks the members' byte ranges in order, calling
+        ``posix_fadvise(WILLNEED)`` on 512 KiB pieces (the kernel caps one call's readahead at
+        the device's readahead/IO size, so one call per file would read only its first few MB).
+        The reads are queued asynchronously, so the disk streams the later members while the
+        first ones are being built; on a cold cache this replaces one-page-fault-at-a-time reads
+        through the memory map (``benchmarks/bench_pipeline.py`` measures both). Advisory only:
+        returns None and does nothing where the call does not exist (macOS, Windows).
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        ranges = self.byte_ranges(filenames)
+        if advise is None or not ranges:
+            return None
+
+        def run() -> None:
+            chunk = 512 << 10
+            for path, offset, length in ranges:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    for off in range(offset, offset + length, chunk):
+                        advise(fd, off, chunk, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+
+        t = threading.Thread(target=run, name="cxr-weights-prefetch", daemon=True)
+        t.start()
+        return t
 
     def load(self, filename: str, *, mmap: bool = True) -> dict[str, torch.Tensor]:
         if self.kind == "dir":
