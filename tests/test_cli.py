@@ -120,6 +120,14 @@ def test_bad_format_option(tmp_path, sample_pngs, synthetic_weights):
     assert_one_line_error(p, "--format")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_gpu_only_precision_on_the_cpu_is_refused(tmp_path, sample_pngs, synthetic_weights, precision):
+    p = run_cli("predict", str(sample_pngs[0]), "--out", str(tmp_path / "o"), "--precision", precision, "--weights", str(synthetic_weights))
+    assert p.returncode == 1
+    assert_one_line_error(p, f"--precision {precision} needs a CUDA")
+
+
 # ---------------------------------------------------------------- end to end on real DICOM
 
 
