@@ -231,6 +231,19 @@ def test_mixed_folder_writes_one_sr_per_scored_dicom(mixed_run, dicom_data):
         assert rc == 0 and stderr == [], stderr
         values = read_measurements(out / "sr" / name)
         assert values["CXR-Lung-Risk"] == pytest.approx(float(rows[rel]["CXR_Lung_Risk"]), abs=1e-9)
+        # the run's arithmetic is part of the provenance (TID 4019 algorithm parameters)
+        texts = _text_values(pydicom.dcmread(out / "sr" / name).ContentSequence)
+        assert "precision=fp32" in texts and "device=auto" in texts
+
+
+def _text_values(seq) -> list[str]:
+    out: list[str] = []
+    for item in seq:
+        if getattr(item, "ValueType", "") == "TEXT":
+            out.append(str(item.TextValue))
+        if "ContentSequence" in item:
+            out += _text_values(item.ContentSequence)
+    return out
 
 
 def test_only_refusals_exit_1(tmp_path, dicom_data, synthetic_weights):
