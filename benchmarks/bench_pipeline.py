@@ -99,6 +99,69 @@ def matmul_peak(runs: int = 15, n: int = 2048) -> dict[str, float]:
     return out
 
 
+def gpu_matmul_peak(device: str, runs: int = 20, n: int = 8192) -> dict[str, float]:
+    """Median TFLOP/s of an n^3 matmul on the GPU: IEEE fp32, TF32, bf16, fp16."""
+    import torch
+
+    from cxr_lung_risk.engine import fp32_math
+
+    out = {}
+    for name, dt, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, False)):
+        a = torch.randn(n, n, dtype=dt, device=device)
+        b = torch.randn(n, n, dtype=dt, device=device)
+        with fp32_math(allow_tf32=tf32):
+            for _ in range(3):
+                a @ b
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                a @ b
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+        out[f"{name}_tflops_median"] = 2 * n**3 / statistics.median(ts) / 1e12
+        del a, b
+    return out
+
+
+class GpuSampler:
+    """Samples GPU utilisation (%) and memory (MiB) with ``nvidia-smi`` every ``period_ms`` while
+    the block runs; ``result`` is None where there is no nvidia-smi."""
+
+    def __init__(self, period_ms: int = 100) -> None:
+        self.period_ms = period_ms
+        self.result: dict[str, Any] | None = None
+        self._p: subprocess.Popen | None = None
+
+    def __enter__(self) -> "GpuSampler":
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            self._p = subprocess.Popen(
+                [exe, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", f"-lms={self.period_ms}", "-i", "0"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._p is None:
+            return
+        self._p.terminate()
+        out, _ = self._p.communicate(timeout=10)
+        util, mem = [], []
+        for line in out.splitlines():
+            try:
+                u, m = (float(v) for v in line.split(","))
+            except ValueError:
+                continue
+            util.append(u)
+            mem.append(m)
+        if util:
+            busy = util[len(util) // 10 : len(util) - len(util) // 10] or util  # drop ramp-up and tail
+            self.result = {"util_mean_pct": statistics.mean(busy), "util_median_pct": statistics.median(busy), "util_max_pct": max(util), "mem_max_mib": max(mem), "samples": len(util)}
+
+
 # ---------------------------------------------------------------------------------------------
 # inputs
 def sample_images() -> list[np.ndarray]:
@@ -157,35 +220,24 @@ def make_dicom_inputs(dest: Path, n: int, name: str = "RG1_UNCR.dcm") -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # process measurement
-def _tree_rss_kb(root: int) -> tuple[int, int]:
-    """(sum of PSS over root and its descendants, largest single VmRSS) in kB.
-
-    PSS (proportional set size) counts pages shared by forked workers once in the sum."""
+def _tree_pids(root: int) -> dict[int, int]:
+    """{pid: VmHWM kB} of ``root`` and its descendants, from /proc/<pid>/status (cheap: kernel
+    counters, no page-table walk)."""
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    pss: dict[int, int] = {}
+    hwm: dict[int, int] = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
             continue
         try:
             with open(f"/proc/{d}/status") as f:
-                ppid, vm = 0, 0
+                ppid, peak = 0, 0
                 for line in f:
                     if line.startswith("PPid:"):
                         ppid = int(line.split()[1])
-                    elif line.startswith("VmRSS:"):
-                        vm = int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        peak = int(line.split()[1])
             parents[int(d)] = ppid
-            rss[int(d)] = vm
-            pss[int(d)] = vm
-            try:
-                with open(f"/proc/{d}/smaps_rollup") as f:
-                    for line in f:
-                        if line.startswith("Pss:"):
-                            pss[int(d)] = int(line.split()[1])
-                            break
-            except OSError:
-                pass
+            hwm[int(d)] = peak
         except (OSError, ValueError):
             continue
     tree = {root}
@@ -196,22 +248,45 @@ def _tree_rss_kb(root: int) -> tuple[int, int]:
             if pp in tree and pid not in tree:
                 tree.add(pid)
                 changed = True
-    return sum(pss.get(p, 0) for p in tree), max((rss.get(p, 0) for p in tree), default=0)
+    return {p: hwm.get(p, 0) for p in tree}
 
 
-def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.1) -> dict[str, Any]:
-    """Run ``cmd``; wall time, exit code, peak RSS of the largest process (wait4) and of the
-    whole process tree (sampled every ``poll_s``)."""
+def _tree_pss_kb(pids: list[int]) -> int:
+    """Sum of PSS (proportional set size: pages shared by forked workers counted once) over
+    ``pids``. Reading smaps_rollup walks the process's page tables under its mmap lock, which
+    slows a process that maps and unmaps large buffers (measured: ~20% on our predict at 10 Hz),
+    so it is read only once a second."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, poll_s: float = 0.1, pss_every_s: float = 1.0) -> dict[str, Any]:
+    """Run ``cmd``; wall time, exit code, peak RSS of the largest process (its VmHWM, the
+    kernel's own high-water mark, polled every ``poll_s``) and peak PSS of the whole process
+    tree (sampled every ``pss_every_s``)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     peak = {"tree": 0, "single": 0}
     stop = threading.Event()
 
     def sample() -> None:
+        last_pss = 0.0
         while not stop.is_set():
-            s, m = _tree_rss_kb(p.pid)
-            peak["tree"] = max(peak["tree"], s)
-            peak["single"] = max(peak["single"], m)
+            hwm = _tree_pids(p.pid)
+            peak["single"] = max([peak["single"], *hwm.values()])
+            now = time.perf_counter()
+            if now - last_pss >= pss_every_s:
+                peak["tree"] = max(peak["tree"], _tree_pss_kb(list(hwm)))
+                last_pss = now
             stop.wait(poll_s)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -240,17 +315,19 @@ def _median_summary(runs: list[dict[str, Any]], keys: list[str]) -> dict[str, An
 
 # ---------------------------------------------------------------------------------------------
 # model-only (in process)
-def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str], threads: list[int]) -> dict[str, Any]:
+def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str], threads: list[int], device: str = "cpu") -> dict[str, Any]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from cxr_lung_risk.engine import LungRiskEnsemble
 
-    res: dict[str, Any] = {"batch_size": batch_size}
+    res: dict[str, Any] = {"batch_size": batch_size, "device": device}
     loads = []
     for _ in range(runs):
         t = time.perf_counter()
-        ens = LungRiskEnsemble.load(weights)
+        ens = LungRiskEnsemble.load(weights, device=device)
+        if device != "cpu":
+            torch.cuda.synchronize()
         loads.append(time.perf_counter() - t)
         del ens
     res["load_s_runs"] = loads
@@ -268,21 +345,24 @@ def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str],
     xb = torch.from_numpy(np.stack([imgs[i % len(imgs)] for i in range(batch_size)]))
     configs = [("fp32_plain", dict(fold_bn=False, channels_last=False), None)]
     configs += [(f"{p}", dict(precision=p), None) for p in precisions]
-    configs += [(f"fp32_threads{t}", dict(), t) for t in threads]
+    if device == "cpu":
+        configs += [(f"fp32_threads{t}", dict(), t) for t in threads]
     n0 = torch.get_num_threads()
     for name, kw, nt in configs:
         try:
-            ens = LungRiskEnsemble.load(weights, **kw)
+            ens = LungRiskEnsemble.load(weights, device=device, **kw)
         except Exception as e:  # e.g. bf16 not supported
             res[name] = {"error": str(e)}
             continue
         torch.set_num_threads(nt or n0)
-        ens.predict_uint8(xb)  # warm-up (oneDNN primitive creation)
+        ens.predict_uint8(xb)  # warm-up (oneDNN primitive creation / cuDNN autotuning)
         ts = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            ens.predict_uint8(xb)
-            ts.append(time.perf_counter() - t)
+        # predict_uint8 returns numpy, so each timed call includes the host-device round trip
+        with GpuSampler() as gs:
+            for _ in range(runs):
+                t = time.perf_counter()
+                ens.predict_uint8(xb)
+                ts.append(time.perf_counter() - t)
         torch.set_num_threads(n0)
         spi = statistics.median(ts) / batch_size
         res[name] = {
@@ -292,6 +372,8 @@ def model_only(weights: Path, runs: int, batch_size: int, precisions: list[str],
             "gflops": flops / 1e9 / spi,
             "runs_s": ts,
         }
+        if gs.result is not None:
+            res[name]["gpu"] = gs.result
         del ens
     return res
 
@@ -347,21 +429,24 @@ def load_fresh_process(weights: Path, runs: int) -> dict[str, Any]:
     return out
 
 
-def compile_check(weights: Path, batch_size: int, runs: int) -> dict[str, Any]:
+def compile_check(weights: Path, batch_size: int, runs: int, device: str = "cpu") -> dict[str, Any]:
     """Does ``torch.compile`` (inductor, weight freezing) pay? One member per architecture:
     steady-state s/batch eager vs compiled, the compile time, the max |difference| of the outputs,
     and the number of images after which the compile time is paid back for the whole ensemble."""
     import torch
 
-    from cxr_lung_risk.engine import LungRiskEnsemble
+    from cxr_lung_risk.engine import LungRiskEnsemble, fp32_math
 
     try:
         import torch._inductor.config as inductor_config
     except Exception as e:  # pragma: no cover
         return {"error": f"inductor unavailable: {e}"}
     inductor_config.freezing = True
-    ens = LungRiskEnsemble.load(weights)
-    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    ens = LungRiskEnsemble.load(weights, device=device)
+    x = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    # on CUDA, "reduce-overhead" adds CUDA graphs to the compiled kernels
+    mode = "reduce-overhead" if device != "cpu" else "default"
     per_arch: dict[str, Any] = {}
     count: dict[str, int] = {}
     for m in ens.members:
@@ -369,26 +454,29 @@ def compile_check(weights: Path, batch_size: int, runs: int) -> dict[str, Any]:
     for arch in count:
         i = next(j for j, m in enumerate(ens.members) if m.architecture == arch)
         model = ens.models[i]
-        with torch.inference_mode():
+        with torch.inference_mode(), fp32_math():
             y0 = model(x)
             ts = []
             for _ in range(runs):
                 t = time.perf_counter()
                 model(x)
+                sync()
                 ts.append(time.perf_counter() - t)
         eager = statistics.median(ts)
         try:
             torch._dynamo.reset()
             t = time.perf_counter()
-            cm = torch.compile(model)
-            with torch.no_grad():
-                y1 = cm(x)
+            cm = torch.compile(model, mode=mode)
+            with torch.no_grad(), fp32_math():
+                y1 = cm(x).clone()
+                sync()
             compile_s = time.perf_counter() - t
             ts = []
-            with torch.no_grad():
+            with torch.no_grad(), fp32_math():
                 for _ in range(runs):
                     t = time.perf_counter()
                     cm(x)
+                    sync()
                     ts.append(time.perf_counter() - t)
         except Exception as e:
             per_arch[arch] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -400,6 +488,7 @@ def compile_check(weights: Path, batch_size: int, runs: int) -> dict[str, Any]:
             "compiled_s_per_batch": comp,
             "speedup": eager / comp,
             "compile_s_first_member": compile_s,
+            "mode": mode,
             "max_abs_diff": float((y0 - y1).abs().max()),
         }
     ok = [v for v in per_arch.values() if "speedup" in v]
@@ -413,8 +502,9 @@ def compile_check(weights: Path, batch_size: int, runs: int) -> dict[str, Any]:
     return per_arch
 
 
-def accuracy(weights: Path, precisions: list[str]) -> dict[str, Any]:
-    """Max |error| per member and of the score vs the plain float32 engine and vs float64."""
+def accuracy(weights: Path, precisions: list[str], device: str = "cpu") -> dict[str, Any]:
+    """Max |error| per member and of the score vs the plain float32 engine (on the CPU) and vs
+    float64; each option runs on ``device``."""
     import torch
 
     from cxr_lung_risk.engine import LungRiskEnsemble
@@ -447,7 +537,7 @@ def accuracy(weights: Path, precisions: list[str]) -> dict[str, Any]:
     }
     for name, kw in [("fp32_default", {})] + [(p, {"precision": p}) for p in precisions if p != "fp32"]:
         try:
-            r = LungRiskEnsemble.load(weights, **kw).predict_uint8(x)
+            r = LungRiskEnsemble.load(weights, device=device, **kw).predict_uint8(x)
         except Exception as e:
             out[name] = {"error": str(e)}
             continue
@@ -535,7 +625,12 @@ def end_to_end(args: argparse.Namespace, scratch: Path, on_case=None) -> dict[st
                     if r["rc"] == 0:
                         r["images_s"] = r["convert_s"] + r["predict_s"]
                 else:
-                    r = run_ours(args.weights, src, scratch, extra or [])
+                    dev_args = ["--device", args.device] if args.device != "cpu" else []
+                    with GpuSampler() as gs:
+                        r = run_ours(args.weights, src, scratch, dev_args + (extra or []))
+                    if gs.result is not None:
+                        r["gpu_util_mean_pct"] = gs.result["util_mean_pct"]
+                        r["gpu"] = gs.result
                 if r["rc"] != 0:
                     print(f"{side} {kind} N={n} failed (rc {r['rc']}): {r['tail']}", file=sys.stderr)
                 runs.append(r)
@@ -543,7 +638,7 @@ def end_to_end(args: argparse.Namespace, scratch: Path, on_case=None) -> dict[st
             summ = _median_summary(
                 ok,
                 ["wall_s", "peak_rss_mb", "peak_tree_pss_mb", "user_s", "import_s", "convert_s", "build_load_s", "predict_s",
-                 "startup_s", "load_s", "prepare_s", "infer_s", "write_s", "images_s"],
+                 "startup_s", "load_s", "prepare_s", "infer_s", "write_s", "images_s", "gpu_util_mean_pct"],
             )
             if "wall_s" in summ:
                 summ["images_per_s"] = n / summ["wall_s"]
@@ -578,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dicom-n", default="5,32", help="DICOM input counts (default 5,32; J2K runs at the first)")
     ap.add_argument("--n256", action="store_true", help="also N=256 PNG and DICOM for ours (memory vs N)")
     ap.add_argument("--original-256", action="store_true", help="with --n256, run the original on 256 too (~10-14 min a run)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: model-only, accuracy, compile check and ours end to end")
     ap.add_argument("--no-compile-check", dest="compile_check", action="store_false", help="skip the torch.compile measurement")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -602,18 +698,27 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result["peak"] = matmul_peak()
     print("matmul peak", {k: round(v, 1) for k, v in result["peak"].items()}, flush=True)
+    if args.device != "cpu":
+        result["gpu_peak"] = gpu_matmul_peak(args.device)
+        print("GPU matmul peak", {k: round(v, 1) for k, v in result["gpu_peak"].items()}, flush=True)
     if not args.skip_model:
-        mo = model_only(args.weights, args.runs, args.batch_size, precisions, [int(t) for t in args.threads.split(",") if t])
+        mo = model_only(args.weights, args.runs, args.batch_size, precisions, [int(t) for t in args.threads.split(",") if t], args.device)
         pk = result["peak"]["fp32_gflops_median"]
         for k, v in mo.items():
             if isinstance(v, dict) and "gflops" in v:
-                v["fraction_of_fp32_matmul_peak"] = v["gflops"] / pk
+                if args.device == "cpu":
+                    v["fraction_of_fp32_matmul_peak"] = v["gflops"] / pk
+                else:  # against the GPU matmul peak of the same arithmetic
+                    prec = k.split("_")[0]
+                    gpk = result["gpu_peak"].get(f"{prec}_tflops_median")
+                    if gpk:
+                        v[f"fraction_of_gpu_{prec}_matmul_peak"] = v["gflops"] / (gpk * 1000)
         result["model_only"] = mo
         if args.compile_check:
-            result["compile"] = compile_check(args.weights, args.batch_size, args.runs)
+            result["compile"] = compile_check(args.weights, args.batch_size, args.runs, args.device)
             print("compile", json.dumps(result["compile"], default=str)[:800], flush=True)
         print("model-only", json.dumps({k: (round(v["s_per_image"], 3) if isinstance(v, dict) and "s_per_image" in v else v) for k, v in mo.items() if not k.endswith("runs")}), flush=True)
-        result["accuracy"] = accuracy(args.weights, precisions)
+        result["accuracy"] = accuracy(args.weights, precisions, args.device)
         print("accuracy", json.dumps({k: v for k, v in result["accuracy"].items() if k != "images"}, default=str)[:1500], flush=True)
     out = args.out or REPO / "benchmarks" / "results" / f"bench_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -120,6 +120,14 @@ def test_bad_format_option(tmp_path, sample_pngs, synthetic_weights):
     assert_one_line_error(p, "--format")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("precision", ["tf32", "fp16"])
+def test_gpu_only_precision_on_the_cpu_is_refused(tmp_path, sample_pngs, synthetic_weights, precision):
+    p = run_cli("predict", str(sample_pngs[0]), "--out", str(tmp_path / "o"), "--precision", precision, "--weights", str(synthetic_weights))
+    assert p.returncode == 1
+    assert_one_line_error(p, f"--precision {precision} needs a CUDA")
+
+
 # ---------------------------------------------------------------- end to end on real DICOM
 
 
@@ -223,6 +231,19 @@ def test_mixed_folder_writes_one_sr_per_scored_dicom(mixed_run, dicom_data):
         assert rc == 0 and stderr == [], stderr
         values = read_measurements(out / "sr" / name)
         assert values["CXR-Lung-Risk"] == pytest.approx(float(rows[rel]["CXR_Lung_Risk"]), abs=1e-9)
+        # the run's arithmetic is part of the provenance (TID 4019 algorithm parameters)
+        texts = _text_values(pydicom.dcmread(out / "sr" / name).ContentSequence)
+        assert "precision=fp32" in texts and "device=auto" in texts
+
+
+def _text_values(seq) -> list[str]:
+    out: list[str] = []
+    for item in seq:
+        if getattr(item, "ValueType", "") == "TEXT":
+            out.append(str(item.TextValue))
+        if "ContentSequence" in item:
+            out += _text_values(item.ContentSequence)
+    return out
 
 
 def test_only_refusals_exit_1(tmp_path, dicom_data, synthetic_weights):

@@ -196,8 +196,10 @@ class CXRAge:
 
     def predict_uint8(self, batch_u8: torch.Tensor) -> AgeResult:
         """Score a uint8 NCHW batch of 224x224 RGB crops."""
+        from .engine import fp32_math
+
         x = normalize(batch_u8.to(self.device), self.spec.mean, self.spec.std)
-        with torch.inference_mode():
+        with torch.inference_mode(), fp32_math():
             raw = self.raw_output(x).double().cpu().numpy()
         return AgeResult(np.asarray(calibrate(raw, self.spec.calibration), dtype=np.float64), raw)
 

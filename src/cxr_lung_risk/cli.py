@@ -95,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto: CUDA when available)")
     p.add_argument(
         "--precision",
-        choices=["fp32", "bf16", "fp16"],
+        choices=["fp32", "tf32", "bf16", "fp16"],
         default="fp32",
-        help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32, faithful; bf16/fp16 are faster but "
-        "change scores, see benchmarks/README.md; fp16 needs CUDA)",
+        help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32: IEEE float32, also on a GPU, "
+        "faithful; tf32/bf16/fp16 are faster but change scores, see benchmarks/README.md; tf32 and fp16 need CUDA)",
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decode/preprocess processes (default: cores-1 when >2 cores, else in-process)")

@@ -13,7 +13,10 @@ Performance (see ``benchmarks/README.md`` for the measurements behind each choic
   convolution in float32 (``fold_bn``; changes outputs by ~1e-7 relative), channels_last
   activations and weights (oneDNN's fast path on CPU, tensor-core layout on CUDA), one batch
   through all members in turn (each member's weights are streamed once per batch).
-* precision: float32 by default. ``precision='bf16'`` (CPU or CUDA) or ``'fp16'`` (CUDA only)
+* precision: float32 by default, and IEEE float32 on CUDA too: cuDNN would otherwise run float32
+  convolutions in TF32 (10-bit mantissa) on Ampere and newer GPUs, PyTorch's default, so every
+  forward pass runs under :func:`fp32_math`. ``precision='tf32'`` (CUDA only) allows TF32
+  explicitly. ``precision='bf16'`` (CPU or CUDA) or ``'fp16'`` (CUDA only)
   runs each member's convolutional body under autocast while its head (pooling, BatchNorm1d,
   Linear layers) stays float32, so that the outputs are not rounded to 8 mantissa bits. It is an
   explicit option, never a default: its error against float32 is reported by the benchmark.
@@ -22,7 +25,7 @@ Performance (see ``benchmarks/README.md`` for the measurements behind each choic
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -38,6 +41,7 @@ from .weights import WeightsError, WeightSource, load_into
 
 __all__ = [
     "PRECISIONS",
+    "fp32_math",
     "resolve_device",
     "resolve_precision",
     "LungRiskEnsemble",
@@ -48,7 +52,7 @@ __all__ = [
     "split_body_head",
 ]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 
 _MEMBER_FILE = re.compile(r"^(?P<stem>.+)_(?P<idx>\d+)\.pth$")
 
@@ -62,16 +66,48 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``'fp32'`` -> None (no autocast); ``'bf16'`` / ``'fp16'`` -> the autocast dtype.
+@contextmanager
+def fp32_math(allow_tf32: bool = False):
+    """Float32 convolutions and matmuls in IEEE float32 (default) or, if allowed, TF32 on CUDA.
 
-    Refuses combinations that would be silently slow or unsupported: fp16 on the CPU, bf16 on a
-    GPU without bfloat16 support.
+    PyTorch lets cuDNN run float32 convolutions in TF32 unless told otherwise, which changes a
+    member's output in the 4th significant digit: not the published model's arithmetic. This sets
+    the fp32 precision of cuDNN convolutions and cuBLAS matmuls for the duration of the block and
+    restores the previous settings after it. No effect on the CPU's arithmetic.
+    """
+    want = "tf32" if allow_tf32 else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        saved = (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+        conv.fp32_precision = want
+        torch.backends.cuda.matmul.fp32_precision = want
+        try:
+            yield
+        finally:
+            conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+    else:  # older torch: the legacy flags
+        saved_l = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_l
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``'fp32'`` / ``'tf32'`` -> None (no autocast); ``'bf16'`` / ``'fp16'`` -> the autocast dtype.
+
+    Refuses combinations that would be silently slow, meaningless or unsupported: tf32 or fp16 on
+    the CPU, bf16 on a GPU without bfloat16 support.
     """
     p = str(precision).lower()
     if p not in PRECISIONS:
         raise WeightsError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if p == "fp32":
+        return None
+    if p == "tf32":
+        if device.type != "cuda":
+            raise WeightsError("--precision tf32 needs a CUDA GPU (TF32 tensor cores); on the CPU use fp32 or bf16")
         return None
     if p == "fp16":
         if device.type != "cuda":
@@ -267,6 +303,7 @@ class LungRiskEnsemble:
         self.device = device
         self.precision = str(precision).lower()
         self.amp_dtype = resolve_precision(self.precision, device)
+        self.allow_tf32 = self.precision == "tf32"
         self.channels_last = bool(channels_last)
         self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)
@@ -286,8 +323,9 @@ class LungRiskEnsemble:
     ) -> "LungRiskEnsemble":
         """Load the members (non-zero LASSO weight only unless ``all_members``) for inference.
 
-        ``precision``: ``fp32`` (default, exact within float32 reordering), ``bf16`` or ``fp16``
-        (CUDA only) for the convolutional bodies. ``channels_last``: None = on (measured faster on
+        ``precision``: ``fp32`` (default, IEEE float32 also on CUDA, exact within float32
+        reordering), ``tf32`` (CUDA only), ``bf16`` or ``fp16`` (CUDA only) for the convolutional
+        bodies. ``channels_last``: None = on (measured faster on
         CPU and CUDA). ``fold_bn``: fold BatchNorm2d into the convolutions (state-dict keys of
         ``self.models`` then differ from the published files; outputs agree to ~1e-7).
         ``prefetch``: have the kernel read all member files in parallel first (see
@@ -336,7 +374,8 @@ class LungRiskEnsemble:
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        outs = [self._run(i, x)[:, 0].float() for i in range(len(self.models))]
+        with fp32_math(self.allow_tf32):
+            outs = [self._run(i, x)[:, 0].float() for i in range(len(self.models))]
         return torch.stack(outs, 1)
 
     def combine(self, per_member: np.ndarray) -> np.ndarray:

@@ -269,7 +269,11 @@ class _SRWriter:
         self._written: dict[str, int] = {}
         self.scorers = scorers
         self.deterministic = bool(getattr(args, "deterministic", False))
-        params = {"device": str(getattr(args, "device", "auto")), "im_version": str(getattr(args, "im_version", ""))}
+        params = {
+            "device": str(getattr(args, "device", "auto")),
+            "precision": str(getattr(args, "precision", "fp32")),
+            "im_version": str(getattr(args, "im_version", "")),
+        }
         if getattr(args, "all_members", False):
             params["all_members"] = "true"
         if getattr(args, "model", "lung-risk") in ("age", "all"):

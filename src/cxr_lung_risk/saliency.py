@@ -228,10 +228,13 @@ class SaliencyWriter:
 
     def heatmap(self, target: SaliencyTarget, image_chw: np.ndarray) -> np.ndarray:
         """The [0, 1] map (H, W) of one uint8 crop for one model."""
+        from .engine import fp32_math
+
         x = normalize(torch.from_numpy(np.ascontiguousarray(image_chw))[None].to(target.device), target.mean, target.std)
-        if self.method == "gradcam":
-            return scale_map(gradcam(target, x)[0], 100.0)
-        return scale_map(gradient_saliency(target.score, x)[0], 99.0)
+        with fp32_math():
+            if self.method == "gradcam":
+                return scale_map(gradcam(target, x)[0], 100.0)
+            return scale_map(gradient_saliency(target.score, x)[0], 99.0)
 
     def write(self, prepared: Any, row: dict[str, Any]) -> list[Path]:
         """Write the overlays of one prepared input; returns the paths written."""
