@@ -684,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-original", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--load-only", action="store_true", help="only the fresh-process load measurements (warm, cold, I/O reference)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if args.runs < 3:
@@ -696,6 +697,13 @@ def main(argv: list[str] | None = None) -> int:
     precisions = [p for p in args.precisions.split(",") if p]
     result: dict[str, Any] = {"machine": machine_info(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     t0 = time.perf_counter()
+    if args.load_only:
+        result["load_fresh_process"] = load_fresh_process(args.weights, args.runs)
+        out = args.out or REPO / "benchmarks" / "results" / f"load_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        print(json.dumps(result["load_fresh_process"]), "\nwrote", out)
+        return 0
     result["peak"] = matmul_peak()
     print("matmul peak", {k: round(v, 1) for k, v in result["peak"].items()}, flush=True)
     if args.device != "cpu":
