@@ -245,9 +245,7 @@ def _clone_structure(module: nn.Module) -> nn.Module:
     for k, v in module.__dict__.items():
         if k == "_modules":
             state[k] = {n: (_clone_structure(c) if c is not None else None) for n, c in v.items()}
-        elif isinstance(v, dict):
-            state[k] = v.copy()
-        elif isinstance(v, (set, list)):
+        elif isinstance(v, (dict, set, list)):
             state[k] = v.copy()
         else:
             state[k] = v

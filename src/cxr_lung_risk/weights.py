@@ -175,7 +175,8 @@ class WeightSource:
                 elif name in self._names:
                     assert self._zip is not None
                     info = self._zip.getinfo(self._names[name])
-                    # local header (30 bytes + name + extra field) then the data
+                    # local header (30 bytes + name + an extra field whose local length zipfile
+                    # does not expose: 1 KiB allowed for it), then the compressed data
                     out.append((self.location, info.header_offset, 30 + len(info.filename.encode()) + 1024 + info.compress_size))
             except (WeightsError, OSError, KeyError):
                 continue  # prefetching is advisory; load() reports the problem
