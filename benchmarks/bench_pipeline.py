@@ -12,7 +12,7 @@ Sections of the JSON written to ``benchmarks/results/`` (``--out`` to change):
   ``--batch-size``, FLOPs/image (``torch.utils.flop_counter``), achieved GFLOP/s and fraction of
   the fp32 matmul peak; also per ``--precision`` option.
 * ``accuracy``: per-member and score max |error| of each engine option against the plain float32
-  engine (published layout, no BN folding, contiguous) and against float64, on the shared sample
+  engine (published layout, no BN folding, contiguous) and against float64, on the authors' sample
   images and their mirror images, with the weights given (use calibrated synthetic weights).
 * ``end_to_end``: per input kind (png, dicom, dicom_j2k) and N: wall time, phase times, images/s
   and peak RSS (largest process and whole process tree) for the original and for ours, and the
@@ -41,8 +41,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared")).resolve()
-SAMPLES = SHARED / "reference" / "sample_png"
+SAMPLES = REPO / "tests" / "data" / "reference" / "sample_png"  # the authors' A..E (PROVENANCE.md there)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared fixtures: where the real DICOM files and the shared references live."""
+"""Shared fixtures: where the real DICOM files and the authors' references live."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared")).resolve()
+# The authors' reference files the tests compare against, copied verbatim into the repository
+# (origin and sha256 of each: tests/data/reference/PROVENANCE.md).
+REFERENCE = REPO / "tests" / "data" / "reference"
 
 
 def _pydicom_data_dir() -> Path | None:
@@ -21,15 +23,19 @@ def _pydicom_data_dir() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"shared reference folder not found at {SHARED} (set CXR_SHARED_DIR)")
-    return SHARED
+def reference_dir() -> Path:
+    """tests/data/reference: the authors' sample PNGs, tables, state-dict contract and
+    preprocessing references (see PROVENANCE.md there)."""
+    if not REFERENCE.is_dir():
+        pytest.fail(f"reference folder not found at {REFERENCE}")
+    return REFERENCE
 
 
 @pytest.fixture(scope="session")
-def sample_pngs(shared_dir) -> list[Path]:
-    return sorted((shared_dir / "reference" / "sample_png").glob("*.png"))
+def sample_pngs(reference_dir) -> list[Path]:
+    pngs = sorted((reference_dir / "sample_png").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{k}.png" for k in "ABCDE"], pngs
+    return pngs
 
 
 @pytest.fixture(scope="session")
@@ -95,7 +101,37 @@ def synthetic_weights_and_hashes(tmp_path_factory) -> tuple[Path, dict[str, str]
 
 @pytest.fixture(scope="session")
 def synthetic_weights(synthetic_weights_and_hashes) -> Path:
+    """The session's one folder of synthetic member files (about 2.2 GB): read it, never write
+    into it; a test that needs a changed folder links the unchanged files (``link_files``)."""
     return synthetic_weights_and_hashes[0]
+
+
+@pytest.fixture(scope="session")
+def synthetic_weights_zip(tmp_path_factory, synthetic_weights) -> Path:
+    """The synthetic members as a real zip with the published layout (``<archive_folder>/<file>``
+    for all 20 members, STORED like Zenodo's zip), built once per session."""
+    import zipfile
+
+    from cxr_lung_risk.spec import lung_risk_spec
+
+    spec = lung_risk_spec()
+    z = tmp_path_factory.mktemp("synthetic_weights_zip") / spec.weights["archive"]
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_STORED) as zf:
+        for m in spec.members:
+            zf.write(synthetic_weights / m.file, f"{spec.weights['archive_folder']}/{m.file}")
+    return z
+
+
+def link_files(src: Path, dst: Path, names) -> Path:
+    """Populate ``dst`` with hard links (symlinks where hard links fail) to ``src/<name>``: a
+    folder that differs from ``src`` without copying its gigabytes. Never write through a link."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        try:
+            os.link(src / n, dst / n)
+        except OSError:
+            os.symlink((src / n).resolve(), dst / n)
+    return dst
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:

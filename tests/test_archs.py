@@ -1,6 +1,6 @@
 """Architectures and synthetic weights against the published state-dict contract.
 
-The contract (../shared/reference/cxr_lung_risk/state_dict_contract.txt) was written by fastai
+The contract (tests/data/reference/cxr_lung_risk/state_dict_contract.txt) was written by fastai
 2.8.12 ``learn.save`` of the original learners: an independent source for every key, shape, dtype.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from cxr_lung_risk import archs
 from cxr_lung_risk.synthetic import synthetic_state_dict
 
 
-def _contract(shared_dir) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
-    text = (shared_dir / "reference" / "cxr_lung_risk" / "state_dict_contract.txt").read_text()
+def _contract(reference_dir) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
+    text = (reference_dir / "cxr_lung_risk" / "state_dict_contract.txt").read_text()
     out: dict[str, list[tuple[str, tuple[int, ...], str]]] = {}
     cur = None
     for line in text.splitlines():
@@ -33,8 +33,8 @@ def _contract(shared_dir) -> dict[str, list[tuple[str, tuple[int, ...], str]]]:
 
 
 @pytest.fixture(scope="module")
-def contract(shared_dir):
-    c = _contract(shared_dir)
+def contract(reference_dir):
+    c = _contract(reference_dir)
     assert set(c) == {"inceptionv4", "resnet34", "tiny"}
     return c
 
@@ -87,9 +87,9 @@ def _leaves(text: str) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.parametrize("arch", ["inceptionv4", "resnet34", "tiny"])
-def test_module_tree_matches_contract(arch, shared_dir):
+def test_module_tree_matches_contract(arch, reference_dir):
     """Every conv/BN/pool/linear/dropout hyper-parameter (eps, stride, padding...) as fastai built it."""
-    text = (shared_dir / "reference" / "cxr_lung_risk" / "state_dict_contract.txt").read_text()
+    text = (reference_dir / "cxr_lung_risk" / "state_dict_contract.txt").read_text()
     m = re.search(rf"^## module tree arch={arch}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
     assert m, f"no module tree for {arch} in the contract"
     expected = _leaves(m.group(1))

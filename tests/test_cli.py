@@ -270,7 +270,7 @@ def test_clean_run_exit_0_and_deterministic_on_cpu(tmp_path, sample_pngs, synthe
     assert list(rows[0]) == ["File", "CXR_Lung_Risk"]
 
 
-def test_preprocess_command_writes_pngs_and_manifest(tmp_path, mixed_input, shared_dir):
+def test_preprocess_command_writes_pngs_and_manifest(tmp_path, mixed_input, reference_dir):
     import numpy as np
     from PIL import Image
 
@@ -279,7 +279,7 @@ def test_preprocess_command_writes_pngs_and_manifest(tmp_path, mixed_input, shar
     assert p.returncode == 2, p.stderr  # the truncated file failed
     pngs = sorted(x.relative_to(out).as_posix() for x in out.rglob("*.png"))
     assert pngs == ["RG1_UNCR.png", "sub/chest_no_suffix.png"]
-    ref = np.asarray(Image.open(shared_dir / "reference/preprocessing/im_6.8.9-9/RG1_UNCR.png").convert("L"))
+    ref = np.asarray(Image.open(reference_dir / "preprocessing/im_6.8.9-9/RG1_UNCR.png").convert("L"))
     for name in pngs:
         got = np.asarray(Image.open(out / name))
         assert got.shape == ref.shape and int((got != ref).sum()) == 0

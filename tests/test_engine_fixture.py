@@ -31,13 +31,14 @@ SCORE_TOL = 1e-3  # years
 BATCH = 8
 
 
-def resolve(rel: str, shared: Path) -> Path:
-    return shared / rel[len("shared:") :] if rel.startswith("shared:") else FIX / rel
+def resolve(rel: str, reference: Path) -> Path:
+    """A recipe.json image path: 'reference:<rel>' is under tests/data/reference, else under FIX."""
+    return reference / rel[len("reference:") :] if rel.startswith("reference:") else FIX / rel
 
 
-def engine_batch(rows: list[dict], shared: Path) -> torch.Tensor:
+def engine_batch(rows: list[dict], reference: Path) -> torch.Tensor:
     """Our preprocessing: open_raster -> center_crop_resize -> to_uint8_chw."""
-    return torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(resolve(r["engine"], shared)))) for r in rows]))
+    return torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(resolve(r["engine"], reference)))) for r in rows]))
 
 
 def run_engine(ens: LungRiskEnsemble, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +81,7 @@ def synthetic_dir(synthetic_weights_and_hashes):
 
 
 @pytest.fixture(scope="module")
-def fixture_rows(shared_dir):
+def fixture_rows(reference_dir):
     rows = fixture_recipe()["images"]
     assert len(rows) >= 25
     return rows
@@ -93,7 +94,7 @@ def test_synthetic_weights_regenerate_bit_identically(synthetic_dir):
     assert "NOT THE PUBLISHED" in (d / "SYNTHETIC_WEIGHTS_README.txt").read_text()
 
 
-def test_default_ensemble_matches_oracle(synthetic_dir, fixture_rows, shared_dir):
+def test_default_ensemble_matches_oracle(synthetic_dir, fixture_rows, reference_dir):
     """The default load (non-zero LASSO weights): every member and the score, on every fixture image."""
     d, _ = synthetic_dir
     spec = lung_risk_spec()
@@ -102,14 +103,14 @@ def test_default_ensemble_matches_oracle(synthetic_dir, fixture_rows, shared_dir
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     ens = LungRiskEnsemble.load(d, device="cpu")
     assert ens.member_names == [m.name for m in spec.members if m.weight != 0.0]
-    scores, per = run_engine(ens, engine_batch(fixture_rows, shared_dir))
+    scores, per = run_engine(ens, engine_batch(fixture_rows, reference_dir))
     diffs = compare(names, oracle_per, oracle_score, ens.member_names, per, scores)
     # the synthetic members are not degenerate: outputs vary between images
     assert all(np.std(oracle_per[n]) > 0.02 for n in oracle_per)
     print("max abs diff vs oracle:", json.dumps(diffs))
 
 
-def test_all_members_match_oracle(synthetic_dir, fixture_rows, shared_dir):
+def test_all_members_match_oracle(synthetic_dir, fixture_rows, reference_dir):
     """``all_members=True``: all 20 members (zero-weight ones too) on a subset of the images."""
     d, _ = synthetic_dir
     names, oracle_per, oracle_score = read_oracle_csv(FIX / "oracle_outputs.csv")
@@ -117,7 +118,7 @@ def test_all_members_match_oracle(synthetic_dir, fixture_rows, shared_dir):
     assert len(ens.member_names) == 20
     subset = ["A.png", "C_16bit_240x250.png", "B_256x256.jpg", "A_97x131.png", "D_509x509.png", "im689_RG3_UNCR.png"]
     sel = [names.index(n) for n in subset]
-    scores, per = run_engine(ens, engine_batch([fixture_rows[i] for i in sel], shared_dir))
+    scores, per = run_engine(ens, engine_batch([fixture_rows[i] for i in sel], reference_dir))
     diffs = compare([names[i] for i in sel], {k: v[sel] for k, v in oracle_per.items()}, oracle_score[sel], ens.member_names, per, scores)
     print("max abs diff vs oracle (all members):", json.dumps(diffs))
 

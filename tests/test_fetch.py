@@ -539,3 +539,234 @@ def test_run_fetch_with_parsed_args(server, home, members, capsys):
     rc = fetch.run_fetch(p.parse_args(["--url", url, "--expected-size", str(len(good)), "--no-progress"]))
     assert rc == 0
     assert str(home / "cxr_lung_risk" / FOLDER) in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- failed fetch: no empty folders left
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) if root.exists() else []
+
+
+def test_failed_fetch_removes_the_empty_folders_it_created(server, home, members, blob):
+    assert not home.exists()
+    # HTTP 404
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch.fetch_weights("lung-risk", url=server.url("/missing.zip"), expected_size=10, progress=False)
+    assert not home.exists()
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch.fetch_weights("age", url=server.url("/missing.pth"), expected_size=10, progress=False)
+    assert not home.exists()
+    # connection refused
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    for model in ("lung-risk", "age"):
+        with pytest.raises(FetchError, match="could not reach"):
+            fetch.fetch_weights(model, url=f"http://127.0.0.1:{port}/x", expected_size=10, progress=False)
+        assert not home.exists()
+    # size mismatch (Content-Length), checksum mismatch, a zip lacking a member
+    url = server.add("/blob", blob)
+    with pytest.raises(FetchError, match="were expected"):
+        fetch.fetch_weights("age", url=url, expected_size=len(blob) + 1, progress=False)
+    assert not home.exists()
+    with pytest.raises(FetchError, match="SHA-256"):
+        fetch.fetch_weights("age", url=url, expected_size=len(blob), expected_sha256="0" * 64, progress=False)
+    assert not home.exists()
+    data = make_zip({k: v for k, v in members.items() if not k.endswith("_5.pth")})
+    with pytest.raises(FetchError, match=r"Lung_Age_081221_5\.pth"):
+        fetch.fetch_weights("lung-risk", url=server.add("/short.zip", data), expected_size=len(data), progress=False)
+    assert _tree(home) == ["cxr_lung_risk", "cxr_lung_risk/ensamble-model-weights.zip"]  # the verified download stays
+
+
+def test_failed_fetch_keeps_existing_folders_and_files(server, home):
+    (home / "cxr_age").mkdir(parents=True)  # the user's (empty) folder: not ours to remove
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch.fetch_weights("lung-risk", url=server.url("/missing.zip"), expected_size=10, progress=False)
+    assert _tree(home) == ["cxr_age", "notes.txt"]  # cxr_lung_risk/ (created by the fetch) is gone
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch.fetch_weights("age", url=server.url("/missing.pth"), expected_size=10, progress=False)
+    assert _tree(home) == ["cxr_age", "notes.txt"]
+
+
+def test_failed_fetch_keeps_a_resumable_partial_download(server, home, blob, monkeypatch):
+    monkeypatch.setattr(fetch.time, "sleep", lambda s: None)
+    url = server.add("/age.pth", blob, drop_after=1000, drop_times=100)
+    with pytest.raises(FetchError, match="interrupted after 4000 of"):  # 1 try + 3 retries, 1000 bytes each
+        fetch.fetch_weights("age", url=url, expected_size=len(blob), expected_sha256=sha(blob), progress=False)
+    assert _tree(home) == ["cxr_age", "cxr_age/PLCO_Fine_Tuned_120419.pth.part"]
+    server.behaviour["/age.pth"].drop_times = 0  # the server recovers: the next fetch resumes
+    fetch.fetch_weights("age", url=url, expected_size=len(blob), expected_sha256=sha(blob), progress=False)
+    assert server.requests_for("/age.pth")[-1].range == "bytes=4000-"
+    assert (home / "cxr_age" / "PLCO_Fine_Tuned_120419.pth").read_bytes() == blob
+
+
+def test_failed_second_model_keeps_the_first(server, home, members, monkeypatch):
+    data = make_zip(members)
+    monkeypatch.setitem(fetch.lung_risk_spec().weights, "url", server.add("/z.zip", data))
+    monkeypatch.setitem(fetch.lung_risk_spec().weights, "archive_size", len(data))
+    monkeypatch.setitem(fetch.age_spec().weights, "url", server.url("/missing.pth"))
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch.fetch_weights("all", progress=False)
+    assert fetch.find_lung_risk_weights() == home / "cxr_lung_risk" / FOLDER
+    assert not (home / "cxr_age").exists()
+
+
+# --------------------------------------------------------------------------- weights_identity
+
+
+@pytest.fixture
+def count_hashing(monkeypatch):
+    """Counts the files fetch hashes from their content (and empties the in-process cache)."""
+    monkeypatch.setattr(fetch, "_SHA256_CACHE", {})
+    hashed: list[str] = []
+    real = fetch._hash_file
+
+    def spy(path, h):
+        hashed.append(Path(path).name)
+        real(path, h)
+
+    monkeypatch.setattr(fetch, "_hash_file", spy)
+    return hashed
+
+
+def _combined(files: dict[str, bytes]) -> str:
+    """sha256sum's lines of the files sorted by name, hashed: computed independently here."""
+    return sha("".join(f"{sha(files[n])}  {n}\n" for n in sorted(files)).encode())
+
+
+def test_identity_of_a_plain_folder_is_the_combined_member_sha256(tmp_path, members, count_hashing):
+    d = tmp_path / "w"
+    d.mkdir()
+    files = {k.split("/", 1)[1]: v for k, v in members.items()}
+    for n, b in files.items():
+        (d / n).write_bytes(b)
+    (d / "notes.txt").write_text("not a member")
+    ident = fetch.weights_identity(d)
+    assert ident == {
+        "model": "lung-risk", "kind": "folder", "source": "local folder w", "sha256": _combined(files),
+        "sha256_from": "computed", "files": {n: {"size": len(files[n]), "sha256": sha(files[n])} for n in sorted(files)},
+        "published": False, "synthetic": False,
+    }
+    json.dumps(ident)  # JSON-able
+    assert len(count_hashing) == 20
+    assert fetch.weights_identity(d) == ident and len(count_hashing) == 20  # hashed once per process
+    (d / "Lung_Age_081221_4.pth").write_bytes(b"changed")
+    changed = fetch.weights_identity(d)
+    assert count_hashing[20:] == ["Lung_Age_081221_4.pth"]
+    assert changed["sha256"] == _combined({**files, "Lung_Age_081221_4.pth": b"changed"}) != ident["sha256"]
+    # a folder holding the archive folder (as --weights accepts) is that folder
+    (tmp_path / "p" / FOLDER).mkdir(parents=True)
+    for n, b in files.items():
+        (tmp_path / "p" / FOLDER / n).write_bytes(b)
+    assert fetch.weights_identity(tmp_path / "p")["sha256"] == ident["sha256"]
+
+
+def test_identity_of_synthetic_weights(tmp_path):
+    from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
+
+    d = tmp_path / "synth"
+    recipe = SyntheticRecipe(base_seed=7)
+    hashes = write_synthetic_weights(d, recipe, members=[3, 4])  # two small 'tiny' members
+    assert sorted(hashes) == ["Lung_Age_081221_3.pth", "Lung_Age_081221_4.pth"]
+    ident = fetch.weights_identity(d)
+    assert ident["synthetic"] is True and ident["published"] is False
+    assert ident["source"].startswith("synthetic (cxr_lung_risk.synthetic, recipe ")
+    assert ident["recipe"] == recipe.to_json()
+    files = {n: (d / n).read_bytes() for n in hashes}
+    assert ident["sha256"] == _combined(files)
+    assert sorted(ident["files"]) == sorted(hashes)
+    other = tmp_path / "synth2"
+    write_synthetic_weights(other, SyntheticRecipe(base_seed=8), members=[3, 4])
+    assert fetch.weights_identity(other)["source"] != ident["source"]  # the recipe is named
+
+
+def test_identity_of_fetched_weights_uses_source_json(server, home, members, monkeypatch, count_hashing):
+    data = make_zip(members)
+    url = server.add("/ensamble-model-weights.zip", data)
+    # as if the local server were Zenodo: its URL and size are the published ones
+    monkeypatch.setitem(fetch.lung_risk_spec().weights, "url", url)
+    monkeypatch.setitem(fetch.lung_risk_spec().weights, "archive_size", len(data))
+    d = fetch.fetch_weights("lung-risk", progress=False)["lung-risk"]
+    del count_hashing[:]
+    ident = fetch.weights_identity(d)
+    assert count_hashing == []  # nothing hashed: SOURCE.json records it
+    assert ident["source"] == url and ident["sha256"] == sha(data) and ident["sha256_from"] == "SOURCE.json"
+    assert ident["published"] is True and ident["synthetic"] is False
+    assert ident["files"]["Lung_Age_081221_9.pth"]["sha256"] == sha(members[f"{FOLDER}/Lung_Age_081221_9.pth"])
+    assert fetch.weights_identity(home / "cxr_lung_risk") == ident  # the folder holding the archive folder
+
+    # the zip itself is the same identity (computed), published: its sha256 is the recorded one
+    z = home.parent / "copy.zip"
+    z.write_bytes(data)
+    zi = fetch.weights_identity(z)
+    assert (zi["kind"], zi["sha256"], zi["published"], zi["sha256_from"]) == ("zip", sha(data), True, "computed")
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(f"{FOLDER}/Lung_Age_081221_0.pth")
+    assert zi["files"]["Lung_Age_081221_0.pth"] == {"size": info.file_size, "crc32": f"{info.CRC:08x}"}
+
+    # a member changed by hand (other size): the record no longer describes the folder
+    (d / "Lung_Age_081221_2.pth").write_bytes(b"tampered")
+    t = fetch.weights_identity(d)
+    assert t["sha256_from"] == "computed" and t["published"] is False and t["sha256"] != sha(data)
+    assert t["source"] == f"local folder {FOLDER}"
+
+
+def test_identity_of_a_mirror_fetch_is_not_published(server, home, members):
+    data = make_zip(members)
+    url = server.add("/mirror.zip", data)
+    d = fetch.fetch_weights("lung-risk", url=url, expected_size=len(data), progress=False)["lung-risk"]
+    ident = fetch.weights_identity(d)
+    assert (ident["source"], ident["sha256"], ident["published"]) == (url, sha(data), False)
+
+
+def test_identity_of_a_zip_against_a_published_sha256(tmp_path, members, monkeypatch, count_hashing):
+    data = make_zip(members)
+    z = tmp_path / "w.zip"
+    z.write_bytes(data)
+    ident = fetch.weights_identity(z)
+    assert ident["model"] == "lung-risk" and ident["source"] == "local zip w.zip"
+    assert ident["sha256"] == sha(data) and ident["published"] is False and sorted(ident["files"]) == sorted(NAMES)
+    monkeypatch.setitem(fetch.lung_risk_spec().weights, "sha256", sha(data))
+    assert fetch.weights_identity(z)["published"] is True
+    assert count_hashing == ["w.zip"]  # the 2 GB zip is hashed once per process
+
+
+def test_identity_of_the_age_file(tmp_path, blob, monkeypatch, count_hashing):
+    f = tmp_path / "age" / "PLCO_Fine_Tuned_120419.pth"
+    f.parent.mkdir()
+    f.write_bytes(blob)
+    ident = fetch.weights_identity(f)
+    assert ident == {"model": "age", "kind": "file", "source": f"local file {f.name}", "sha256": sha(blob),
+                     "sha256_from": "computed", "files": {f.name: {"size": len(blob), "sha256": sha(blob)}},
+                     "published": False, "synthetic": False}
+    assert fetch.weights_identity(f.parent) == ident  # the folder holding it
+    monkeypatch.setitem(fetch.age_spec().weights, "sha256", sha(blob))
+    assert fetch.weights_identity(f)["published"] is True
+    assert count_hashing == [f.name]
+
+    # SOURCE.json with the file's size: its sha256 is used, the file is not read
+    rec = {"model": "cxr-age", "url": "https://example.org/a.pth", "file": f.name, "size": len(blob), "sha256": "ab" * 32}
+    (f.parent / "SOURCE.json").write_text(json.dumps(rec))
+    g = fetch.weights_identity(f)
+    assert (g["source"], g["sha256"], g["sha256_from"], g["published"]) == (rec["url"], "ab" * 32, "SOURCE.json", False)
+    rec["size"] += 1  # it describes another file: computed again (from the in-process cache)
+    (f.parent / "SOURCE.json").write_text(json.dumps(rec))
+    assert fetch.weights_identity(f)["sha256"] == sha(blob)
+    assert count_hashing == [f.name]
+
+
+def test_identity_of_a_fetched_age_file(server, home, blob, monkeypatch, count_hashing):
+    url = server.add("/age.pth", blob)
+    monkeypatch.setitem(fetch.age_spec().weights, "sha256", sha(blob))
+    f = fetch.fetch_weights("age", url=url, expected_size=len(blob), progress=False)["age"]
+    del count_hashing[:]
+    ident = fetch.weights_identity(f)
+    assert (ident["source"], ident["sha256"], ident["sha256_from"], ident["published"]) == (url, sha(blob), "SOURCE.json", True)
+    assert count_hashing == []
+
+
+def test_identity_of_a_missing_path(tmp_path):
+    with pytest.raises(FetchError, match="does not exist"):
+        fetch.weights_identity(tmp_path / "nope")

@@ -16,10 +16,9 @@ import pytest
 import torch
 
 from cxr_lung_risk.engine import LungRiskEnsemble
-from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine_fixture import compare, engine_batch, fixture_bn_stats, fixture_recipe, read_oracle_csv, resolve, run_engine  # noqa: E402
+from test_engine_fixture import compare, engine_batch, fixture_recipe, read_oracle_csv, resolve, run_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = ["A.png", "B.png", "C.png", "D.png", "E.png",
@@ -38,7 +37,7 @@ def _oracle_python() -> Path:
 
 
 @pytest.mark.oracle
-def test_live_oracle_matches_engine(tmp_path, shared_dir, request):
+def test_live_oracle_matches_engine(tmp_path, reference_dir, synthetic_weights, request):
     markexpr = request.config.getoption("-m") or ""
     if "oracle" not in markexpr and "CXR_ORACLE_VENV" not in os.environ:
         pytest.skip("live oracle (about 10 min) not selected: run pytest -m oracle, or set CXR_ORACLE_VENV")
@@ -46,10 +45,9 @@ def test_live_oracle_matches_engine(tmp_path, shared_dir, request):
     rec = fixture_recipe()
     rows = [r for r in rec["images"] if r["name"] in SUBSET]
     assert len(rows) == len(SUBSET)
-    weights = tmp_path / "synthetic"
-    write_synthetic_weights(weights, SyntheticRecipe.from_json(rec["recipe"]), fixture_bn_stats())
+    weights = synthetic_weights  # the session's files (conftest): same recipe, same BN statistics
     listing = tmp_path / "images.json"
-    listing.write_text(json.dumps([{"name": r["name"], "path": str(resolve(r["oracle"], shared_dir))} for r in rows]))
+    listing.write_text(json.dumps([{"name": r["name"], "path": str(resolve(r["oracle"], reference_dir))} for r in rows]))
     work, out = tmp_path / "work", tmp_path / "oracle.csv"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     r = subprocess.run(
@@ -63,6 +61,6 @@ def test_live_oracle_matches_engine(tmp_path, shared_dir, request):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     # our engine reads the files fastai itself saved ({'model','opt'} for cnn learners, bare for Tiny)
     ens = LungRiskEnsemble.load(work / "models", all_members=True, device="cpu")
-    scores, per = run_engine(ens, engine_batch(rows, shared_dir))
+    scores, per = run_engine(ens, engine_batch(rows, reference_dir))
     diffs = compare(names, oracle_per, oracle_score, ens.member_names, per, scores)
     print("max abs diff vs live oracle:", json.dumps(diffs))

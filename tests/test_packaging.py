@@ -15,8 +15,8 @@ from cxr_lung_risk.spec import age_spec, lung_risk_spec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_spec_members_equal_the_authors_tables(shared_dir):
-    ref = shared_dir / "reference" / "cxr_lung_risk"
+def test_spec_members_equal_the_authors_tables(reference_dir):
+    ref = reference_dir / "cxr_lung_risk"
     specs = list(csv.DictReader(open(ref / "CXR_Lung_Risk_Specs.csv", newline="")))
     weights = {r["Model_Name"]: float(r["weight"]) for r in csv.DictReader(open(ref / "ensemble_weights.csv", newline=""))}
     spec = lung_risk_spec()

@@ -1,7 +1,7 @@
-"""DICOM -> PNG maths against the shared references and the real dcmtk / ImageMagick tools.
+"""DICOM -> PNG maths against the authors' toolchain references and the real dcmtk / ImageMagick tools.
 
 Expected values come only from independent sources: the reference PNGs made by the authors'
-toolchain (../shared/reference/preprocessing) and dcmj2pnm / mogrify run live.
+toolchain (tests/data/reference/preprocessing) and dcmj2pnm / mogrify run live.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _center_crop_224(img: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
-# ------------------------------------------------------------------ shared references
+# ------------------------------------------------------------------ the authors' references
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +83,18 @@ def rg_outputs(dicom_data):
 
 @pytest.mark.parametrize("name", RG_FILES)
 @pytest.mark.parametrize("version", [IM_AUTHORS, IM_DEBIAN])
-def test_matches_reference_png(rg_outputs, shared_dir, name, version):
-    ref = read_png_gray(shared_dir / "reference" / "preprocessing" / REF_DIRS[version] / f"{name}.png")
+def test_matches_reference_png(rg_outputs, reference_dir, name, version):
+    ref = read_png_gray(reference_dir / "preprocessing" / REF_DIRS[version] / f"{name}.png")
     got = rg_outputs[name][version]
     assert got.dtype == np.uint8 and min(got.shape) == 512
     assert _ndiff(got, ref) == 0
     assert _ndiff(_center_crop_224(got), _center_crop_224(ref)) == 0
 
 
-def test_versions_differ_and_other_version_does_not_match(rg_outputs, shared_dir):
+def test_versions_differ_and_other_version_does_not_match(rg_outputs, reference_dir):
     """The two builds really differ (so the per-version references are a real check)."""
     name = "RG1_UNCR"
-    ref = read_png_gray(shared_dir / "reference" / "preprocessing" / REF_DIRS[IM_AUTHORS] / f"{name}.png")
+    ref = read_png_gray(reference_dir / "preprocessing" / REF_DIRS[IM_AUTHORS] / f"{name}.png")
     assert _ndiff(rg_outputs[name][IM_DEBIAN], ref) > 0
 
 

@@ -1,4 +1,6 @@
-"""CXR-Age (Raghu et al., JACC Cardiovascular Imaging 2021): biological age from a chest radiograph.
+"""CXR-Age's home (Raghu et al., JACC Cardiovascular Imaging 2021): biological age from a chest
+radiograph. The network, its loading, scoring, SR measurement and saliency target
+(:class:`AgeModel`, built by :func:`load_model`; see :mod:`cxr_lung_risk.registry`).
 
 Network
     ResNet34 body (torchvision names, as fastai v1's ``cnn_learner`` cuts it) + the head that the
@@ -37,10 +39,9 @@ Test-time augmentation
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ from torch import nn
 from .archs import AdaptiveConcatPool2d, Flatten, resnet34_body
 from .spec import AgeSpec, age_spec
 from .transforms import normalize
-from .weights import WeightsError, load_into, load_state_dict_file
+from .errors import WeightsError, WeightsNotFoundError
+from .weights import load_into, load_state_dict_file
 
 __all__ = [
     "age_head",
@@ -60,8 +62,8 @@ __all__ = [
     "tta_views",
     "AgeResult",
     "CXRAge",
-    "AgeScorer",
-    "load_age_scorer",
+    "AgeModel",
+    "load_model",
 ]
 
 
@@ -163,7 +165,7 @@ class CXRAge:
         cls, weights: str | Path, *, spec: AgeSpec | None = None, tta: bool = True, device: str | torch.device = "cpu"
     ) -> "CXRAge":
         """Strictly load ``PLCO_Fine_Tuned_120419.pth`` (fastai v1 container or bare state dict)."""
-        from .engine import resolve_device
+        from .runtime import resolve_device
 
         spec = spec or age_spec()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -196,7 +198,7 @@ class CXRAge:
 
     def predict_uint8(self, batch_u8: torch.Tensor) -> AgeResult:
         """Score a uint8 NCHW batch of 224x224 RGB crops."""
-        from .engine import fp32_math
+        from .runtime import fp32_math
 
         x = normalize(batch_u8.to(self.device), self.spec.mean, self.spec.std)
         with torch.inference_mode(), fp32_math():
@@ -204,54 +206,78 @@ class CXRAge:
         return AgeResult(np.asarray(calibrate(raw, self.spec.calibration), dtype=np.float64), raw)
 
 
-class AgeScorer:
-    """Adapter of :class:`CXRAge` to ``predict``'s Scorer protocol (column ``CXR_Age``)."""
+class AgeModel:
+    """CXR-Age as the pipeline sees it (:class:`cxr_lung_risk.registry.Model`): column ``CXR_Age``."""
 
-    def __init__(self, model: CXRAge) -> None:
+    def __init__(self, model: CXRAge, *, weights_identity: dict | None = None) -> None:
+        from .runtime import Placement
+
         self.model = model
         self.spec = model.spec
         self.title = self.spec.title
         self.columns = [self.spec.column]
+        self.placement = Placement(model.device, "fp32")  # CXR-Age has no reduced-precision path
+        self.weights_identity = dict(weights_identity or {})
 
-    def score(self, batch_u8: torch.Tensor) -> dict[str, np.ndarray]:
-        return {self.spec.column: self.model.predict_uint8(batch_u8).ages}
-
-    def measurements(self, row: dict[str, Any]) -> list[Any]:
-        from .outputs.sr import age_measurement
-
-        return [age_measurement(float(row[self.spec.column]))]
-
-    # -- saliency support -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def saliency_function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def score(self, batch_u8: torch.Tensor, on_step=None) -> dict[str, np.ndarray]:
+        out = {self.spec.column: self.model.predict_uint8(batch_u8).ages}
+        if on_step is not None:
+            on_step(1.0)
+        return out
+
+    def measurements(self, row: dict[str, Any]) -> list[Any]:
+        from .outputs.sr import CxrCodes, measurement_from_spec
+
+        return [measurement_from_spec(self.spec, CxrCodes.CXR_AGE, float(row[self.spec.column]))]
+
+    def algorithm(self, extra: dict[str, str] | None = None):
+        from .outputs.sr import algorithm_info
+
+        params = dict(self.placement.parameters())
+        params["tta"] = "true" if self.model.tta else "false"
+        params.update(extra or {})
+        return algorithm_info(self.spec, params, self.weights_identity)
+
+    def saliency_target(self):
         """The final score (calibrated, blended as scored) of a normalised batch, differentiable."""
-        return self.model.age_output
+        from .saliency import SaliencyTarget
 
-    def saliency_models(self) -> Sequence[tuple[nn.Module, float]]:
-        """``(network, weight)`` pairs whose weighted sum is the score up to a monotone map."""
-        return [(self.model.model, 1.0)]
+        m = self.model
+        return SaliencyTarget(
+            name=self.spec.name,
+            title=self.spec.title,
+            score=m.age_output,
+            plain_parts=[(m.model, 1.0)],
+            outer=lambda y: calibrate(y, m.spec.calibration),
+            mean=m.spec.mean,
+            std=m.spec.std,
+            device=m.device,
+        )
 
 
-def load_age_scorer(args: argparse.Namespace) -> AgeScorer:
-    """Find and load the CXR-Age weights named by ``--age-weights`` (or the fetch cache)."""
-    from .errors import UsageError
-    from .fetch import find_age_weights
+def load_model(options=None) -> AgeModel:
+    """Find and load the CXR-Age weights (``options.weights`` or the fetch-weights cache)."""
+    from .fetch import find_age_weights, weights_identity
+    from .registry import ModelOptions
+    from .runtime import placement
 
-    explicit = getattr(args, "age_weights", None)
-    loc = find_age_weights(explicit)
+    o = options or ModelOptions()
+    spec = age_spec()
+    loc = find_age_weights(o.weights)
     if loc is None:
-        if explicit:
-            raise UsageError(f"CXR-Age weights not found at {explicit}")
-        spec = age_spec()
+        if o.weights:
+            raise WeightsNotFoundError(f"CXR-Age weights not found at {o.weights}")
         size_mb = int(spec.weights.get("size", 0)) / 1e6
-        raise UsageError(
+        raise WeightsNotFoundError(
             "no CXR-Age weights found: run `cxr-lung-risk fetch-weights --model age` "
             f"(downloads {spec.weights.get('file')}, {size_mb:.0f} MB) or pass --age-weights FILE"
         )
     if Path(loc).is_dir():
-        raise WeightsError(f"{loc}: --age-weights must be the file {age_spec().weights.get('file')}, not a folder")
-    model = CXRAge.load(loc, tta=bool(getattr(args, "tta", True)), device=getattr(args, "device", "cpu"))
-    return AgeScorer(model)
+        raise WeightsError(f"{loc}: --age-weights must be the file {spec.weights.get('file')}, not a folder")
+    place = placement(o.device, o.precision, reduced_precision=False)
+    model = CXRAge.load(loc, tta=o.tta, device=place.device)
+    return AgeModel(model, weights_identity=weights_identity(Path(loc)))

@@ -1,24 +1,34 @@
-"""Command-line interface: ``cxr-lung-risk predict | preprocess | fetch-weights``.
+"""Command-line interface: ``cxr-lung-risk predict | preprocess | demo | fetch-weights``.
 
-A thin adapter over the core stages; every user error is one sentence on stderr and a
-non-zero exit code, never a traceback (``--debug`` shows one).
+The only place that knows argparse, messages and exit codes. It turns arguments into typed
+options (:mod:`cxr_lung_risk.options`), validates them before torch is imported (a typo costs no
+start-up time), calls the job and maps its summary to an exit status:
+
+* 0: at least one input scored and none failed (skipped inputs are fine);
+* 1: nothing could be scored, or a usage/weights/output error (one sentence on stderr);
+* 2: some inputs failed (their reasons are in ``manifest.csv`` and ``records.jsonl``);
+* 130 / 143: interrupted (Ctrl-C / SIGTERM); what was finished is kept.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
+from .errors import CxrLungRiskError
 
-from .errors import EXIT_NONE
+EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 DESCRIPTION = """\
 CXR-Lung-Risk (Weiss et al., Nat Commun 2023) and CXR-Age (Raghu et al., JACC Imaging 2021)
 from chest radiographs, DICOM or PNG/JPEG. Research use only: not a medical device.
 
-Results need the published weights (see `cxr-lung-risk fetch-weights --help`)."""
+Results need the published weights (see `cxr-lung-risk fetch-weights --help`); to see the
+tool work without them, run `cxr-lung-risk demo --out DIR` (synthetic weights, meaningless scores)."""
 
 PREDICT_EPILOG = """\
 inputs:
@@ -28,27 +38,32 @@ inputs:
 
 outputs (in --out DIR):
   cxr_lung_risk.csv   File, [StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,]
-                      CXR_Lung_Risk (years) [, CXR_Age] [, Lung_Age_081221_<i> with --per-model]
+                      CXR_Lung_Risk (years) [, CXR_Age] [, Lung_Age_081221_<i> with --per-model],
+                      Weights (published / unverified / SYNTHETIC, per model)
   cxr_lung_risk.json  the same rows as JSON (with --format json)
   sr/<SOPInstanceUID>.dcm  one DICOM Structured Report (TID 1500) per scored DICOM image
   manifest.csv        every input: File,status,reason (status ok, skipped or failed)
+  records.jsonl       every input: status, reason, UIDs, values and every file written for it
+  run.json            the run: versions, device and precision per model, the weights' identity
 
-exit status: 0 all inputs scored or deliberately skipped; 2 some inputs failed;
-             1 nothing could be scored (or a usage/weights error).
+exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed;
+             1 nothing could be scored, or a usage/weights error; 130/143 interrupted.
 """
 
 
+# ------------------------------------------------------------------------------ arguments
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOM selection (what is accepted as a frontal chest radiograph)")
     g.add_argument("--allow-lateral", action="store_true", help="score lateral views too (refused by default)")
     g.add_argument("--allow-for-processing", action="store_true", help="score DX 'FOR PROCESSING' images too")
     g.add_argument("--allow-multiframe", action="store_true", help="score the first frame of multi-frame images")
     g.add_argument(
-        "--modalities",
-        default=None,
-        metavar="LIST",
-        help="comma-separated modalities to accept (default: CR,DX plus DX-like SC)",
+        "--allow-non-chest",
+        action="store_true",
+        help="score images whose BodyPartExamined names another body part (HAND, SKULL, ...; skipped by default; "
+        "a missing or chest-like value is always accepted)",
     )
+    g.add_argument("--modalities", default=None, metavar="LIST", help="comma-separated modalities to accept (default: CR,DX plus DX-like SC)")
     g.add_argument(
         "--im-version",
         choices=["6.8.9-9", "6.9.11"],
@@ -57,25 +72,14 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _selection_from_args(args: argparse.Namespace):
-    from .dicom_io import SelectionOptions
-
-    kw = {}
-    if args.allow_lateral:
-        kw["allow_lateral"] = True
-    if args.allow_for_processing:
-        kw["allow_for_processing"] = True
-    if args.allow_multiframe:
-        kw["allow_multiframe"] = True
-    if args.modalities:
-        kw["allowed_modalities"] = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
-    return SelectionOptions(**kw)
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress lines (errors and the summary are still printed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cxr-lung-risk", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    from .registry import model_choices
+
+    parser = argparse.ArgumentParser(prog="cxr-lung-risk", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -89,7 +93,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM/PNG/JPEG files or folders (recursive)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
-    p.add_argument("--model", choices=["lung-risk", "age", "all"], default="lung-risk", help="which model(s) to run (default lung-risk)")
+    _add_predict_args(p, model_choices())
+
+    q = sub.add_parser(
+        "preprocess",
+        help="write the authors' 8-bit PNGs for DICOM inputs",
+        description="Apply the published dcmj2pnm + ImageMagick recipe in process and write DIR/<relative path>.png "
+        "(8-bit grayscale, gAMA 1.0) for each accepted DICOM image, plus DIR/manifest.csv and DIR/records.jsonl.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    q.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (recursive)")
+    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    q.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes")
+    _add_selection_args(q)
+    _add_run_args(q)
+
+    d = sub.add_parser(
+        "demo",
+        help="see the whole tool work without the published weights (synthetic weights, meaningless scores)",
+        description="Make clearly labelled SYNTHETIC weights in the cache (once, ~1.3 GB), then run `predict` with "
+        "every output (both models, CSV, JSON, SR, per-member values, saliency maps) on the package's own "
+        "sample inputs: a real chest CR (DICOM) and the authors' sample PNGs. The scores are meaningless; "
+        "every output says so.",
+    )
+    d.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    d.add_argument("--cache", type=Path, default=None, metavar="DIR", help="where the synthetic weights go (default: the weights cache)")
+    _add_run_args(d)
+
+    f = sub.add_parser(
+        "fetch-weights",
+        help="download and verify the published weights into the cache",
+        description="Download the published weights (CXR-Lung-Risk: Zenodo record 7941660, 2.16 GB; "
+        "CXR-Age: 258 MB), resume interrupted downloads, verify size/sha256 and extract into the cache "
+        "($CXR_LUNG_RISK_HOME, default: the user cache folder).",
+    )
+    f.add_argument("--model", choices=["lung-risk", "age", "all"], default="lung-risk",
+                   help="which weights to fetch (default: lung-risk, the 2.2 GB CXR-Lung-Risk ensemble)")
+    f.add_argument("--cache", metavar="DIR", type=Path, default=None,
+                   help="cache folder (default: $CXR_LUNG_RISK_HOME or the user cache folder)")
+    f.add_argument("--force", action="store_true", help="download again even if the weights are installed")
+    f.add_argument("--url", default=None, help="download from this mirror URL (or local file) instead of the published source")
+    f.add_argument("--expected-size", type=int, default=None, metavar="BYTES",
+                   help="size the mirror's file must have (default: the published file's size)")
+    f.add_argument("--sha256", default=None, metavar="HEX",
+                   help="SHA-256 the mirror's file must have (default: the published checksum, if known)")
+    f.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    return parser
+
+
+def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
+    p.add_argument("--model", choices=list(models), default="lung-risk", help="which model(s) to run (default lung-risk)")
     p.add_argument("--weights", metavar="PATH", help="CXR-Lung-Risk weights: a folder of Lung_Age_081221_*.pth or the Zenodo zip (default: the fetch-weights cache)")
     p.add_argument("--age-weights", metavar="PATH", help="CXR-Age weights file PLCO_Fine_Tuned_120419.pth (default: the fetch-weights cache)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto: CUDA when available)")
@@ -98,19 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["fp32", "tf32", "bf16", "fp16"],
         default="fp32",
         help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32: IEEE float32, also on a GPU, "
-        "faithful; tf32/bf16/fp16 are faster but change scores, see benchmarks/README.md; tf32 and fp16 need CUDA)",
+        "faithful; tf32/bf16/fp16 are faster but change scores, see benchmarks/README.md; tf32 and fp16 need CUDA). "
+        "CXR-Age always runs fp32; the SR records what each model used",
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decode/preprocess processes (default: cores-1 when >2 cores, else in-process)")
     p.add_argument("--per-model", action="store_true", help="also write each member's raw output (columns Lung_Age_081221_<i>)")
     p.add_argument("--all-members", action="store_true", help="also load and run the 7 members whose LASSO weight is 0")
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
-    p.add_argument(
-        "--timings",
-        type=Path,
-        metavar="FILE",
-        help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE",
-    )
+    p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")
@@ -124,37 +174,152 @@ def build_parser() -> argparse.ArgumentParser:
         "(only for networks with a body/head split, i.e. not the ensemble's Tiny members)",
     )
     _add_selection_args(p)
+    _add_run_args(p)
 
-    q = sub.add_parser(
-        "preprocess",
-        help="write the authors' 8-bit PNGs for DICOM inputs",
-        description="Apply the published dcmj2pnm + ImageMagick recipe in process and write DIR/<relative path>.png "
-        "(8-bit grayscale, gAMA 1.0) for each accepted DICOM image, plus DIR/manifest.csv.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+
+# ------------------------------------------------------------------------------ namespace -> options
+def _selection(args: argparse.Namespace):
+    from .dicom_io import SelectionOptions
+
+    kw = {}
+    for flag in ("allow_lateral", "allow_for_processing", "allow_multiframe", "allow_non_chest"):
+        if getattr(args, flag, False):
+            kw[flag] = True
+    if args.modalities:
+        kw["allowed_modalities"] = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
+    return SelectionOptions(**kw)
+
+
+def predict_options(args: argparse.Namespace):
+    """The :class:`~cxr_lung_risk.options.PredictOptions` a ``predict`` command line asks for."""
+    from .options import PredictOptions, parse_formats
+    from .registry import resolve_models
+
+    weights = {}
+    if args.weights:
+        weights["lung-risk"] = Path(args.weights)
+    if args.age_weights:
+        weights["age"] = Path(args.age_weights)
+    return PredictOptions(
+        inputs=tuple(Path(p) for p in args.inputs),
+        out=args.out,
+        models=resolve_models(args.model),
+        weights=weights,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        per_model=args.per_model,
+        all_members=args.all_members,
+        formats=parse_formats(args.format),
+        deterministic=args.deterministic,
+        tta=args.tta,
+        saliency=args.saliency,
+        saliency_method=args.saliency_method,
+        selection=_selection(args),
+        im_version=args.im_version,
+        timings=args.timings,
+        progress=not args.quiet,
     )
-    q.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (recursive)")
-    q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    q.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes")
-    _add_selection_args(q)
 
-    f = sub.add_parser(
-        "fetch-weights",
-        help="download and verify the published weights into the cache",
-        description="Download the published weights (CXR-Lung-Risk: Zenodo record 7941660, 2.16 GB; "
-        "CXR-Age: 258 MB), resume interrupted downloads, verify size/sha256 and extract into the cache "
-        "($CXR_LUNG_RISK_HOME, default: the user cache folder).",
+
+def preprocess_options(args: argparse.Namespace):
+    from .options import PreprocessOptions
+
+    return PreprocessOptions(
+        inputs=tuple(Path(p) for p in args.inputs),
+        out=args.out,
+        workers=args.workers,
+        selection=_selection(args),
+        im_version=args.im_version,
+        progress=not args.quiet,
     )
-    try:
-        from .fetch import add_fetch_arguments
-
-        add_fetch_arguments(f)
-    except ImportError:  # pragma: no cover - during development
-        pass
-    return parser
 
 
+# ------------------------------------------------------------------------------ commands
 def _err(msg: str) -> None:
-    print(f"cxr-lung-risk: error: {msg}", file=sys.stderr)
+    print(f"cxr-lung-risk: error: {msg}", file=sys.stderr, flush=True)
+
+
+def _summary_line(summary, what: str = "scored") -> str:
+    t = summary.timings or {}
+    times = ""
+    if t.get("run_s") is not None and "load_s" in t:
+        times = (
+            f" ({t['run_s']:.1f} s: load {t['load_s']:.1f}, prepare {t['prepare_s']:.1f}, models {t['infer_s']:.1f}, "
+            f"write {t['write_s']:.1f})"
+        )
+    return (
+        f"cxr-lung-risk: {what} {summary.scored}, skipped {summary.skipped}, failed {summary.failed} of "
+        f"{summary.inputs} inputs -> {summary.out}{times}"
+    )
+
+
+def _exit_code(summary) -> int:
+    if summary.scored == 0:
+        return EXIT_NONE
+    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    opts = predict_options(args).validate()
+    from .predict import run_predict  # torch is imported only now
+
+    summary = run_predict(opts)
+    print(_summary_line(summary), file=sys.stderr)
+    if summary.synthetic:
+        print("cxr-lung-risk: these scores come from SYNTHETIC weights and mean nothing", file=sys.stderr)
+    return _exit_code(summary)
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    opts = preprocess_options(args).validate()
+    from .predict import run_preprocess
+
+    summary = run_preprocess(opts)
+    print(_summary_line(summary, "wrote PNGs for"), file=sys.stderr)
+    return _exit_code(summary)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    summary = run_demo(args.out, cache=args.cache, progress=not args.quiet)
+    print(_summary_line(summary), file=sys.stderr)
+    print(
+        "cxr-lung-risk: demo done: these scores come from SYNTHETIC weights and mean nothing; "
+        "for real results run `cxr-lung-risk fetch-weights` and `cxr-lung-risk predict`",
+        file=sys.stderr,
+    )
+    return _exit_code(summary)
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch_weights
+
+    paths = fetch_weights(
+        args.model,
+        url=args.url,
+        root=args.cache.expanduser() if args.cache else None,
+        progress=args.progress,
+        force=args.force,
+        expected_size=args.expected_size,
+        expected_sha256=args.sha256,
+    )
+    for model, path in paths.items():
+        print(f"{model}: {path}")
+    return EXIT_OK
+
+
+_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch}
+
+
+class _Terminated(BaseException):
+    """SIGTERM (docker stop, Kubernetes, timeout), handled like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:  # pragma: no cover - exercised through a subprocess test
+    raise _Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,35 +328,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_NONE
+    previous = None
     try:
-        if args.command == "predict":
-            from .predict import run_predict
-
-            return run_predict(args)
-        if args.command == "preprocess":
-            from .predict import run_preprocess
-
-            return run_preprocess(args)
-        if args.command == "fetch-weights":
-            from .fetch import run_fetch
-
-            return run_fetch(args)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        previous = None
+    try:
+        return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        _err("interrupted")
-        return 130
-    except Exception as e:
-        from .errors import user_message
-
-        msg = user_message(e)
-        if msg is None or args.debug:
-            if args.debug:
-                raise
-            _err(f"unexpected {type(e).__name__}: {e} (rerun with --debug for details)")
-        else:
-            _err(msg)
+        _err("interrupted; run it again to resume the download" if args.command == "fetch-weights" else "interrupted; the outputs hold what was finished")
+        return EXIT_SIGINT
+    except _Terminated:
+        _err("terminated (SIGTERM); the outputs hold what was finished")
+        return EXIT_SIGTERM
+    except CxrLungRiskError as e:
+        if args.debug:
+            raise
+        _err(str(e))
         return EXIT_NONE
-    parser.error(f"unknown command {args.command}")
-    return EXIT_NONE
+    except OSError as e:  # a file that cannot be read or written: an ordinary sentence
+        if args.debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        _err(f"{e.strerror or e}{where}")
+        return EXIT_NONE
+    except Exception as e:  # a bug: say so plainly
+        if args.debug:
+            raise
+        _err(f"unexpected {type(e).__name__}: {e} (this is a bug; rerun with --debug for details and report it)")
+        return EXIT_NONE
+    finally:
+        if previous is not None:
+            try:
+                signal.signal(signal.SIGTERM, previous)
+            except ValueError:  # pragma: no cover
+                pass
 
 
 if __name__ == "__main__":

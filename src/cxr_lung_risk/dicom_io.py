@@ -22,8 +22,34 @@ Selection policy (each rule can be widened through :class:`SelectionOptions`):
 * Only single-frame (NumberOfFrames <= 1), single-sample MONOCHROME1/MONOCHROME2 images.
 * Lateral views (ViewPosition LL/RL/LATERAL/LAT/LLD/RLD..., 'LATERAL' in ImageType, or a view
   code whose meaning says lateral) are skipped; PA, AP and an unknown view are accepted.
-* A BodyPartExamined that is not chest-like (CHEST, THORAX, LUNG, TORSO, empty) only warns.
-* Rows x Columns x frames is checked against ``max_pixels`` BEFORE anything is decoded.
+* BodyPartExamined must be missing/empty or chest-like: CHEST, THORAX, LUNG(S), TORSO,
+  CHEST_TO_PELVIS, or a value with such a word in it, compared case-, space- and accent-
+  insensitively ('Chest', 'CHEST PA', 'THORAX AP') including common non-English terms (PECHO,
+  TORAX, BRUST, BRUSTKORB, TORACE, PETTO, POITRINE).  Anything else (EXTREMITY, HAND, SKULL, ...)
+  is skipped unless ``allow_non_chest`` (CLI ``--allow-non-chest``), which scores it with a
+  warning.
+* Rows x Columns x frames is checked against ``max_pixels`` and the aspect ratio against
+  ``max_aspect_ratio`` (4:1) BEFORE anything is decoded.
+
+Hostile input (each case is a ``failed``/``skipped`` result, never a hang, a traceback or an
+unbounded allocation):
+
+* the file is opened once, only after ``stat`` says it is a regular file (a FIFO, socket or
+  device is ``skipped: not a regular file (FIFO)``; it is never opened for reading), with
+  ``O_NONBLOCK``; every read is clamped to the file size known at open time;
+* the header is parsed up to PixelData only (nothing after the pixel data is parsed, so a valid
+  file followed by hundreds of MB of zeros costs milliseconds); an element whose declared length
+  runs past the end of the file stops the parse before anything is allocated for it;
+* the pixel data element is read by hand: its declared length is checked against the bytes that
+  remain, native data is read only up to the size Rows x Columns x BitsAllocated needs, and
+  encapsulated fragments are walked item by item;
+* the codestream header of frame 1 (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, also inside JP2
+  boxes) must agree with Rows/Columns/SamplesPerPixel and ``max_pixels`` before the decoder runs;
+* a Deflated Explicit VR Little Endian data set is inflated incrementally: at most 64 MiB before
+  the pixel data, then only the pixel bytes the header needs;
+* warnings of pydicom/numpy/Pillow and the 'pydicom' logger are recorded on the result instead
+  of reaching stderr; UIDs are returned as one clean string (a backslash or an invalid UID is a
+  warning).
 
 Decoding goes through pydicom 3 (``pydicom.pixels.pixel_array(..., raw=True)``) with the
 pylibjpeg plug-ins, so every common transfer syntax works; the array holds the raw stored values
@@ -31,19 +57,28 @@ pylibjpeg plug-ins, so every common transfer syntax works; the array holds the r
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import logging
 import os
+import stat
 import struct
+import unicodedata
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pydicom
 import pydicom.errors
+import pydicom.filereader
 import pydicom.multival
 import pydicom.uid
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import UID
 
 from .preprocess import PixelMeta
@@ -75,6 +110,12 @@ SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"  # SC and multi-frame SC 
 _MODALITY_FROM_SOP = {CR_STORAGE: "CR", DX_PRESENTATION: "DX", DX_PROCESSING: "DX"}
 
 CHEST_BODY_PARTS = frozenset({"", "CHEST", "THORAX", "LUNG", "LUNGS", "TORSO", "CHEST_TO_PELVIS"})
+#: Words that make a BodyPartExamined chest-like when they appear in it (after upper-casing,
+#: accent folding and splitting at spaces, '_', '-', '/', ',', '.', '+'): the DICOM terms and the
+#: usual local-language ones (es/pt PECHO/TORAX, de BRUST/BRUSTKORB/THORAX, it TORACE/PETTO,
+#: fr POITRINE/THORAX, nl BORST).
+CHEST_WORDS = frozenset({"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "TORSO", "PECHO", "TORAX",
+                         "BRUST", "BRUSTKORB", "TORACE", "PETTO", "POITRINE", "BORST"})
 LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "LLAT", "RLAT", "LEFT LATERAL",
                            "RIGHT LATERAL", "LATERAL LEFT", "LATERAL RIGHT"})
 SC_RADIOGRAPH_CONVERSION_TYPES = frozenset({"DF", "DI"})
@@ -93,6 +134,18 @@ _VRS = frozenset(
 #: Exceptions that are about the process, not the file: never turned into a 'failed' result.
 _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit)
 
+_PIXEL_DATA = 0x7FE00010
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # PixelData, Float, DoubleFloat
+_ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+#: Inflated bytes a Deflated Explicit VR Little Endian data set may hold before its pixel data.
+DEFLATE_HEADER_ALLOWANCE = 64 << 20
+#: Bytes of frame 1 parsed for its JPEG / JPEG-LS / JPEG 2000 codestream header.
+_CODESTREAM_PEEK = 64 << 10
+#: Library warnings kept per file (the rest are counted).
+_MAX_LIBRARY_WARNINGS = 10
+
 
 class DicomInputError(Exception):
     """A problem with the inputs themselves (e.g. a path that does not exist)."""
@@ -105,62 +158,240 @@ class DicomInputError(Exception):
 class InputFile:
     """One file to consider.
 
-    ``rel`` is the path relative to the directory argument it was found under (posix
-    separators), or the bare file name for a file given directly.
+    ``rel`` names the file in outputs and the manifest; it is unique within one
+    :func:`discover` call and always a printable ``str`` (posix separators).  With one folder
+    argument it is the path relative to that folder; with one file argument, the file name.
+    With several arguments, a folder's files are prefixed with the folder's base name
+    (``A/x.dcm``, ``B/x.dcm``; a repeated base name becomes ``data~2``, ``data~3``...) and a file
+    given directly keeps its name (``x~2.dcm`` when that name is taken).  Bytes of a name that
+    are not valid in the file-system encoding appear as ``\\xNN``, other unprintable characters
+    as ``\\xNN``/``\\uNNNN`` and a backslash as ``\\\\``; ``path`` is the real, openable path.
+    ``source`` is the input argument the file came from (not part of equality).
     """
 
     path: Path
     rel: str
+    source: Path | None = field(default=None, compare=False)
 
 
-def discover(inputs: Sequence[str | Path]) -> Iterator[InputFile]:
+def _escape_name(text: str) -> str:
+    """A printable, reversible spelling of a file-name component (see :class:`InputFile`)."""
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's surrogateescape for an undecodable byte
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif not ch.isprintable():
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _real(path: str | Path) -> str:
+    try:
+        return os.path.realpath(path)
+    except (OSError, RuntimeError, ValueError):
+        return os.path.abspath(path)
+
+
+def _is_under(real: str, roots: Sequence[str]) -> bool:
+    for r in roots:
+        if real == r or real.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _arg_label(p: Path) -> str:
+    """The base name that prefixes a folder argument's files (never '', '.' or '..')."""
+    name = p.name
+    if name in ("", ".", ".."):
+        name = Path(_real(p)).name
+    return _escape_name(name) or "root"
+
+
+def _numbered(name: str, n: int, is_file: bool) -> str:
+    if is_file:
+        stem, dot, suffix = name.rpartition(".")
+        if dot and stem:  # x.dcm -> x~2.dcm
+            return f"{stem}~{n}.{suffix}"
+    return f"{name}~{n}"
+
+
+def _walk(root: Path, excluded: Sequence[str]) -> list[tuple[str, Path]]:
+    """(escaped relative path, path) of every non-directory entry under ``root``, sorted.
+
+    Directories whose name starts with '.' are not entered; symbolic links to directories are
+    followed, except into a directory already on the current branch (a cycle) or already
+    walked; anything else (regular files, FIFOs, sockets, devices, dangling symbolic links,
+    symbolic link loops) is listed: :func:`load_image` reports it.  Directories under
+    ``excluded`` (real paths) are not entered.
+    """
+    found: list[tuple[str, Path]] = []
+    root_real = _real(root)
+    if _is_under(root_real, excluded):
+        return found
+    walked = {root_real}
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except OSError:
+            if prefix:  # an unreadable sub-folder: listed, so that it gets a manifest row
+                found.append((prefix.rstrip("/"), folder))
+            continue
+        for entry in entries:
+            name = entry.name
+            full = folder / name
+            rel = prefix + _escape_name(name)
+            try:
+                is_dir = entry.is_dir()  # follows links; False for dangling links and loops
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                found.append((rel, full))
+                continue
+            if name.startswith("."):
+                continue
+            real = _real(full)
+            if real in walked or _is_under(real, excluded):
+                continue
+            walked.add(real)
+            stack.append((full, rel + "/"))
+    found.sort(key=lambda t: t[0])
+    return found
+
+
+def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None = None) -> Iterator[InputFile]:
     """Yield every file under ``inputs`` (files and directories, recursive), deterministically.
 
     Inputs are visited in the order given; inside a directory files are sorted by their
     relative path.  Directories whose name starts with '.' (``.git``, ``.cache``...) are not
-    entered; files are never filtered by name (a hidden or extension-less file may be DICOM;
-    non-DICOM files are reported later as skipped).  A file reached twice (through two inputs)
-    is yielded once.  Raises :class:`DicomInputError` for an input that does not exist.
+    entered; files are never filtered by name or type (a hidden or extension-less file may be
+    DICOM; a non-DICOM file, FIFO, dangling or looping symbolic link is yielded and reported by
+    :func:`load_image`).  A file reached twice (through two inputs) is yielded once.  Nothing
+    under the paths in ``exclude`` (e.g. the output folder) is walked.  ``rel`` is unique over
+    the call (see :class:`InputFile`).  Raises :class:`DicomInputError` for an input that does
+    not exist.
     """
-    if isinstance(inputs, (str, Path)):
+    if isinstance(inputs, (str, Path, bytes)):
         inputs = [inputs]
-    paths = [Path(p) for p in inputs]
+    paths = [Path(os.fsdecode(p)) for p in inputs]
     for p in paths:  # fail before yielding anything: a typo should not cost a half run
-        if not p.exists():
-            raise DicomInputError(f"input not found: {p}")
-    seen: set[Path] = set()
+        if not os.path.lexists(p):
+            raise DicomInputError(f"input not found: {_escape_name(str(p))}")
+    excluded = [_real(os.fsdecode(e)) for e in (exclude or [])]
+    multi = len(paths) > 1
+    seen: set[str] = set()
+    used: set[str] = set()
+    labels: set[str] = set()
 
     def _once(path: Path) -> bool:
         try:
-            key = path.resolve()
-        except OSError:
-            key = path.absolute()
+            key = str(path.resolve())
+        except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python < 3.13)
+            key = os.path.abspath(path)
         if key in seen:
             return False
         seen.add(key)
         return True
 
+    def _unique(rel: str, is_file: bool) -> str:
+        out, n = rel, 1
+        while out in used:
+            n += 1
+            out = _numbered(rel, n, is_file)
+        used.add(out)
+        return out
+
     for p in paths:
         if p.is_dir():
-            found: list[tuple[str, Path]] = []
-            for root, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in files:
-                    full = Path(root) / name
-                    if full.is_file():
-                        found.append((full.relative_to(p).as_posix(), full))
-            for rel, full in sorted(found):
+            prefix = ""
+            if multi:
+                base = _arg_label(p)
+                label, n = base, 1
+                while label in labels:
+                    n += 1
+                    label = _numbered(base, n, False)
+                labels.add(label)
+                prefix = label + "/"
+            for rel, full in _walk(p, excluded):
                 if _once(full):
-                    yield InputFile(full, rel)
+                    yield InputFile(full, _unique(prefix + rel, True), p)
         else:
             if _once(p):
-                yield InputFile(p, p.name)
+                name = _escape_name(p.name) or _escape_name(str(p))
+                yield InputFile(p, _unique(name, True), p)
+
+
+# --------------------------------------------------------------------------------------------
+# opening files safely
+# --------------------------------------------------------------------------------------------
+class _NotRegular(OSError):
+    """Internal: the path exists but is not a regular file (``kind`` says what it is)."""
+
+    def __init__(self, kind: str):
+        super().__init__(f"not a regular file ({kind})")
+        self.kind = kind
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+class _ClampedReader(io.BufferedReader):
+    """A buffered reader that never reads (or allocates for) more than the file held when it
+    was opened: pydicom's ``fp.read(declared_length)`` of a hostile length stays small."""
+
+    def __init__(self, raw: io.RawIOBase, size: int):
+        super().__init__(raw, buffer_size=1 << 16)
+        self.size = size
+
+    def read(self, n: int | None = -1) -> bytes:  # type: ignore[override]
+        left = max(0, self.size - self.tell())
+        return super().read(left if n is None or n < 0 else min(n, left))
+
+
+def _open_regular(path: str | Path) -> _ClampedReader:
+    """Open a regular file for reading; never opens a FIFO, socket or device.
+
+    ``stat`` first (a FIFO opened for reading would block until a writer appears), then
+    ``open(O_RDONLY | O_NONBLOCK)`` and ``fstat`` again (the path may have been swapped in
+    between).  Raises :class:`_NotRegular` or :class:`OSError`.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _NotRegular(_file_kind(st.st_mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _NotRegular(_file_kind(st.st_mode))
+        raw = io.FileIO(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        return _ClampedReader(raw, st.st_size)
+    except BaseException:
+        raw.close()
+        raise
 
 
 def raster_kind(path: str | Path) -> str | None:
-    """'png' or 'jpeg' when the file starts with that format's magic bytes, else None."""
+    """'png' or 'jpeg' when the file starts with that format's magic bytes, else None (also for
+    anything that is not a regular file: a FIFO is never opened)."""
     try:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             head = f.read(8)
     except OSError:
         return None
@@ -176,19 +407,22 @@ def is_raster_image(path: str | Path) -> bool:
     return raster_kind(path) is not None
 
 
-def is_dicom_file(path: str | Path) -> bool:
-    """True when the file looks like DICOM: 'DICM' at offset 128 (Part 10 with preamble), or a
-    data set starting at offset 0 with a group 0002 or 0008 tag followed by a plausible explicit
-    VR or implicit-VR length (files written without preamble / file meta)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
+def _looks_like_dicom(head: bytes, size: int) -> bool:
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
     return _looks_like_bare_dataset(head, size)
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """True when the file looks like DICOM: 'DICM' at offset 128 (Part 10 with preamble), or a
+    data set starting at offset 0 with a group 0002 or 0008 tag followed by a plausible explicit
+    VR or implicit-VR length (files written without preamble / file meta).  False for anything
+    that is not a regular file."""
+    try:
+        with _open_regular(path) as f:
+            return _looks_like_dicom(f.read(132), f.size)
+    except OSError:
+        return False
 
 
 def _looks_like_bare_dataset(head: bytes, size: int) -> bool:
@@ -215,21 +449,26 @@ class SelectionOptions:
 
     allow_lateral: accept lateral views (with a warning).
     allow_for_processing: accept DX FOR PROCESSING images (with a warning).
-    allow_non_chest: accept a non-chest BodyPartExamined with a warning (True) or skip it (False).
+    allow_non_chest: accept a BodyPartExamined that is not chest-like (EXTREMITY, HAND, SKULL...)
+        with a warning (True, CLI ``--allow-non-chest``) or skip it (False, the default).
     allowed_modalities: modalities accepted unconditionally.
     accept_radiograph_like_sc: accept Secondary Capture that looks like a radiograph (see module doc).
     allow_multiframe: accept multi-frame images, using frame 1 only (with a warning).
     max_pixels: refuse images whose Rows x Columns x frames exceeds this (memory-bomb guard),
-        checked before decoding.
+        checked before decoding (and against the codestream header of compressed data).
+    max_aspect_ratio: refuse images whose long side is more than this many times the short
+        side (a chest radiograph is never 1:1000; the 512-pixel short-side resize of such an
+        image would be hundreds of millions of pixels), checked before decoding.
     """
 
     allow_lateral: bool = False
     allow_for_processing: bool = False
-    allow_non_chest: bool = True
+    allow_non_chest: bool = False
     allowed_modalities: tuple[str, ...] = ("CR", "DX")
     accept_radiograph_like_sc: bool = True
     allow_multiframe: bool = False
     max_pixels: int = 100_000_000
+    max_aspect_ratio: float = 4.0
 
 
 @dataclass
@@ -242,14 +481,15 @@ class LoadedImage:
     pixels: np.ndarray | None = None  # 2-D raw stored values
     meta: PixelMeta | None = None
     dataset: Dataset | None = None  # header without PixelData (file meta included)
+    #: Clean UID strings by keyword, computed once by :func:`load_image` (see :func:`_clean_uid`).
+    uids: dict[str, str] = field(default_factory=dict, repr=False)
 
     def _uid(self, keyword: str) -> str:
+        if keyword in self.uids:
+            return self.uids[keyword]
         if self.dataset is None:
             return ""
-        try:
-            return str(self.dataset.get(keyword, "") or "")
-        except Exception:  # a malformed value must not make a property raise
-            return ""
+        return _clean_uid(self.dataset, keyword)[0]
 
     @property
     def study_uid(self) -> str:

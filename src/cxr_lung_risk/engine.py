@@ -1,4 +1,6 @@
-"""The CXR-Lung-Risk ensemble: load members once, score batches of normalised 224x224 images.
+"""CXR-Lung-Risk's home: the ensemble (load members once, score batches of 224x224 images), its
+SR measurements, its algorithm identification and its saliency target (:class:`LungRiskModel`,
+built by :func:`load_model`; see :mod:`cxr_lung_risk.registry`).
 
 ``score = sum_i w_i * pred_i + intercept`` with the LASSO weights and intercept from the spec.
 Members with weight 0 are neither loaded nor run unless ``all_members=True``.
@@ -28,18 +30,22 @@ import re
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import archs
+from .errors import WeightsError, WeightsNotFoundError
+from .runtime import PRECISIONS, Placement, fp32_math, placement, resolve_device, resolve_precision
 from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
-from .weights import WeightsError, WeightSource, load_into
+from .weights import WeightSource, load_into
 
 __all__ = [
+    "LungRiskModel",
+    "load_model",
     "PRECISIONS",
     "fp32_math",
     "resolve_device",
@@ -52,70 +58,7 @@ __all__ = [
     "split_body_head",
 ]
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-
 _MEMBER_FILE = re.compile(r"^(?P<stem>.+)_(?P<idx>\d+)\.pth$")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WeightsError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    return torch.device(device)
-
-
-@contextmanager
-def fp32_math(allow_tf32: bool = False):
-    """Float32 convolutions and matmuls in IEEE float32 (default) or, if allowed, TF32 on CUDA.
-
-    PyTorch lets cuDNN run float32 convolutions in TF32 unless told otherwise, which changes a
-    member's output in the 4th significant digit: not the published model's arithmetic. This sets
-    the fp32 precision of cuDNN convolutions and cuBLAS matmuls for the duration of the block and
-    restores the previous settings after it. No effect on the CPU's arithmetic.
-    """
-    want = "tf32" if allow_tf32 else "ieee"
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        saved = (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
-        conv.fp32_precision = want
-        torch.backends.cuda.matmul.fp32_precision = want
-        try:
-            yield
-        finally:
-            conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
-    else:  # older torch: the legacy flags
-        saved_l = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_l
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``'fp32'`` / ``'tf32'`` -> None (no autocast); ``'bf16'`` / ``'fp16'`` -> the autocast dtype.
-
-    Refuses combinations that would be silently slow, meaningless or unsupported: tf32 or fp16 on
-    the CPU, bf16 on a GPU without bfloat16 support.
-    """
-    p = str(precision).lower()
-    if p not in PRECISIONS:
-        raise WeightsError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if p == "fp32":
-        return None
-    if p == "tf32":
-        if device.type != "cuda":
-            raise WeightsError("--precision tf32 needs a CUDA GPU (TF32 tensor cores); on the CPU use fp32 or bf16")
-        return None
-    if p == "fp16":
-        if device.type != "cuda":
-            raise WeightsError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise WeightsError("--precision bf16: this GPU does not support bfloat16; use fp16 or fp32")
-    return torch.bfloat16
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format) -> None:
@@ -298,10 +241,11 @@ class LungRiskEnsemble:
         self.spec = spec
         self.members = tuple(members)
         self.models = list(models)
-        self.device = device
-        self.precision = str(precision).lower()
-        self.amp_dtype = resolve_precision(self.precision, device)
-        self.allow_tf32 = self.precision == "tf32"
+        self.placement = placement(device, precision)
+        self.device = self.placement.device
+        self.precision = self.placement.precision
+        self.amp_dtype = self.placement.amp_dtype
+        self.allow_tf32 = self.placement.allow_tf32
         self.channels_last = bool(channels_last)
         self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)
@@ -367,25 +311,30 @@ class LungRiskEnsemble:
         return head(f.float())
 
     @torch.inference_mode()
-    def member_outputs(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw outputs (N, M) for a normalised float32 batch (N, 3, 224, 224)."""
+    def member_outputs(self, x: torch.Tensor, on_member: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Raw outputs (N, M) for a normalised float32 batch (N, 3, 224, 224); ``on_member(i)``
+        is called after member ``i`` has run (progress)."""
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
         with fp32_math(self.allow_tf32):
-            outs = [self._run(i, x)[:, 0].float() for i in range(len(self.models))]
+            for i in range(len(self.models)):
+                outs.append(self._run(i, x)[:, 0].float())
+                if on_member is not None:
+                    on_member(i)
         return torch.stack(outs, 1)
 
     def combine(self, per_member: np.ndarray) -> np.ndarray:
         """LASSO combination in float64: ``per_member @ w + intercept``."""
         return per_member.astype(np.float64) @ self._w + self.spec.intercept
 
-    def predict_uint8(self, batch_u8: torch.Tensor) -> EnsembleResult:
+    def predict_uint8(self, batch_u8: torch.Tensor, on_member: Callable[[int], None] | None = None) -> EnsembleResult:
         """Score a uint8 NCHW batch of 224x224 RGB crops (normalised on the model's device)."""
         if self.device.type == "cuda" and not batch_u8.is_pinned():
             batch_u8 = batch_u8.pin_memory()
         x = normalize(batch_u8.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
-        per = self.member_outputs(x).cpu().double().numpy()
+        per = self.member_outputs(x, on_member).cpu().double().numpy()
         return EnsembleResult(self.combine(per), per)
 
 
@@ -400,3 +349,92 @@ def check_member_files(spec: EnsembleSpec, source: WeightSource) -> None:
             f"{source.location}: holds {len(found)} member files but the spec lists {len(spec.members)} "
             f"(unexpected: {', '.join(extra[:3])}); is this the right weights folder?"
         )
+
+
+class LungRiskModel:
+    """CXR-Lung-Risk as the pipeline sees it (:class:`cxr_lung_risk.registry.Model`).
+
+    Columns: ``CXR_Lung_Risk`` and, with ``per_model``, each member's raw output
+    ``Lung_Age_081221_<i>``.
+    """
+
+    def __init__(self, ensemble: LungRiskEnsemble, *, per_model: bool = False, weights_identity: dict | None = None) -> None:
+        self.ensemble = ensemble
+        self.spec = ensemble.spec
+        self.placement = ensemble.placement
+        self.per_model = bool(per_model)
+        self.weights_identity = dict(weights_identity or {})
+        self.columns = [self.spec.column] + (ensemble.member_names if self.per_model else [])
+
+    @property
+    def title(self) -> str:
+        return self.spec.title
+
+    def score(self, batch_u8: torch.Tensor, on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+        """``on_step(f)``: a further fraction ``f`` of this batch's work is done (progress)."""
+        n = len(self.ensemble.models)
+        res = self.ensemble.predict_uint8(batch_u8, None if on_step is None else (lambda i: on_step(1.0 / n)))
+        out = {self.spec.column: res.scores}
+        if self.per_model:
+            for j, name in enumerate(self.ensemble.member_names):
+                out[name] = res.per_member[:, j]
+        return out
+
+    def measurements(self, row: dict) -> list:
+        from .outputs.sr import CxrCodes, measurement_from_spec
+
+        members = {n: float(row[n]) for n in self.ensemble.member_names if n in row} if self.per_model else None
+        return [measurement_from_spec(self.spec, CxrCodes.CXR_LUNG_RISK, float(row[self.spec.column]), members)]
+
+    def algorithm(self, extra: dict[str, str] | None = None):
+        from .outputs.sr import algorithm_info
+
+        params = dict(self.placement.parameters())
+        if len(self.ensemble.members) != len(self.spec.active_members()):
+            params["all_members"] = "true"
+        params.update(extra or {})
+        return algorithm_info(self.spec, params, self.weights_identity)
+
+    def saliency_target(self):
+        from .saliency import SaliencyTarget
+
+        ens = self.ensemble
+        weights = [float(mem.weight) for mem in ens.members]
+        intercept = float(ens.spec.intercept)
+        models = list(ens.models)
+
+        def combined(x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) + intercept
+            for w, net in zip(weights, models):
+                out = out + w * net(x)[:, 0].to(x.dtype)
+            return out
+
+        return SaliencyTarget(
+            name=ens.spec.name,
+            title=ens.spec.title,
+            score=combined,
+            plain_parts=list(zip(models, weights)),
+            outer=lambda y: y + intercept,
+            mean=ens.spec.mean,
+            std=ens.spec.std,
+            device=ens.device,
+        )
+
+
+def load_model(options=None) -> LungRiskModel:
+    """Find the weights (``options.weights`` or the fetch-weights cache) and load the ensemble."""
+    from .fetch import find_lung_risk_weights, weights_identity
+    from .registry import ModelOptions
+
+    o = options or ModelOptions()
+    loc = find_lung_risk_weights(o.weights)
+    if loc is None:
+        if o.weights:
+            raise WeightsNotFoundError(f"CXR-Lung-Risk weights not found at {o.weights}")
+        raise WeightsNotFoundError(
+            "no CXR-Lung-Risk weights found: run `cxr-lung-risk fetch-weights` "
+            "(downloads Zenodo record 7941660, 2.16 GB) or pass --weights FOLDER_OR_ZIP "
+            "(or try the tool on synthetic weights with `cxr-lung-risk demo --out DIR`)"
+        )
+    ens = LungRiskEnsemble.load(loc, all_members=o.all_members, device=o.device, precision=o.precision)
+    return LungRiskModel(ens, per_model=o.per_model, weights_identity=weights_identity(Path(loc)))

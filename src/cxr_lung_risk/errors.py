@@ -1,26 +1,60 @@
-"""Mapping of the known error kinds to the one-sentence messages users see."""
+"""The package's one error family.
+
+Every error this package raises on purpose derives from :class:`CxrLungRiskError` and carries
+one plain sentence that tells the user what is wrong and what to do. Exit codes and how a
+message is shown are decided by the command-line adapter (:mod:`cxr_lung_risk.cli`), never here.
+
+Problems with one input file are not exceptions: they become a record with a
+:class:`~cxr_lung_risk.records.Status` and a reason (see :mod:`cxr_lung_risk.records`).
+
+This module imports nothing heavy (no torch, no pydicom), so the CLI can validate options and
+report mistakes before the models are imported.
+"""
 from __future__ import annotations
 
+__all__ = [
+    "CxrLungRiskError",
+    "UsageError",
+    "InputNotFoundError",
+    "DeviceError",
+    "WeightsError",
+    "WeightsNotFoundError",
+    "OutputError",
+    "OutputLockedError",
+]
 
-EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2  # all scored; nothing scored or a usage error; some failed
+
+class CxrLungRiskError(Exception):
+    """Base class: an expected problem, explained in one sentence (``str(error)``)."""
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for (paths, options)."""
+class UsageError(CxrLungRiskError):
+    """What was asked for cannot be done as asked (options, paths)."""
 
 
-def user_message(e: BaseException) -> str | None:
-    """The one-line message for an expected error, or None for an unexpected one."""
-    from .transforms import RasterError
-    from .weights import WeightsError
+class InputNotFoundError(UsageError):
+    """An INPUT path does not exist."""
 
-    known: tuple[type[BaseException], ...] = (UsageError, WeightsError, RasterError, FileNotFoundError, PermissionError)
-    try:
-        from .fetch import FetchError
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(f"input not found: {path} (INPUT must be existing DICOM/PNG/JPEG files or folders)")
 
-        known = known + (FetchError,)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(e, known):
-        return str(e)
-    return None
+
+class DeviceError(UsageError):
+    """The requested device or arithmetic is not available here."""
+
+
+class WeightsError(CxrLungRiskError):
+    """Model weights are missing, incomplete, of the wrong layout or unsafe to read."""
+
+
+class WeightsNotFoundError(WeightsError):
+    """No weights were found where they were looked for."""
+
+
+class OutputError(CxrLungRiskError):
+    """The output folder cannot be used (not writable, a file, unsafe)."""
+
+
+class OutputLockedError(OutputError):
+    """Another run is writing into the same output folder."""

@@ -7,6 +7,7 @@ networks see, or a recorded reason why not. Data flows one way: ``dicom_io`` ->
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import numpy as np
 
 from . import dicom_io, preprocess, transforms
 from .dicom_io import InputFile, SelectionOptions
+from .records import Status
 
 __all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "RASTER_SUFFIXES"]
 
@@ -34,7 +36,7 @@ class PrepareOptions:
 @dataclass
 class Prepared:
     file: InputFile
-    status: str  # ok | skipped | failed
+    status: Status
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
     kind: str = ""  # dicom | raster
@@ -45,30 +47,45 @@ class Prepared:
 
 
 def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
-    """Never raises for bad input: the reason lands in the returned record."""
+    """Never raises for bad input: the reason lands in the returned record. Warnings raised by
+    the libraries (pydicom, numpy, Pillow) while this input is read become its warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = _prepare(item, opts)
+    seen = set(p.warnings)
+    for w in caught:
+        msg = " ".join(str(w.message).split())[:200]
+        if msg and msg not in seen:
+            seen.add(msg)
+            p.warnings.append(msg)
+    return p
+
+
+def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     path = item.path
     try:
         if opts.accept_raster and dicom_io.is_raster_image(path):
             img = transforms.open_raster(path)
             crop = transforms.center_crop_resize(img, opts.size)
-            return Prepared(item, "ok", kind="raster", image=transforms.to_uint8_chw(crop))
+            return Prepared(item, Status.OK, kind="raster", image=transforms.to_uint8_chw(crop))
         loaded = dicom_io.load_image(path, opts.selection)
         uids = {
             "StudyInstanceUID": loaded.study_uid or "",
             "SeriesInstanceUID": loaded.series_uid or "",
             "SOPInstanceUID": loaded.sop_uid or "",
         }
-        if loaded.status != "ok":
+        status = Status(str(loaded.status))
+        if status is not Status.OK:
             if loaded.reason.startswith("skipped: not a DICOM file") and opts.accept_raster:
                 reason = "skipped: not a DICOM file or a PNG/JPEG image"
             else:
                 reason = loaded.reason
-            return Prepared(item, loaded.status, reason, list(loaded.warnings), "dicom", uids=uids)
+            return Prepared(item, status, reason, list(loaded.warnings), "dicom", uids=uids)
         gray = preprocess.preprocess_pixels(loaded.pixels, loaded.meta, version=opts.im_version)
         crop = transforms.center_crop_resize(transforms.gray_to_pil(gray), opts.size)
         return Prepared(
             item,
-            "ok",
+            Status.OK,
             warnings=list(loaded.warnings),
             kind="dicom",
             image=transforms.to_uint8_chw(crop),
@@ -77,15 +94,11 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
             uids=uids,
         )
     except transforms.RasterError as e:
-        return Prepared(item, "failed", f"failed: {e}")
+        return Prepared(item, Status.FAILED, f"failed: {e}")
     except MemoryError:
-        return Prepared(item, "failed", "failed: not enough memory to decode this image")
+        return Prepared(item, Status.FAILED, "failed: not enough memory to decode this image")
     except Exception as e:  # a bug or an unforeseen file: record it, keep the batch going
-        return Prepared(item, "failed", f"failed: {type(e).__name__}: {str(e)[:200]}")
-
-
-def _prepare_star(args: tuple[InputFile, PrepareOptions]) -> Prepared:
-    return prepare(*args)
+        return Prepared(item, Status.FAILED, f"failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def default_workers() -> int:

@@ -1,140 +1,93 @@
 """The ``predict`` and ``preprocess`` jobs: discovery -> preparation -> models -> outputs.
 
 Streaming: inputs are prepared in order (optionally in worker processes), scored in batches,
-and every result is written as soon as it exists. Every input gets exactly one manifest row.
+and every result is written as soon as it exists. Every input gets exactly one manifest row and
+one record (:mod:`cxr_lung_risk.records`). Both jobs take typed options
+(:mod:`cxr_lung_risk.options`) and return a :class:`RunSummary`; they never exit the process or
+choose exit codes (that is the CLI's job).
 """
 from __future__ import annotations
 
-import argparse
+import fcntl
 import json
 import os
-import sys
 import time
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
-from .errors import EXIT_NONE, EXIT_OK, EXIT_SOME_FAILED, UsageError
-from .outputs.tables import ManifestWriter, ResultWriter
+from .dicom_io import InputFile, discover, is_dicom_file
+from .errors import InputNotFoundError, OutputError, OutputLockedError, UsageError
+from .options import PredictOptions, PreprocessOptions
+from .outputs.base import UniqueNames
+from .outputs.tables import ManifestWriter, RecordWriter, ResultWriter
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
+from .progress import Progress, say
+from .records import InputRecord, Status
+from .registry import Model, load_model, resolve_models
+
+__all__ = ["RunSummary", "run_predict", "run_preprocess", "load_models", "UID_COLUMNS", "RUN_JSON"]
 
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-FORMATS = ("csv", "sr", "json")
+RUN_JSON = "run.json"
+LOCK_FILE = ".cxr-lung-risk.lock"
+
+# Progress of one scored input: decoded, the networks, written.
+_STEP_PREPARED, _STEP_WRITTEN = 0.1, 0.1
+_STEP_MODELS = 1.0 - _STEP_PREPARED - _STEP_WRITTEN
 
 
-class Scorer(Protocol):
-    """A loaded model: turns a uint8 NCHW batch into named output columns."""
+@dataclass
+class RunSummary:
+    """What a run did: counts by status and where its outputs are."""
 
-    title: str
-    columns: list[str]
+    out: Path
+    inputs: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {"ok": 0, "skipped": 0, "failed": 0})
+    timings: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # about the run itself (e.g. an unwritable --timings)
+    weights: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def score(self, batch_u8: torch.Tensor) -> dict[str, np.ndarray]: ...
+    @property
+    def scored(self) -> int:
+        return self.counts.get("ok", 0)
 
-    def measurements(self, row: dict[str, Any]) -> list[Any]: ...
+    @property
+    def failed(self) -> int:
+        return self.counts.get("failed", 0)
 
+    @property
+    def skipped(self) -> int:
+        return self.counts.get("skipped", 0)
 
-class LungRiskScorer:
-    """Adapter of :class:`~cxr_lung_risk.engine.LungRiskEnsemble` to the output columns."""
-
-    def __init__(self, ensemble, per_model: bool) -> None:
-        self.ensemble = ensemble
-        self.spec = ensemble.spec
-        self.title = self.spec.title
-        self.per_model = per_model
-        self.columns = [self.spec.column] + (ensemble.member_names if per_model else [])
-
-    def score(self, batch_u8: torch.Tensor) -> dict[str, np.ndarray]:
-        res = self.ensemble.predict_uint8(batch_u8)
-        out = {self.spec.column: res.scores}
-        for j, name in enumerate(self.ensemble.member_names):
-            out[name] = res.per_member[:, j]
-        return out
-
-    def measurements(self, row: dict[str, Any]) -> list[Any]:
-        from .outputs.sr import lung_risk_measurement
-
-        members = {n: float(row[n]) for n in self.ensemble.member_names if n in row} if self.per_model else None
-        return [lung_risk_measurement(float(row[self.spec.column]), members=members)]
+    @property
+    def synthetic(self) -> bool:
+        return any(w.get("synthetic") for w in self.weights.values())
 
 
-def _parse_formats(text: str) -> set[str]:
-    fmts = {t.strip().lower() for t in text.split(",") if t.strip()}
-    bad = fmts - set(FORMATS)
-    if bad or not fmts:
-        raise UsageError(f"--format takes a comma-separated list among {', '.join(FORMATS)} (got {text!r})")
-    return fmts
-
-
-def _discover(inputs: Sequence[str]):
-    from .dicom_io import discover
-
+# --------------------------------------------------------------------------------- helpers
+def _discover(inputs: Sequence[Path], out: Path | None = None) -> list[InputFile]:
     try:
-        files = list(discover(inputs))
+        try:
+            return list(discover(inputs, exclude=[out] if out is not None else None))
+        except TypeError:  # a discover() without exclude
+            return list(discover(inputs))
     except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
-    return files
-
-
-def _load_lung_risk(args: argparse.Namespace) -> LungRiskScorer:
-    from .engine import LungRiskEnsemble
-    from .fetch import find_lung_risk_weights
-
-    loc = find_lung_risk_weights(args.weights)
-    if loc is None:
-        if args.weights:
-            raise UsageError(f"weights not found at {args.weights}")
-        raise UsageError(
-            "no CXR-Lung-Risk weights found: run `cxr-lung-risk fetch-weights` "
-            "(downloads Zenodo record 7941660, 2.16 GB) or pass --weights FOLDER_OR_ZIP"
-        )
-    ens = LungRiskEnsemble.load(loc, all_members=args.all_members, device=args.device, precision=args.precision)
-    return LungRiskScorer(ens, per_model=args.per_model)
-
-
-def _load_scorers(args: argparse.Namespace) -> list[Scorer]:
-    scorers: list[Scorer] = []
-    if args.model in ("lung-risk", "all"):
-        scorers.append(_load_lung_risk(args))
-    if args.model in ("age", "all"):
-        from .age import load_age_scorer
-
-        scorers.append(load_age_scorer(args))
-    return scorers
-
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=None, file=sys.stderr, leave=False)
-
-
-def _manifest_reason(p: Prepared) -> str:
-    if p.status == "ok":
-        return "; ".join(f"warning: {w}" for w in p.warnings)
-    return p.reason
-
-
-def _batches(stream: Iterator[Prepared], size: int, manifest: ManifestWriter, bar) -> Iterator[list[Prepared]]:
-    batch: list[Prepared] = []
-    for p in stream:
-        if p.status != "ok":
-            manifest.write(p.file.rel, p.status, _manifest_reason(p))
-            bar.update(1)
-            continue
-        batch.append(p)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        raise InputNotFoundError(getattr(e, "filename", None) or e) from None
+    except Exception as e:
+        if type(e).__name__ == "DicomInputError":
+            raise UsageError(str(e)) from None
+        raise
 
 
 def _process_age_s() -> float | None:
     """Seconds since this process started (Linux ``/proc``), else None: the start-up phase
-    (interpreter, imports) that precedes :func:`run_predict`."""
+    (interpreter, imports) that precedes the job."""
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -176,125 +129,292 @@ class PhaseTimer:
         return d
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from .cli import _selection_from_args
+class _OutputLock:
+    """An exclusive lock on the output folder: a second run into the same ``--out`` is refused."""
 
-    timer = PhaseTimer()
-    formats = _parse_formats(args.format)
-    if args.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    files = _discover(args.inputs)
-    if not files:
-        raise UsageError("no input files found in " + ", ".join(map(str, args.inputs)))
-    t = time.perf_counter()
-    scorers = _load_scorers(args)
-    timer.add("load", t)
-    opts = PrepareOptions(selection=_selection_from_args(args), im_version=args.im_version)
-    workers = default_workers() if args.workers is None else args.workers
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    from .dicom_io import is_dicom_file
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_FILE
+        self._fd: int | None = None
 
-    any_dicom = any(is_dicom_file(f.path) for f in files)
-    columns = ["File"] + (list(UID_COLUMNS) if any_dicom else [])
-    for s in scorers:
-        columns += s.columns
-    writer = ResultWriter(out, columns, csv_out="csv" in formats, json_out="json" in formats)
-    manifest = ManifestWriter(out)
-    sr_writer = _SRWriter(out, scorers, args) if "sr" in formats else None
-    saliency = None
-    if args.saliency:
-        from .saliency import SaliencyWriter
+    def __enter__(self) -> "_OutputLock":
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            raise OutputError(f"cannot use the output folder {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"another cxr-lung-risk run is writing into {self.path.parent}; wait for it to finish or choose another --out"
+            ) from None
+        self._fd = fd
+        return self
 
-        saliency = SaliencyWriter(out, scorers, args)
-    scored = 0
-    bar = _progress(len(files), "scoring")
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+
+def _prepare_out(out: Path) -> None:
     try:
-        stream = timer.timed("prepare", iter_prepared(files, opts, workers=workers))
-        for batch in _batches(stream, args.batch_size, manifest, bar):
-            t = time.perf_counter()
-            x = torch.from_numpy(np.stack([p.image for p in batch]))
-            results: dict[str, np.ndarray] = {}
-            for s in scorers:
-                results.update(s.score(x))
-            t = timer.add("infer", t)
-            for i, p in enumerate(batch):
-                row: dict[str, Any] = {"File": p.file.rel, **p.uids}
-                for k, v in results.items():
-                    row[k] = float(v[i])
-                reason = _manifest_reason(p)
-                try:
-                    if sr_writer is not None and p.dataset is not None:
-                        sr_writer.write(p, row)
-                    if saliency is not None:
-                        saliency.write(p, row)
-                except Exception as e:  # one object that cannot be written must not lose the others
-                    manifest.write(p.file.rel, "failed", f"failed: scored but writing its DICOM output failed: {type(e).__name__}: {str(e)[:160]}")
-                    writer.write(row)
-                    bar.update(1)
-                    continue
-                writer.write(row)
-                manifest.write(p.file.rel, "ok", reason)
-                scored += 1
-                bar.update(1)
-            timer.add("write", t)
-    finally:
-        bar.close()
-        writer.close()
-        manifest.close()
-    n_failed = manifest.counts.get("failed", 0)
-    n_skipped = manifest.counts.get("skipped", 0)
-    tm = timer.as_dict(inputs=len(files), scored=scored, workers=workers, batch_size=args.batch_size)
-    print(
-        f"cxr-lung-risk: scored {scored}, skipped {n_skipped}, failed {n_failed} of {len(files)} inputs -> {out} "
-        f"({tm['run_s']:.1f} s: load {tm['load_s']:.1f}, prepare {tm['prepare_s']:.1f}, models {tm['infer_s']:.1f}, "
-        f"write {tm['write_s']:.1f})",
-        file=sys.stderr,
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"the output folder {out} is not writable")
+
+
+def _reason(p: Prepared) -> str:
+    if p.status is Status.OK:
+        return "; ".join(f"warning: {w}" for w in p.warnings)
+    return p.reason
+
+
+def _record(p: Prepared) -> InputRecord:
+    return InputRecord(
+        input=_printable_path(p.file.path),
+        file=p.file.rel,
+        status=p.status,
+        reason=p.reason if p.status is not Status.OK else "",
+        warnings=list(p.warnings),
+        study_uid=p.uids.get("StudyInstanceUID", ""),
+        series_uid=p.uids.get("SeriesInstanceUID", ""),
+        sop_uid=p.uids.get("SOPInstanceUID", ""),
     )
-    if getattr(args, "timings", None):
-        Path(args.timings).write_text(json.dumps(tm, indent=1) + "\n")
-    if scored == 0:
-        return EXIT_NONE
-    return EXIT_SOME_FAILED if n_failed else EXIT_OK
+
+
+def _printable_path(path: Path) -> str:
+    text = os.fsdecode(os.fspath(path))
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if any(0xDC80 <= ord(c) <= 0xDCFF for c in text) else text
+
+
+def load_models(keys: Sequence[str], options: PredictOptions) -> list[Model]:
+    """Load the models ``keys`` (registry keys) with the run's options, in output order."""
+    return [load_model(k, options.model_options(k)) for k in resolve_models(keys)]
+
+
+def _weights_label(models: Sequence[Model]) -> str:
+    kinds = []
+    for m in models:
+        ident = m.weights_identity or {}
+        kind = "SYNTHETIC" if ident.get("synthetic") else ("published" if ident.get("published") else "unverified")
+        kinds.append(f"{m.spec.key}={kind}")
+    return ";".join(kinds)
 
 
 class _SRWriter:
     """One DICOM SR per scored DICOM image, named after the source SOP Instance UID."""
 
-    def __init__(self, out: Path, scorers: Sequence[Scorer], args: argparse.Namespace) -> None:
+    def __init__(self, out: Path, models: Sequence[Model], *, deterministic: bool, extra: dict[str, str], names: UniqueNames) -> None:
         from .outputs import sr
 
         self.sr = sr
-        self.dir = out / "sr"
-        self._written: dict[str, int] = {}
-        self.scorers = scorers
-        self.deterministic = bool(getattr(args, "deterministic", False))
-        params = {
-            "device": str(getattr(args, "device", "auto")),
-            "precision": str(getattr(args, "precision", "fp32")),
-            "im_version": str(getattr(args, "im_version", "")),
-        }
-        if getattr(args, "all_members", False):
-            params["all_members"] = "true"
-        if getattr(args, "model", "lung-risk") in ("age", "all"):
-            params["tta"] = "true" if getattr(args, "tta", True) else "false"
-        self.algorithm = sr.AlgorithmInfo(name="cxr-lung-risk", version=__version__, parameters=params)
+        self.out = out
+        self.models = list(models)
+        self.deterministic = deterministic
+        self.names = names
+        self.algorithms = {}
+        for m in self.models:
+            algo = m.algorithm(extra)
+            for col in [m.spec.column]:
+                self.algorithms[col] = algo
 
-    def write(self, p: Prepared, row: dict[str, Any]) -> None:
+    def write(self, p: Prepared, row: dict[str, Any]) -> str:
         measurements = []
-        for s in self.scorers:
-            measurements += s.measurements(row)
-        ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithm, deterministic=self.deterministic)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = self.sr.sr_filename(p.uids.get("SOPInstanceUID", ""))
-        if name in self._written:  # the same source image given twice: keep both reports
-            self._written[name] += 1
-            name = f"{name[:-4]}_{self._written[name]}.dcm"
+        for m in self.models:
+            measurements += m.measurements(row)
+        ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
+        rel = self.names.claim("sr/" + self.sr.sr_filename(p.uids.get("SOPInstanceUID", "")))
+        self.sr.write_sr(ds, self.out / rel)
+        return rel
+
+
+def _write_json_quietly(path: Path, data: dict[str, Any], summary: RunSummary, what: str) -> None:
+    try:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        msg = f"could not write {what} {path}: {e.strerror or e}"
+        summary.warnings.append(msg)
+        say(f"warning: {msg}")
+
+
+# --------------------------------------------------------------------------------- predict
+def run_predict(opts: PredictOptions) -> RunSummary:
+    """Score every input of ``opts``; write the tables, SRs, saliency maps, manifest and records."""
+    opts.validate()
+    timer = PhaseTimer()
+    keys = resolve_models(opts.models)
+    files = _discover(opts.inputs, opts.out)
+    if not files:
+        raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
+    out = opts.out
+    _prepare_out(out)
+    summary = RunSummary(out=out, inputs=len(files))
+    with _OutputLock(out):
+        if opts.progress:
+            titles = ", ".join(_title(k) for k in keys)
+            say(f"{len(files)} input file(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
+        t = time.perf_counter()
+        models = load_models(keys, opts)
+        timer.add("load", t)
+        summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
+        if summary.synthetic:
+            say("WARNING: running on SYNTHETIC weights: the scores are meaningless (see `cxr-lung-risk fetch-weights`)")
+        _run_models(opts, files, models, timer, summary)
+    tm = timer.as_dict(inputs=len(files), scored=summary.scored, workers=summary.timings.get("workers"), batch_size=opts.batch_size)
+    summary.timings = tm
+    if opts.timings is not None:
+        _write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
+    return summary
+
+
+def _title(key: str) -> str:
+    from .registry import spec_for
+
+    return spec_for(key).title
+
+
+def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model], timer: PhaseTimer, summary: RunSummary) -> None:
+    out = opts.out
+    workers = default_workers() if opts.workers is None else opts.workers
+    summary.timings["workers"] = workers
+    prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
+    any_dicom = any(is_dicom_file(f.path) for f in files)
+    columns = ["File"] + (list(UID_COLUMNS) if any_dicom else [])
+    for m in models:
+        columns += m.columns
+    columns.append("Weights")
+    weights_label = _weights_label(models)
+    names = UniqueNames()
+    extra = {"im_version": opts.im_version}
+    writer = ResultWriter(out, columns, csv_out="csv" in opts.formats, json_out="json" in opts.formats)
+    manifest = ManifestWriter(out)
+    records = RecordWriter(out)
+    sr_writer = _SRWriter(out, models, deterministic=opts.deterministic, extra=extra, names=names) if "sr" in opts.formats else None
+    saliency = None
+    if opts.saliency:
+        from .saliency import SaliencyWriter
+
+        saliency = SaliencyWriter(out, models, method=opts.saliency_method, deterministic=opts.deterministic, names=names)
+    _write_json_quietly(out / RUN_JSON, _run_info(opts, models, len(files)), summary, "the run description")
+    progress = Progress(len(files), desc="scoring", enabled=opts.progress)
+
+    def finish(rec: InputRecord, done: float) -> None:
+        manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else "; ".join(f"warning: {w}" for w in rec.warnings))
+        records.write(rec)
+        summary.counts[str(rec.status)] = summary.counts.get(str(rec.status), 0) + 1
+        progress.finish_input(rec.status, done)
+        if rec.warnings and opts.progress:
+            for w in rec.warnings:
+                say(f"warning: {rec.file}: {w}")
+
+    try:
+        batch: list[Prepared] = []
+        stream = timer.timed("prepare", iter_prepared(files, prep, workers=workers))
+        for p in stream:
+            if p.status is not Status.OK:
+                finish(_record(p), 0.0)
+                continue
+            progress.advance(_STEP_PREPARED)
+            batch.append(p)
+            if len(batch) >= opts.batch_size:
+                _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out)
+                batch = []
+        if batch:
+            _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out)
+    finally:
+        progress.close()
+        writer.close()
+        manifest.close()
+        records.close()
+
+
+def _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out) -> None:
+    t = time.perf_counter()
+    x = torch.from_numpy(np.stack([p.image for p in batch]))
+    results: dict[str, np.ndarray] = {}
+    n = len(batch)
+    share = _STEP_MODELS / max(1, len(models))
+    for m in models:
+        results.update(m.score(x, on_step=lambda f: progress.advance(f * share * n)))
+    t = timer.add("infer", t)
+    rows = []
+    for i, p in enumerate(batch):
+        row: dict[str, Any] = {"File": p.file.rel, **p.uids, "Weights": weights_label}
+        for k, v in results.items():
+            row[k] = float(v[i])
+        rows.append(row)
+    maps = None
+    if saliency is not None:
+        try:
+            maps = saliency.write_batch(batch, rows)
+        except Exception as e:  # noqa: BLE001 - per-item fallback below records the reason
+            maps = None
+            saliency_error = f"{type(e).__name__}: {str(e)[:160]}"
         else:
-            self._written[name] = 1
-        self.sr.write_sr(ds, self.dir / name)
+            saliency_error = ""
+    for i, p in enumerate(batch):
+        row = rows[i]
+        rec = _record(p)
+        rec.values = {k: row[k] for k in results}
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if sr_writer is not None and p.dataset is not None:
+                    rec.add_output("sr", sr_writer.write(p, row))
+                if saliency is not None:
+                    if maps is None:
+                        raise RuntimeError(f"saliency maps could not be made ({saliency_error})")
+                    for kind, rel in maps[i]:
+                        rec.add_output(kind, rel)
+            for w in caught:
+                msg = " ".join(str(w.message).split())[:200]
+                if msg and msg not in rec.warnings:
+                    rec.warnings.append(msg)
+        except Exception as e:  # one object that cannot be written must not lose the others
+            rec.status = Status.FAILED
+            rec.reason = f"failed: scored but writing its DICOM output failed: {type(e).__name__}: {str(e)[:160]}"
+        writer.write(row)
+        finish(rec, 1.0 - _STEP_WRITTEN)
+    timer.add("write", t)
 
 
+def _run_info(opts: PredictOptions, models: Sequence[Model], n_inputs: int) -> dict[str, Any]:
+    return {
+        "software": {"name": "cxr-lung-risk", "version": __version__, "torch": torch.__version__},
+        "inputs": [str(p) for p in opts.inputs],
+        "n_inputs": n_inputs,
+        "models": {
+            m.spec.key: {
+                "title": m.spec.title,
+                "device": m.placement.device_name,
+                "precision": m.placement.precision,
+                "weights": m.weights_identity,
+            }
+            for m in models
+        },
+        "options": {
+            "batch_size": opts.batch_size,
+            "formats": sorted(opts.formats),
+            "per_model": opts.per_model,
+            "all_members": opts.all_members,
+            "deterministic": opts.deterministic,
+            "tta": opts.tta,
+            "saliency": opts.saliency_method if opts.saliency else None,
+            "im_version": opts.im_version,
+        },
+    }
+
+
+# --------------------------------------------------------------------------------- preprocess
 def _png_name(rel: str) -> str:
     r = Path(rel)
     if r.suffix.lower() in (".dcm", ".dicom", ".ima"):
@@ -302,37 +422,38 @@ def _png_name(rel: str) -> str:
     return r.as_posix() + ".png"
 
 
-def run_preprocess(args: argparse.Namespace) -> int:
-    from .cli import _selection_from_args
+def run_preprocess(opts: PreprocessOptions) -> RunSummary:
+    """Write the authors' 8-bit PNG of every accepted DICOM input (``DIR/<File>.png``)."""
     from .preprocess import write_png
 
-    files = _discover(args.inputs)
+    opts.validate()
+    files = _discover(opts.inputs, opts.out)
     if not files:
-        raise UsageError("no input files found in " + ", ".join(map(str, args.inputs)))
-    opts = PrepareOptions(selection=_selection_from_args(args), im_version=args.im_version, keep_512=True, accept_raster=False)
-    workers = default_workers() if args.workers is None else args.workers
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    bar = _progress(len(files), "preprocessing")
-    with ManifestWriter(out) as manifest:
-        for p in iter_prepared(files, opts, workers=workers):
-            bar.update(1)
-            if p.status != "ok":
-                manifest.write(p.file.rel, p.status, p.reason)
-                continue
-            dest = out / _png_name(p.file.rel)
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                write_png(dest, p.gray)
-            except OSError as e:
-                manifest.write(p.file.rel, "failed", f"failed: cannot write {dest}: {e.strerror or e}")
-                continue
-            manifest.write(p.file.rel, "ok", _manifest_reason(p))
-            written += 1
-        bar.close()
-        n_failed = manifest.counts.get("failed", 0)
-    print(f"cxr-lung-risk: wrote {written} PNG(s) of {len(files)} inputs -> {out}", file=sys.stderr)
-    if written == 0:
-        return EXIT_NONE
-    return EXIT_SOME_FAILED if n_failed else EXIT_OK
+        raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
+    prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version, keep_512=True, accept_raster=False)
+    workers = default_workers() if opts.workers is None else opts.workers
+    out = opts.out
+    _prepare_out(out)
+    summary = RunSummary(out=out, inputs=len(files))
+    names = UniqueNames()
+    with _OutputLock(out), ManifestWriter(out) as manifest, RecordWriter(out) as records:
+        progress = Progress(len(files), desc="preprocessing", enabled=opts.progress)
+        try:
+            for p in iter_prepared(files, prep, workers=workers):
+                rec = _record(p)
+                if p.status is Status.OK:
+                    rel = names.claim(_png_name(p.file.rel))
+                    try:
+                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                        write_png(out / rel, p.gray)
+                        rec.add_output("png", rel)
+                    except OSError as e:
+                        rec.status = Status.FAILED
+                        rec.reason = f"failed: cannot write {out / rel}: {e.strerror or e}"
+                manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else _reason(p))
+                records.write(rec)
+                summary.counts[str(rec.status)] = summary.counts.get(str(rec.status), 0) + 1
+                progress.finish_input(rec.status)
+        finally:
+            progress.close()
+    return summary

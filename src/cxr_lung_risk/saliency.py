@@ -75,10 +75,18 @@ class SaliencyTarget:
 
 
 def target_for(scorer: Any) -> SaliencyTarget:
-    """The differentiable final score of a ``predict`` Scorer (CXR-Age or the CXR-Lung-Risk ensemble)."""
-    from .age import AgeScorer, calibrate
+    """The differentiable final score of a loaded model (CXR-Age or the CXR-Lung-Risk ensemble).
 
-    if isinstance(scorer, AgeScorer):
+    A model that provides ``saliency_target()`` (:class:`cxr_lung_risk.registry.Model`) is asked
+    for it; otherwise an object holding a :class:`~cxr_lung_risk.age.CXRAge` as ``.model`` or a
+    ``LungRiskEnsemble`` as ``.ensemble`` is accepted.
+    """
+    from .age import CXRAge, calibrate
+
+    make = getattr(scorer, "saliency_target", None)
+    if callable(make):
+        return make()
+    if isinstance(getattr(scorer, "model", None), CXRAge):
         m = scorer.model
         return SaliencyTarget(
             name=scorer.spec.name,

@@ -11,7 +11,10 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-__all__ = ["Member", "ModelSpec", "EnsembleSpec", "AgeSpec", "load_spec", "lung_risk_spec", "age_spec"]
+__all__ = ["Member", "ModelSpec", "EnsembleSpec", "AgeSpec", "load_spec", "lung_risk_spec", "age_spec", "SPEC_FILES"]
+
+#: The model definitions shipped in ``models/`` (one JSON file per model), in output order.
+SPEC_FILES = ("cxr_lung_risk", "cxr_age")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class ModelSpec:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    key: str  # the --model name ('lung-risk', 'age')
+    module: str  # the model's home module (loading, scoring, SR measurements, saliency target)
+    weights_option: str  # the CLI option that names its weights
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,9 @@ def _common(raw: dict[str, Any]) -> dict[str, Any]:
         input_size=int(raw["input"]["size"]),
         mean=tuple(raw["input"]["mean"]),
         std=tuple(raw["input"]["std"]),
+        key=raw["registry"]["key"],
+        module=raw["registry"]["module"],
+        weights_option=raw["registry"]["weights_option"],
     )
 
 
@@ -126,3 +135,8 @@ def age_spec() -> AgeSpec:
         weights=raw["weights"],
         raw=raw,
     )
+
+
+def spec_by_file(name: str) -> ModelSpec:
+    """The parsed spec of ``models/<name>.json``."""
+    return {"cxr_lung_risk": lung_risk_spec, "cxr_age": age_spec}[name]()

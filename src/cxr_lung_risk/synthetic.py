@@ -273,3 +273,45 @@ def write_synthetic_weights(
         SYNTHETIC_README.format(recipe=json.dumps(recipe.to_json(), sort_keys=True)), encoding="utf-8"
     )
     return hashes
+
+
+def synthetic_age_state_dict(seed: int = 1234) -> "OrderedDict[str, torch.Tensor]":
+    """SYNTHETIC CXR-Age weights (published keys and shapes, well-conditioned), from ``PCG64(seed)``.
+
+    Convolution/linear weights ``U(-b, b)`` with ``b = sqrt(3 / fan_in)``, BatchNorm gamma
+    ``U(0.5, 1)`` and small betas/biases, running statistics near 0/1. Not the published model.
+    """
+    from .age import build_age_model
+
+    rng = np.random.Generator(np.random.PCG64(int(seed)))
+    with torch.device("meta"):
+        model = build_age_model()
+    sd: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for k, v in model.state_dict().items():
+        shape = tuple(v.shape)
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(1000, dtype=torch.long)
+        elif k.endswith("running_var"):
+            sd[k] = torch.from_numpy(rng.uniform(0.5, 1.5, shape)).float()
+        elif k.endswith("running_mean"):
+            sd[k] = torch.from_numpy(rng.uniform(-0.1, 0.1, shape)).float()
+        elif len(shape) == 1:
+            lo, hi = (0.5, 1.0) if k.endswith("weight") else (-0.05, 0.05)
+            sd[k] = torch.from_numpy(rng.uniform(lo, hi, shape)).float()
+        else:
+            b = float(np.sqrt(3.0 / int(np.prod(shape[1:]))))
+            sd[k] = torch.from_numpy(rng.uniform(-b, b, shape)).float()
+    return sd
+
+
+def write_synthetic_age_weights(path: str | Path, seed: int = 1234) -> Path:
+    """Write SYNTHETIC CXR-Age weights in fastai v1's container (``{'model', 'opt'}``) to ``path``,
+    with ``SYNTHETIC_WEIGHTS_README.txt`` next to it. Returns ``path``."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": synthetic_age_state_dict(seed), "opt": {}}, p)
+    (p.parent / "SYNTHETIC_WEIGHTS_README.txt").write_text(
+        SYNTHETIC_README.replace("CXR-LUNG-RISK", "CXR-AGE").format(recipe=json.dumps({"age_seed": int(seed)})),
+        encoding="utf-8",
+    )
+    return p

@@ -16,7 +16,10 @@ from PIL import Image
 __all__ = ["RasterError", "open_raster", "gray_to_pil", "fastai_crop_box", "center_crop_resize", "to_uint8_chw", "normalize"]
 
 
-class RasterError(Exception):
+from .errors import CxrLungRiskError
+
+
+class RasterError(CxrLungRiskError):
     """A PNG/JPEG input cannot be used (one sentence)."""
 
 

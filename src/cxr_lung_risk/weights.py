@@ -22,8 +22,7 @@ from torch import nn
 __all__ = ["WeightsError", "WeightSource", "load_state_dict_file", "load_into", "open_source"]
 
 
-class WeightsError(Exception):
-    """A weights file is missing, unreadable or does not fit the architecture (one sentence)."""
+from .errors import WeightsError  # noqa: E402  (the package's error family)
 
 
 class _FastcoreL(list):

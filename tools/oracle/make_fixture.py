@@ -2,7 +2,8 @@
 
 Usage: python tools/oracle/make_fixture.py [--measure] [--weights-out DIR]
 
-1. Lists the fixture images (tests/data/oracle/images + the shared A..E samples) in recipe.json.
+1. Lists the fixture images (tests/data/oracle/images + the authors' A..E samples in
+   tests/data/reference/sample_png) in recipe.json.
 2. For each of the 20 members: draws the synthetic weights (cxr_lung_risk.synthetic), calibrates
    the BatchNorm statistics on all fixture images (our transforms: open_raster ->
    center_crop_resize -> to_uint8_chw) and stores them as tests/data/oracle/bn_stats/member_XX.npz
@@ -40,12 +41,13 @@ from cxr_lung_risk.transforms import center_crop_resize, normalize, open_raster,
 
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "tests" / "data" / "oracle"
-SHARED = Path(os.environ.get("CXR_SHARED_DIR", REPO.parent / "shared")).resolve()
+REFERENCE = REPO / "tests" / "data" / "reference"  # the authors' files, copied verbatim (PROVENANCE.md)
 
 
 def image_manifest() -> list[dict[str, str]]:
-    """[{name, engine, oracle}]: paths relative to the fixture dir, or 'shared:<rel>' for shared files."""
-    rows = [{"name": f"{k}.png", "engine": f"shared:reference/sample_png/{k}.png", "oracle": f"shared:reference/sample_png/{k}.png"} for k in "ABCDE"]
+    """[{name, engine, oracle}]: paths relative to the fixture dir, or 'reference:<rel>' for files
+    under tests/data/reference."""
+    rows = [{"name": f"{k}.png", "engine": f"reference:sample_png/{k}.png", "oracle": f"reference:sample_png/{k}.png"} for k in "ABCDE"]
     for p in sorted((FIX / "images").iterdir()):
         if p.name.endswith(".as8bit.png"):
             continue
@@ -57,7 +59,7 @@ def image_manifest() -> list[dict[str, str]]:
 
 
 def resolve(rel: str) -> Path:
-    return SHARED / rel[len("shared:") :] if rel.startswith("shared:") else FIX / rel
+    return REFERENCE / rel[len("reference:") :] if rel.startswith("reference:") else FIX / rel
 
 
 def load_batch(rows: list[dict[str, str]]) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Derive the oracle fixture's input images (run once; the outputs are committed).
 
-Usage: python tools/oracle/make_fixture_images.py [SHARED_DIR] [OUT_DIR]
+Usage: python tools/oracle/make_fixture_images.py [REFERENCE_DIR] [OUT_DIR]
 
-Sources: the authors' sample radiographs A..E (224x224 RGB PNG, ../shared/reference/sample_png)
-and four ImageMagick 6.8.9-9 reference PNGs (512-scale, ../shared/reference/preprocessing).
+Sources: the authors' sample radiographs A..E (224x224 RGB PNG, tests/data/reference/sample_png)
+and four ImageMagick 6.8.9-9 reference PNGs (512-scale, tests/data/reference/preprocessing).
 The derived images exercise fastai's validation ``Resize(224)`` crop: non-square images, sides in
 {230, 237, 453..509} where the crop side is ``min(w, h) - 1``, sides larger than, equal to and
 smaller than 224 (upscaling), an RGB PNG with distinct channels, a JPEG and a 16-bit grayscale PNG.
@@ -25,9 +25,9 @@ def _gray(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def main(shared: Path, out: Path) -> None:
+def main(ref: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    src = {k: Image.open(shared / "reference" / "sample_png" / f"{k}.png").convert("RGB") for k in "ABCDE"}
+    src = {k: Image.open(ref / "sample_png" / f"{k}.png").convert("RGB") for k in "ABCDE"}
     g = {k: _gray(v) for k, v in src.items()}
     rng = np.random.Generator(np.random.PCG64(20240601))
     made: dict[str, Image.Image] = {}
@@ -66,10 +66,10 @@ def main(shared: Path, out: Path) -> None:
     Image.fromarray(c8.astype(np.uint16) * 257).save(out / "C_16bit_240x250.png")
     Image.fromarray(c8).save(out / "C_16bit_240x250.as8bit.png")
     for name in ("RG1_UNCR", "RG1_UNCI", "RG3_UNCR", "RG3_UNCI"):
-        shutil.copyfile(shared / "reference" / "preprocessing" / "im_6.8.9-9" / f"{name}.png", out / f"im689_{name}.png")
+        shutil.copyfile(ref / "preprocessing" / "im_6.8.9-9" / f"{name}.png", out / f"im689_{name}.png")
 
 
 if __name__ == "__main__":
-    shared = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO.parent / "shared"
+    ref = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO / "tests" / "data" / "reference"
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else REPO / "tests" / "data" / "oracle" / "images"
-    main(shared, out)
+    main(ref, out)

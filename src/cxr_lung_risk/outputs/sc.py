@@ -18,24 +18,31 @@ A Parametric Map would be the better IOD, but highdicom 0.28.2 cannot build one 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import re
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
+from .base import (
+    COPIED_KEYWORDS,
+    copy_source_modules,
+    decide_character_set,
+    fixed_datetime,
+    new_uid,
+    safe_value,
+    uid_stem,
+    write_dataset,
+)
+
 __all__ = ["SaliencyMethod", "METHODS", "build_secondary_capture", "write_sc", "sc_filename", "SECONDARY_CAPTURE_STORAGE"]
 
 SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-lung-risk:dicom-sc")
+_NS = "sc"
 
 
 @dataclass(frozen=True)
@@ -73,30 +80,7 @@ METHODS: dict[str, SaliencyMethod] = {
 _ANATOMY_KEYWORDS = ("BodyPartExamined", "Laterality", "PatientOrientation")
 
 
-def _uid(payload: str | None) -> str:
-    u = uuid.uuid5(_UUID_NAMESPACE, payload) if payload is not None else uuid.uuid4()
-    return f"2.25.{u.int}"
-
-
-def _safe(source: Dataset, kw: str):
-    v = source.get(kw)
-    if v in (None, ""):
-        return None
-    try:
-        if kw in ("PatientBirthDate", "StudyDate"):
-            return DA(v)
-        if kw == "StudyTime":
-            return TM(v)
-    except (ValueError, TypeError):
-        return None
-    if kw == "PatientSex":
-        return v if v in ("M", "F", "O") else None
-    return v
-
-
 def _copy_modules(sc: Dataset, source: Dataset) -> None:
-    from .sr.sop import COPIED_KEYWORDS, copy_source_modules
-
     copy_source_modules(sc, source, (*COPIED_KEYWORDS, *_ANATOMY_KEYWORDS))
 
 
@@ -120,8 +104,6 @@ def build_secondary_capture(
     """
     import highdicom as hd
 
-    from .sr.sop import decide_character_set
-
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(METHODS)}")
     m = METHODS[method]
@@ -140,8 +122,8 @@ def build_secondary_capture(
 
     src_uid = str(source.SOPInstanceUID)
     key = f"{src_uid}|{model_title}|{method}|{software_version}"
-    series_uid = _uid(f"series|{source.StudyInstanceUID}|{model_title}|{method}|{software_version}" if deterministic else None)
-    sop_uid = _uid(f"instance|{key}" if deterministic else None)
+    series_uid = new_uid(["series", str(source.StudyInstanceUID), model_title, method, software_version] if deterministic else None, namespace=_NS)
+    sop_uid = new_uid(["instance", key] if deterministic else None, namespace=_NS)
 
     orientation = source.get("PatientOrientation")
     use_orientation = ("L", "F")  # placeholder for highdicom; replaced by the source's value below
@@ -156,14 +138,14 @@ def build_secondary_capture(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=manufacturer,
-        patient_id=_safe(source, "PatientID"),
+        patient_id=safe_value(source, "PatientID"),
         patient_name=None,
-        patient_birth_date=_safe(source, "PatientBirthDate"),
-        patient_sex=_safe(source, "PatientSex"),
-        accession_number=_safe(source, "AccessionNumber"),
-        study_id=_safe(source, "StudyID"),
-        study_date=_safe(source, "StudyDate"),
-        study_time=_safe(source, "StudyTime"),
+        patient_birth_date=safe_value(source, "PatientBirthDate"),
+        patient_sex=safe_value(source, "PatientSex"),
+        accession_number=safe_value(source, "AccessionNumber"),
+        study_id=safe_value(source, "StudyID"),
+        study_date=safe_value(source, "StudyDate"),
+        study_time=safe_value(source, "StudyTime"),
         patient_orientation=use_orientation,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
@@ -193,7 +175,7 @@ def build_secondary_capture(
     sc.SoftwareVersions = software_version or "unknown"
     sc.ImageComments = "Saliency overlay of a research model; not for diagnostic use"
     if deterministic:
-        when = _fixed_datetime(source)
+        when = fixed_datetime(source)
         sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
         sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
         sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
@@ -204,43 +186,12 @@ def build_secondary_capture(
     return sc
 
 
-def _fixed_datetime(source: Dataset) -> datetime.datetime:
-    try:
-        d = DA(source.get("StudyDate")) if source.get("StudyDate") else None
-    except (ValueError, TypeError):
-        d = None
-    try:
-        t = TM(source.get("StudyTime")) if source.get("StudyTime") else None
-    except (ValueError, TypeError):
-        t = None
-    if d is None:
-        return datetime.datetime(1970, 1, 1)
-    t = t or datetime.time(0, 0, 0)
-    return datetime.datetime.combine(d, datetime.time(t.hour, t.minute, t.second))
-
-
 def write_sc(ds: Dataset, path: str | os.PathLike) -> Path:
-    """Write atomically (temporary file + rename) as a DICOM Part 10 file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sc-", suffix=".dcm", dir=path.parent)
-    os.close(fd)
-    try:
-        pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
+    """Write atomically as a DICOM Part 10 file; returns the path written."""
+    return write_dataset(ds, path)
 
 
 def sc_filename(source_sop_instance_uid: str, model_name: str) -> str:
-    """``<source SOP Instance UID>_<model>.dcm`` (a hash when the UID is malformed)."""
-    uid = str(source_sop_instance_uid or "").strip().rstrip("\x00").strip()
-    if not (uid and len(uid) <= 64 and _UID_RE.fullmatch(uid)):
-        uid = hashlib.sha256(str(source_sop_instance_uid).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    """``<source SOP Instance UID>_<model>.dcm`` (``sc-<hash>`` when the UID is malformed)."""
     model = re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-") or "model"
-    return f"{uid}_{model}.dcm"
+    return f"{uid_stem(source_sop_instance_uid, prefix='sc')}_{model}.dcm"

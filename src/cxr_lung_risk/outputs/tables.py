@@ -12,7 +12,15 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["RESULTS_CSV", "RESULTS_JSON", "MANIFEST_CSV", "MANIFEST_COLUMNS", "ResultWriter", "ManifestWriter"]
+__all__ = [
+    "RESULTS_CSV",
+    "RESULTS_JSON",
+    "MANIFEST_CSV",
+    "MANIFEST_COLUMNS",
+    "ResultWriter",
+    "ManifestWriter",
+    "RecordWriter",
+]
 
 RESULTS_CSV = "cxr_lung_risk.csv"
 RESULTS_JSON = "cxr_lung_risk.json"
@@ -83,6 +91,7 @@ class ManifestWriter:
         self.counts = {"ok": 0, "skipped": 0, "failed": 0}
 
     def write(self, file: str, status: str, reason: str = "") -> None:
+        status = str(status)
         self._w.writerow([file, status, reason])
         self._f.flush()
         self.counts[status] = self.counts.get(status, 0) + 1
@@ -92,6 +101,31 @@ class ManifestWriter:
             self._f.close()
 
     def __enter__(self) -> "ManifestWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RecordWriter:
+    """``records.jsonl``: one :class:`~cxr_lung_risk.records.InputRecord` per line, flushed as
+    each input finishes (an interrupted run keeps every complete line)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from ..records import RECORDS_JSONL
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._f = open(out_dir / RECORDS_JSONL, "w", encoding="utf-8")
+
+    def write(self, record: Any) -> None:
+        self._f.write(json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> "RecordWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,4 +1,4 @@
-"""DICOM Structured Report output (issue 4): a TID 1500 Imaging Measurement Report per image.
+"""DICOM Structured Report output: a TID 1500 Imaging Measurement Report per image.
 
 Comprehensive SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.33) built with highdicom:
 
@@ -19,7 +19,8 @@ Public API::
     write_sr(ds, path) -> Path
     read_measurements(path) -> dict[str, float]   # by concept name (code meaning)
     sr_filename(source_sop_instance_uid) -> str   # '<uid>.dcm', sanitised
-    lung_risk_measurement(value, members=None), age_measurement(value)   # from the model specs
+    measurement_from_spec(spec, code, value, members=None)   # a model's result, named by its spec
+    algorithm_info(spec, parameters, weights_identity)       # TID 4019 of one model
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ __all__ = [
     "write_sr",
     "read_measurements",
     "sr_filename",
-    "lung_risk_measurement",
-    "age_measurement",
+    "measurement_from_spec",
+    "algorithm_info",
+    "weights_parameters",
     "CODING_SCHEME_DESIGNATOR",
     "COMPREHENSIVE_SR_STORAGE",
     "CxrCodes",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-def _from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | None = None) -> Measurement:
+def measurement_from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | None = None) -> Measurement:
     """A model's result as a :class:`Measurement`: name and unit from its spec, code from ours."""
     return Measurement(
         name=spec.column,
@@ -62,15 +64,23 @@ def _from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | N
     )
 
 
-def lung_risk_measurement(value: float, members: dict[str, float] | None = None) -> Measurement:
-    """The CXR-Lung-Risk result as a :class:`Measurement` (name/unit from the model spec)."""
-    from ...spec import lung_risk_spec
+def weights_parameters(identity: dict | None) -> dict[str, str]:
+    """What the SR says about the weights that made a result (source, kind, sha256)."""
+    ident = identity or {}
+    kind = "SYNTHETIC" if ident.get("synthetic") else ("published" if ident.get("published") else "unverified")
+    params = {"weights": kind}
+    if ident.get("sha256"):
+        params["weights_sha256"] = str(ident["sha256"])
+    if ident.get("source"):
+        params["weights_source"] = str(ident["source"])[:200]
+    return params
 
-    return _from_spec(lung_risk_spec(), CxrCodes.CXR_LUNG_RISK, value, members)
 
+def algorithm_info(spec, parameters: dict[str, str], weights_identity: dict | None = None) -> AlgorithmInfo:
+    """Algorithm identification of one model: its title, the package version, the run's
+    parameters (device and precision actually used, ...) and the weights' identity."""
+    from ... import __version__
 
-def age_measurement(value: float) -> Measurement:
-    """The CXR-Age result as a :class:`Measurement` (name/unit from the model spec)."""
-    from ...spec import age_spec
-
-    return _from_spec(age_spec(), CxrCodes.CXR_AGE, value)
+    params = dict(parameters)
+    params.update(weights_parameters(weights_identity))
+    return AlgorithmInfo(name=spec.title, version=__version__, parameters=params)

@@ -23,14 +23,8 @@ then gives byte-identical files (with the same cxr-lung-risk, highdicom and pydi
 """
 from __future__ import annotations
 
-import copy
 import datetime
-import hashlib
-import json
 import os
-import re
-import tempfile
-import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,13 +34,21 @@ import pydicom
 from highdicom import ContributingEquipment
 from highdicom.sr import ComprehensiveSR, MeasurementReport
 from pydicom import Dataset
-from pydicom.charset import convert_encodings, decode_bytes, encode_string
-from pydicom.datadict import tag_for_keyword
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import DA, TM
 
 from ... import __version__ as SOFTWARE_VERSION
+from ..base import (
+    COPIED_KEYWORDS,
+    copy_source_modules,
+    decide_character_set,
+    fixed_datetime,
+    new_uid,
+    safe_value,
+    uid_stem,
+    write_dataset,
+)
 from .content import (
     AlgorithmInfo,
     Measurement,
@@ -73,134 +75,13 @@ __all__ = [
 #: SOP Class UID of Comprehensive SR Storage.
 COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
 
-_UUID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-lung-risk:dicom-sr")
-_EPOCH = datetime.datetime(1970, 1, 1, 0, 0, 0)
-
-#: Top-level attributes copied from the source: Patient, General Study, Patient Study,
-#: Clinical Trial Subject and Clinical Trial Study modules (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2,
-#: C.7.1.3, C.7.2.3).
-COPIED_KEYWORDS: tuple[str, ...] = (
-    # Patient
-    "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
-    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
-    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
-    "PatientAlternativeCalendar", "PatientSex", "ReferencedPatientSequence",
-    "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
-    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence",
-    "OtherPatientNames", "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence",
-    "EthnicGroup", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
-    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
-    "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
-    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
-    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    # General Study
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "StudyID", "AccessionNumber",
-    "IssuerOfAccessionNumberSequence", "StudyDescription", "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence",
-    "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
-    "RequestingService",
-    # Patient Study
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge",
-    "PatientSize", "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension",
-    "MeasuredLateralDimension", "PatientWeight", "MedicalAlerts", "Allergies", "Occupation",
-    "SmokingStatus", "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate",
-    "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence", "AdmissionID",
-    "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
-    "IssuerOfServiceEpisodeIDSequence", "PatientState",
-    # Clinical Trial Subject
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence",
-    "ClinicalTrialSiteID", "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID",
-    "ClinicalTrialSubjectID", "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID",
-    "IssuerOfClinicalTrialSubjectReadingID", "ClinicalTrialProtocolEthicsCommitteeName",
-    "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
-    # Clinical Trial Study
-    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
-    "LongitudinalTemporalOffsetFromEvent", "LongitudinalTemporalEventType",
-    "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
-    "ConsentForClinicalTrialUseSequence",
-)
+_NS = "sr"
 
 # Attributes highdicom reads from its "evidence" dataset (besides the UIDs).
 _EVIDENCE_KEYWORDS = (
     "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "AccessionNumber",
     "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName",
 )
-
-
-# ----------------------------------------------------------------------------- charset
-def _scs_values(source: Dataset) -> list[str]:
-    """The source's Specific Character Set as a list; a missing first value becomes
-    ``ISO 2022 IR 6`` (``\\ISO 2022 IR 87`` -> ``ISO 2022 IR 6\\ISO 2022 IR 87``)."""
-    elem = source.get("SpecificCharacterSet")
-    if elem is None:
-        return []
-    values = [elem] if isinstance(elem, str) else list(elem)
-    values = [str(v).strip() for v in values]
-    if all(v == "" for v in values):
-        return []
-    if len(values) > 1 and values[0] == "":
-        values[0] = "ISO 2022 IR 6"
-    return values
-
-
-def _encodable(text: str, encodings: list[str]) -> bool:
-    """Whether ``text`` survives encoding with ``encodings`` (no replacement characters)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            raw = encode_string(text, encodings)
-            return decode_bytes(raw, encodings, set()) == text
-    except (UnicodeError, UserWarning, LookupError, ValueError):
-        return False
-
-
-def decide_character_set(source: Dataset, texts: Iterable[str]) -> str | list[str] | None:
-    """Specific Character Set of the report, decided before building it.
-
-    The source's value (normalised: empty first value -> ``ISO 2022 IR 6``) if every text
-    this package adds (``texts``) can be encoded with it; otherwise ``ISO_IR 192`` (UTF-8),
-    in which case person names are re-encoded rather than copied byte for byte. ``None``
-    (no attribute, default repertoire) when the source has none and ``texts`` are ASCII.
-    """
-    values = _scs_values(source)
-    encodings = convert_encodings(values or ["ISO_IR 6"])
-    if all(_encodable(t, encodings) for t in texts if t):
-        if not values:
-            return None
-        return values[0] if len(values) == 1 else values
-    return "ISO_IR 192"
-
-
-# ----------------------------------------------------------------------------- uids, times
-def _uuid_uid(u: uuid.UUID) -> str:
-    return f"2.25.{u.int}"
-
-
-def _deterministic_uid(payload: dict) -> str:
-    return _uuid_uid(uuid.uuid5(_UUID_NAMESPACE, json.dumps(payload, sort_keys=True, ensure_ascii=True)))
-
-
-def _fixed_datetime(source: Dataset) -> datetime.datetime:
-    """StudyDate/StudyTime, else ContentDate/ContentTime, else 1970-01-01 00:00:00."""
-    for date_kw, time_kw in (("StudyDate", "StudyTime"), ("ContentDate", "ContentTime")):
-        try:
-            date = DA(source.get(date_kw)) if source.get(date_kw) else None
-        except (ValueError, TypeError):
-            date = None
-        if date is None:
-            continue
-        try:
-            time = TM(source.get(time_kw)) if source.get(time_kw) else None
-        except (ValueError, TypeError):
-            time = None
-        t = time if time is not None else datetime.time(0, 0, 0)
-        return datetime.datetime.combine(date, datetime.time(t.hour, t.minute, t.second, t.microsecond))
-    return _EPOCH
 
 
 # ----------------------------------------------------------------------------- building
@@ -216,35 +97,8 @@ def _evidence_for_highdicom(source: Dataset, scs) -> Dataset:
     if scs is not None:
         ev.SpecificCharacterSet = scs
     for kw in _EVIDENCE_KEYWORDS:
-        value = source.get(kw)
-        if kw in ("PatientBirthDate", "StudyDate"):
-            try:
-                value = DA(value) if value else None
-            except (ValueError, TypeError):
-                value = None
-        elif kw == "StudyTime":
-            try:
-                value = TM(value) if value else None
-            except (ValueError, TypeError):
-                value = None
-        elif kw == "PatientSex":
-            value = value if value in ("M", "F", "O") else None
-        setattr(ev, kw, value if value not in ("",) else None)
+        setattr(ev, kw, safe_value(source, kw))
     return ev
-
-
-def copy_source_modules(dst: Dataset, source: Dataset, keywords: Iterable[str] = COPIED_KEYWORDS) -> None:
-    """Copy the patient/study/clinical-trial modules (``keywords``) from the source as they are
-    (same bytes, same character set); private tags inside copied sequences are dropped."""
-    for kw in keywords:
-        tag = tag_for_keyword(kw)
-        if tag is None or tag not in source:
-            continue
-        elem = copy.deepcopy(source[tag])
-        if elem.VR == "SQ" and elem.value is not None:
-            for item in elem.value:
-                item.remove_private_tags()
-        dst[tag] = elem
 
 
 def _own_texts(
@@ -318,7 +172,11 @@ def build_measurement_report(
         {(a.name, a.version, tuple(a.parameters.items())): a for a in (algorithms[n] for n in names)}.values()
     )
     series_description = " + ".join(f"{a.name} {a.version}" for a in used)
-    series_description = (series_description[:44] + " (research use only)")[:64]
+    if any(a.parameters.get("weights") == "SYNTHETIC" for a in used):
+        # results of synthetic (test/demo) weights must say so wherever a viewer shows the series
+        series_description = ("SYNTHETIC WEIGHTS, meaningless: " + series_description)[:64]
+    else:
+        series_description = (series_description[:44] + " (research use only)")[:64]
     scs = decide_character_set(
         source, _own_texts(measurements, used, device_name, manufacturer, series_description)
     )
@@ -343,26 +201,27 @@ def build_measurement_report(
     }
     if deterministic:
         def uid_for(label: str) -> str:
-            return _deterministic_uid({"label": label, **content_key})
+            return new_uid({"label": label, **content_key}, namespace=_NS)
 
-        when = _fixed_datetime(source)
-        series_uid = _deterministic_uid(
+        when = fixed_datetime(source)
+        series_uid = new_uid(
             {
                 "label": "series",
                 "study": str(source.get("StudyInstanceUID", "")),
                 "software": SOFTWARE_VERSION,
                 "device": [manufacturer, device_name],
                 "series_number": series_number,
-            }
+            },
+            namespace=_NS,
         )
     else:
         def uid_for(label: str) -> str:
-            return _uuid_uid(uuid.uuid4())
+            return new_uid()
 
         when = datetime.datetime.now().replace(microsecond=0)
         series_uid = uid_for("series")
     sop_uid = uid_for("instance")
-    device_uid = _deterministic_uid({"label": "device", "device": [manufacturer, device_name], "software": SOFTWARE_VERSION})
+    device_uid = new_uid({"label": "device", "device": [manufacturer, device_name], "software": SOFTWARE_VERSION}, namespace=_NS)
 
     report = MeasurementReport(
         observation_context=observation_context(
@@ -434,25 +293,6 @@ def build_measurement_report(
     return sr
 
 
-# ----------------------------------------------------------------------------- files
-def write_sr(ds: pydicom.Dataset, path: str | os.PathLike) -> Path:
-    """Write the report as a DICOM Part 10 file, atomically (temporary file + rename).
-
-    Returns the path written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sr-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _code_of(item: Dataset) -> tuple[str, str]:
     seq = item.get("ConceptNameCodeSequence")
     if not seq:
@@ -499,19 +339,14 @@ def read_measurements(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
-_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
-
 
 def sr_filename(source_sop_instance_uid: str) -> str:
-    """File name ``<uid>.dcm`` for the report of a source image.
+    """File name ``<uid>.dcm`` for the report of a source image (``sr-<hash>.dcm`` when the UID
+    is malformed; see :func:`cxr_lung_risk.outputs.base.uid_stem`)."""
+    return f"{uid_stem(source_sop_instance_uid, prefix='sr')}.dcm"
 
-    Only a well-formed UID (digits and dots, at most 64 characters) is used as is; anything
-    else (DICOM text never goes into file names unchecked) becomes ``sr-<32 hex digits of
-    its SHA-256>.dcm``.
-    """
-    uid = str(source_sop_instance_uid or "").strip().rstrip("\x00").strip()
-    if uid and len(uid) <= 64 and _UID_RE.fullmatch(uid):
-        return f"{uid}.dcm"
-    digest = hashlib.sha256(str(source_sop_instance_uid).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    return f"sr-{digest}.dcm"
+
+def write_sr(ds: pydicom.Dataset, path: str | os.PathLike) -> Path:
+    """Write the report as a DICOM Part 10 file, atomically; returns the path written."""
+    return write_dataset(ds, path)
 

@@ -1,0 +1,146 @@
+"""Typed options of the jobs (``predict``, ``preprocess``): what the CLI, the MHub modules, the PACS
+node and the cluster runner fill in. Nothing below the CLI sees an argparse namespace.
+
+:meth:`PredictOptions.validate` checks everything that can be checked without loading a model
+(formats, batch size, models, that the inputs exist), so a mistake costs no start-up time.
+This module imports neither torch nor pydicom.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+from .errors import InputNotFoundError, UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dicom_io import SelectionOptions
+    from .registry import ModelOptions
+
+__all__ = ["FORMATS", "SALIENCY_METHODS", "IM_VERSIONS", "PRECISION_CHOICES", "PredictOptions", "PreprocessOptions", "parse_formats", "default_selection"]
+
+FORMATS = ("csv", "sr", "json")
+SALIENCY_METHODS = ("gradient", "gradcam")
+IM_VERSIONS = ("6.8.9-9", "6.9.11")
+PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")  # = runtime.PRECISIONS (kept here: no torch import)
+
+
+def default_selection() -> "SelectionOptions":
+    from .dicom_io import SelectionOptions
+
+    return SelectionOptions()
+
+
+def parse_formats(text: str | Sequence[str]) -> frozenset[str]:
+    """``'csv,sr'`` (or a sequence) -> the set of output formats; refuses unknown ones."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    fmts = {t.strip().lower() for t in items if t and t.strip()}
+    bad = fmts - set(FORMATS)
+    if bad or not fmts:
+        raise UsageError(f"--format takes a comma-separated list among {', '.join(FORMATS)} (got {','.join(items)!r})")
+    return frozenset(fmts)
+
+
+def _check_inputs(inputs: Sequence[Path]) -> None:
+    if not inputs:
+        raise UsageError("no INPUT given")
+    for p in inputs:
+        if not (p.exists() or p.is_symlink()):
+            raise InputNotFoundError(p)
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Everything a ``predict`` run needs."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    models: tuple[str, ...] = ("lung-risk",)  # registry keys, see cxr_lung_risk.registry
+    weights: Mapping[str, Path] = field(default_factory=dict)  # per model key; missing: the cache
+    device: str = "auto"
+    precision: str = "fp32"
+    batch_size: int = 16
+    workers: int | None = None  # decode processes; None: cores-1 when > 2 cores, else in-process
+    per_model: bool = False
+    all_members: bool = False
+    formats: frozenset[str] = frozenset({"csv", "sr"})
+    deterministic: bool = False
+    tta: bool = True
+    saliency: bool = False
+    saliency_method: str = "gradient"
+    selection: "SelectionOptions" = field(default_factory=default_selection)
+    im_version: str = "6.8.9-9"
+    timings: Path | None = None
+    progress: bool = True  # per-image progress on stderr (a bar on a terminal, log lines otherwise)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(Path(p) for p in self.inputs))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "weights", {k: Path(v) for k, v in dict(self.weights).items() if v is not None})
+        if isinstance(self.formats, str):
+            object.__setattr__(self, "formats", parse_formats(self.formats))
+
+    def validate(self) -> "PredictOptions":
+        """Refuse what cannot work, before anything heavy is imported; returns self."""
+        from .registry import resolve_models
+
+        resolve_models(self.models)
+        parse_formats(sorted(self.formats))
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be 0 (decode in process) or more")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
+        if self.precision not in PRECISION_CHOICES:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+        if self.saliency_method not in SALIENCY_METHODS:
+            raise UsageError(f"--saliency-method must be one of {', '.join(SALIENCY_METHODS)}")
+        if self.im_version not in IM_VERSIONS:
+            raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
+        _check_inputs(self.inputs)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a folder")
+        return self
+
+    def model_options(self, key: str) -> "ModelOptions":
+        """The options model ``key``'s loader takes."""
+        from .registry import ModelOptions
+
+        return ModelOptions(
+            weights=self.weights.get(key),
+            device=self.device,
+            precision=self.precision,
+            all_members=self.all_members,
+            per_model=self.per_model,
+            tta=self.tta,
+        )
+
+    def with_(self, **changes) -> "PredictOptions":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Everything a ``preprocess`` run (the authors' 8-bit PNGs) needs."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    workers: int | None = None
+    selection: "SelectionOptions" = field(default_factory=default_selection)
+    im_version: str = "6.8.9-9"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(Path(p) for p in self.inputs))
+        object.__setattr__(self, "out", Path(self.out))
+
+    def validate(self) -> "PreprocessOptions":
+        if self.workers is not None and self.workers < 0:
+            raise UsageError("--workers must be 0 (decode in process) or more")
+        if self.im_version not in IM_VERSIONS:
+            raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
+        _check_inputs(self.inputs)
+        if self.out.exists() and not self.out.is_dir():
+            raise UsageError(f"--out {self.out} exists and is not a folder")
+        return self
