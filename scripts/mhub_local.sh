@@ -39,7 +39,7 @@ MHUBIO_REQS=("pyyaml>=5" "typing-extensions==4.5.0" "pydicom>=2.4,<3" "thedicoms
 STAMP="mhubio==0.0.2 ${MHUBIO_REQS[*]}"
 
 usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 64; }
-die() { echo "mhub_local.sh: error: $*" >&2; exit "${2:-64}"; }
+die() { echo "mhub_local.sh: error: $1" >&2; exit "${2:-64}"; }
 
 INPUT="" OUTPUT="" WORKFLOW="default" CONFIG="" WEIGHTS="" CLI="${CXR_LUNG_RISK_CLI:-}" DEVICE=""
 EXTRA=()
@@ -87,8 +87,9 @@ if [ -z "$CLI" ]; then
     if [ -n "$cand" ] && [ -f "$cand" ] && [ -x "$cand" ]; then CLI="$cand"; break; fi
   done
 fi
+case "$CLI" in ""|*/*) ;; *) CLI="$(command -v "$CLI" || echo "$CLI")" ;; esac  # a bare name: from PATH
 [ -n "$CLI" ] && [ -f "$CLI" ] && [ -x "$CLI" ] || die "cxr-lung-risk CLI not found (run 'bash scripts/install.sh', or pass --cli / set CXR_LUNG_RISK_CLI)"
-case "$CLI" in */*) CLI="$(cd "$(dirname "$CLI")" && pwd)/$(basename "$CLI")" ;; *) CLI="$(command -v "$CLI")" ;; esac
+CLI="$(cd "$(dirname "$CLI")" && pwd)/$(basename "$CLI")"  # absolute: the run starts elsewhere
 mkdir -p "$OUTPUT"
 INPUT="$(cd "$INPUT" && pwd)"; OUTPUT="$(cd "$OUTPUT" && pwd)"; CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
 

@@ -6,7 +6,6 @@ Adam state_dict}`` whose hyper-parameters are numpy 1.x float64 scalars.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import subprocess
@@ -20,7 +19,8 @@ from conftest import dciodvfy
 import torch
 from torch import nn
 
-from cxr_lung_risk.age import AgeScorer, CXRAge, build_age_model, calibrate, fastai_v1_zoom, load_age_scorer
+from cxr_lung_risk.age import AgeModel, CXRAge, build_age_model, calibrate, fastai_v1_zoom
+from cxr_lung_risk.registry import ModelOptions, load_model
 from cxr_lung_risk.weights import WeightsError
 
 # The published constants, typed from run_model.py / the shared notes (not read from the spec).
@@ -226,13 +226,16 @@ def _prepared_dicom(dicom_data: Path, name: str = "RG1_UNCR.dcm"):
 
 
 def test_scorer_on_real_dicom(age_weights, dicom_data):
-    s = load_age_scorer(argparse.Namespace(age_weights=str(age_weights), tta=True, device="cpu"))
-    assert isinstance(s, AgeScorer) and s.columns == ["CXR_Age"]
+    s = load_model("age", ModelOptions(weights=age_weights, tta=True, device="cpu", precision="bf16"))
+    assert isinstance(s, AgeModel) and s.columns == ["CXR_Age"]
+    # CXR-Age has no reduced-precision path: it runs, and reports, IEEE float32 and the device used
+    assert s.placement.precision == "fp32" and s.algorithm().parameters["device"] == "cpu"
+    assert s.algorithm().parameters["precision"] == "fp32"
     p = _prepared_dicom(dicom_data)
     batch = torch.from_numpy(np.stack([p.image, p.image[:, ::-1].copy()]))
     out = s.score(batch)["CXR_Age"]
     assert out.shape == (2,) and np.all(np.isfinite(out)) and out[0] != out[1]
-    no_tta = AgeScorer(CXRAge(s.model.model, tta=False))
+    no_tta = AgeModel(CXRAge(s.model.model, tta=False))
     assert no_tta.score(batch[:1])["CXR_Age"][0] != pytest.approx(out[0], abs=1e-9)
     # the adapter is deterministic and batch-independent
     assert s.score(batch[:1])["CXR_Age"][0] == pytest.approx(out[0], abs=1e-4)
@@ -240,13 +243,14 @@ def test_scorer_on_real_dicom(age_weights, dicom_data):
     assert m.name == "CXR_Age" and m.unit == "a" and m.value == pytest.approx(out[0])
 
 
-def test_missing_age_weights_is_a_usage_error(tmp_path, monkeypatch):
-    from cxr_lung_risk.errors import UsageError
-    from cxr_lung_risk.fetch import FetchError
+def test_missing_age_weights_is_a_weights_error(tmp_path, monkeypatch):
+    from cxr_lung_risk.errors import WeightsError, WeightsNotFoundError
 
     monkeypatch.setenv("CXR_LUNG_RISK_HOME", str(tmp_path / "empty-cache"))
-    with pytest.raises((UsageError, FetchError)):
-        load_age_scorer(argparse.Namespace(age_weights=str(tmp_path / "nope.pth"), tta=True, device="cpu"))
+    with pytest.raises(WeightsError, match="nope.pth"):
+        load_model("age", ModelOptions(weights=tmp_path / "nope.pth", device="cpu"))
+    with pytest.raises(WeightsNotFoundError, match="fetch-weights --model age"):
+        load_model("age", ModelOptions(device="cpu"))
 
 
 # ------------------------------------------------------------------- end to end (CLI, slow-ish)

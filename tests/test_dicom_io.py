@@ -215,7 +215,8 @@ def test_pydicom_reencodings(ts, rg1_small, tmp_path):
 # ------------------------------------------------------------------------------------------
 # 4. real files of other syntaxes (decoding only: their modality needs a widened option)
 # ------------------------------------------------------------------------------------------
-MR_OPTS = SelectionOptions(allowed_modalities=("MR",), allow_multiframe=True)
+# other modalities test the decoders: their body parts (HEAD, ...) are accepted too
+MR_OPTS = SelectionOptions(allowed_modalities=("MR",), allow_multiframe=True, allow_non_chest=True)
 
 
 @pytest.mark.parametrize("name", ["MR_small_RLE", "MR_small_bigendian", "MR_small_expb", "MR_small_implicit",
@@ -249,13 +250,13 @@ def test_real_jpeg_files_match_dcmdjpeg(dicom_data, path, modality, tol, tmp_pat
     ref_ds = pydicom.dcmread(dec)
     ref = np.frombuffer(ref_ds.PixelData, dtype="<u1" if ref_ds.BitsAllocated == 8 else "<u2")
     ref = ref[: ref_ds.Rows * ref_ds.Columns].reshape(ref_ds.Rows, ref_ds.Columns)
-    res = load_image(src, SelectionOptions(allowed_modalities=(modality,)))
+    res = load_image(src, SelectionOptions(allowed_modalities=(modality,), allow_non_chest=True))
     assert res.status == "ok", res.reason
     assert np.abs(res.pixels.astype(np.int64) - ref.astype(np.int64)).max() <= tol
 
 
 def test_real_deflate_file():
-    res = load_image(TEST_FILES / "image_dfl.dcm", SelectionOptions(allowed_modalities=("OT",)))
+    res = load_image(TEST_FILES / "image_dfl.dcm", SelectionOptions(allowed_modalities=("OT",), allow_non_chest=True))
     assert res.status == "ok", res.reason
     assert res.dataset.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
     assert res.pixels.shape == (res.dataset.Rows, res.dataset.Columns)
@@ -297,7 +298,7 @@ REFUSALS = [
 def test_refusals(dicom_data, src, modalities, reason):
     where, name = src.split(":", 1)
     path = (dicom_data if where == "data" else TEST_FILES) / name
-    opts = SelectionOptions(allowed_modalities=modalities) if modalities else SelectionOptions()
+    opts = SelectionOptions(allowed_modalities=modalities, allow_non_chest=True) if modalities else SelectionOptions()
     res = load_image(path, opts)
     assert res.status == reason.split(":", 1)[0]
     assert res.reason.startswith(reason), res.reason
@@ -377,14 +378,18 @@ def test_missing_modality_taken_from_sop_class(rg1, tmp_path):
 def test_body_part_hand(rg1, tmp_path):
     path = small_rg1(rg1, tmp_path / "hand.dcm", BodyPartExamined="HAND")
     res = load_image(path)
+    assert (res.status, res.reason) == (
+        "skipped", "skipped: BodyPartExamined is 'HAND', not a chest radiograph (use --allow-non-chest to score it)")
+    res = load_image(path, SelectionOptions(allow_non_chest=True))
     assert res.status == "ok"
     assert res.warnings == ["BodyPartExamined is 'HAND', not chest-like"]
-    res = load_image(path, SelectionOptions(allow_non_chest=False))
-    assert (res.status, res.reason) == ("skipped", "skipped: BodyPartExamined is 'HAND', not chest-like")
 
 
-def test_real_extremity_cr_warns(dicom_data):
+def test_real_extremity_cr_skipped_unless_allowed(dicom_data):
     res = load_image(dicom_data / "RG3_UNCR.dcm")
+    assert (res.status, res.reason) == (
+        "skipped", "skipped: BodyPartExamined is 'EXTREMITY', not a chest radiograph (use --allow-non-chest to score it)")
+    res = load_image(dicom_data / "RG3_UNCR.dcm", SelectionOptions(allow_non_chest=True))
     assert res.status == "ok" and res.warnings == ["BodyPartExamined is 'EXTREMITY', not chest-like"]
 
 
@@ -404,7 +409,7 @@ def test_secondary_capture_rule(rg1, tmp_path, conversion, body, ok):
         assert res.reason.endswith("(needs ConversionType DF/DI or a chest BodyPartExamined)")
     res = load_image(path, SelectionOptions(accept_radiograph_like_sc=False))
     assert res.reason == "skipped: modality OT is not a radiograph (CR/DX)"
-    assert load_image(path, SelectionOptions(allowed_modalities=("CR", "DX", "OT"))).status == "ok"
+    assert load_image(path, SelectionOptions(allowed_modalities=("CR", "DX", "OT"), allow_non_chest=True)).status == "ok"
 
 
 def test_multiframe_cr(rg1, tmp_path):
@@ -571,7 +576,7 @@ def test_no_preamble_files(rg1, rg1_ref, tmp_path):
 
 def test_undecodable_real_file():
     # pydicom's JPEG-lossy.dcm carries a misplaced marker that pylibjpeg's libjpeg rejects
-    res = load_image(TEST_FILES / "JPEG-lossy.dcm", SelectionOptions(allowed_modalities=("NM",)))
+    res = load_image(TEST_FILES / "JPEG-lossy.dcm", SelectionOptions(allowed_modalities=("NM",), allow_non_chest=True))
     if res.status == "ok":
         pytest.skip("this decoder accepts JPEG-lossy.dcm")
     assert res.status == "failed"
@@ -598,9 +603,14 @@ def test_discover_tree(rg1_small, tmp_path):
     single = tmp_path / "single.dcm"
     shutil.copy(rg1_small, single)
     found = list(discover([root, single, root / "a.dcm"]))
-    assert [f.rel for f in found] == [".hidden", "a.dcm", "b/c/IMG0001", "b/readme.txt", "single.dcm"]
-    assert found[2] == InputFile(root / "b" / "c" / "IMG0001", "b/c/IMG0001")
-    assert list(discover([root])) == found[:4]  # deterministic
+    # several inputs: a folder's files are prefixed with its name; a file keeps its own name
+    assert [f.rel for f in found] == ["in/.hidden", "in/a.dcm", "in/b/c/IMG0001", "in/b/readme.txt", "single.dcm"]
+    assert found[2] == InputFile(root / "b" / "c" / "IMG0001", "in/b/c/IMG0001")
+    assert found[2].source == root and found[4].source == single
+    alone = list(discover([root]))  # one folder: paths relative to it
+    assert [f.rel for f in alone] == [".hidden", "a.dcm", "b/c/IMG0001", "b/readme.txt"]
+    assert [f.path for f in alone] == [f.path for f in found[:4]]
+    assert list(discover([root])) == alone  # deterministic
     statuses = [load_image(f.path).status for f in found]
     assert statuses == ["skipped", "ok", "ok", "skipped", "ok"]
 

@@ -27,6 +27,7 @@ import torch
 from http_server import LocalServer
 
 from cxr_lung_risk import fetch
+from cxr_lung_risk.errors import WeightsError, WeightsNotFoundError
 from cxr_lung_risk.fetch import FetchError
 
 FOLDER = "ensamble-model-weights"  # published archive folder (Zenodo record 7941660)
@@ -269,10 +270,10 @@ def test_find_lung_risk_weights_explicit(tmp_path, members):
     fetch.extract_zip_safely(z, tmp_path / "x", expected_members=list(members))
     assert fetch.find_lung_risk_weights(tmp_path / "x") == tmp_path / "x" / FOLDER
     assert fetch.find_lung_risk_weights(tmp_path / "x" / FOLDER) == tmp_path / "x" / FOLDER
-    with pytest.raises(FetchError, match="does not exist"):
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
         fetch.find_lung_risk_weights(tmp_path / "nope")
     (tmp_path / "t.txt").write_text("x")
-    with pytest.raises(FetchError, match="neither a folder nor a zip"):
+    with pytest.raises(WeightsError, match="neither a folder nor a zip"):
         fetch.find_lung_risk_weights(tmp_path / "t.txt")
 
 
@@ -768,5 +769,5 @@ def test_identity_of_a_fetched_age_file(server, home, blob, monkeypatch, count_h
 
 
 def test_identity_of_a_missing_path(tmp_path):
-    with pytest.raises(FetchError, match="does not exist"):
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
         fetch.weights_identity(tmp_path / "nope")

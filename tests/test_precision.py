@@ -8,7 +8,7 @@ from torch import nn
 
 from cxr_lung_risk.age import CXRAge
 from cxr_lung_risk.engine import LungRiskEnsemble, fp32_math, resolve_precision
-from cxr_lung_risk.weights import WeightsError
+from cxr_lung_risk.errors import DeviceError
 
 
 def _flags() -> tuple[str, str]:
@@ -34,9 +34,9 @@ def test_resolve_precision_refuses_gpu_only_modes_on_the_cpu():
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("BF16", cpu) is torch.bfloat16
     for p in ("tf32", "fp16"):
-        with pytest.raises(WeightsError, match="CUDA"):
+        with pytest.raises(DeviceError, match="CUDA"):
             resolve_precision(p, cpu)
-    with pytest.raises(WeightsError, match="unknown precision"):
+    with pytest.raises(DeviceError, match="unknown precision"):
         resolve_precision("int4", cpu)
 
 

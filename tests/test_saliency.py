@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cxr_lung_risk.age import AgeScorer, CXRAge
+from cxr_lung_risk.age import AgeModel, CXRAge
 from cxr_lung_risk.engine import LungRiskEnsemble
 from cxr_lung_risk.outputs.sc import build_secondary_capture, sc_filename, write_sc
 from cxr_lung_risk.saliency import (
@@ -23,6 +23,7 @@ from cxr_lung_risk.saliency import (
     hot_lut,
     input_gradient,
     saliency_png_name,
+    scale_map,
     target_for,
 )
 from cxr_lung_risk.spec import lung_risk_spec
@@ -50,7 +51,7 @@ def _fd_check(score, x: torch.Tensor, grad: torch.Tensor, n: int = 12, eps: floa
 
 def test_age_saliency_is_gradient_of_calibrated_tta_score():
     m = CXRAge(_small_net(1), tta=True)
-    target = target_for(AgeScorer(m))
+    target = target_for(AgeModel(m))
     x = torch.from_numpy(np.random.default_rng(1).standard_normal((1, 3, 224, 224)))
     g = input_gradient(target.score, x)
     _fd_check(target.score, x, g, n=5)
@@ -80,7 +81,7 @@ def test_ensemble_saliency_is_gradient_of_lasso_combination():
 def test_gradcam_is_relu_of_weighted_feature_maps():
     net = _small_net(3)
     m = CXRAge(net, tta=False)
-    target = target_for(AgeScorer(m))
+    target = target_for(AgeModel(m))
     x = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 3, 224, 224)))
     cam = gradcam(target, x)
     # by hand: features A (1,6,28,28); d age / d A = calibrate'(raw) * d raw / d A
@@ -171,7 +172,7 @@ def test_saliency_writer_on_real_dicom(tmp_path, dicom_data):
     (item,) = list(discover([str(dicom_data / "RG1_UNCR.dcm")]))
     p = prepare(item, PrepareOptions())
     assert p.status == "ok"
-    scorer = AgeScorer(CXRAge(_small_net(7).float(), tta=True))
+    scorer = AgeModel(CXRAge(_small_net(7).float(), tta=True))
     w = SaliencyWriter(tmp_path, [scorer], argparse.Namespace(deterministic=False))
     paths = w.write(p, {"CXR_Age": 50.0})
     png, dcm = paths
@@ -198,3 +199,152 @@ def test_gradcam_refused_for_tiny_members():
     with pytest.raises(UsageError, match="gradient"):
         SaliencyWriter(Path("."), [_S()], argparse.Namespace(saliency_method="gradcam"))
     SaliencyWriter(Path("."), [_S()], argparse.Namespace(saliency_method="gradient"))
+
+
+# ------------------------------------------------------------------ batched saliency = per image
+def _three_member_target(dtype=torch.float64):
+    spec = lung_risk_spec()
+    members = spec.active_members()[:3]
+    nets = [_small_net(20 + i).to(dtype) for i in range(3)]
+    ens = LungRiskEnsemble(spec, members, nets, torch.device("cpu"))
+
+    class _S:
+        ensemble = ens
+
+    return target_for(_S()), members, nets, spec
+
+
+def _reference_gradient(members, nets, intercept, x: torch.Tensor) -> torch.Tensor:
+    """The definition, written out: one autograd graph over the LASSO sum, one image at a time."""
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].detach().clone().requires_grad_(True)
+        score = sum(m.weight * n(xi)[:, 0] for m, n in zip(members, nets)) + intercept
+        (g,) = torch.autograd.grad(score.sum(), xi)
+        out.append(g)
+    return torch.cat(out)
+
+
+def test_batched_ensemble_gradient_equals_single_image_and_definition():
+    target, members, nets, spec = _three_member_target()
+    x = torch.from_numpy(np.random.default_rng(6).standard_normal((3, 3, 224, 224)))
+    batched = input_gradient(target, x)
+    singles = torch.cat([input_gradient(target, x[i : i + 1]) for i in range(3)])
+    ref = _reference_gradient(members, nets, spec.intercept, x)
+    assert torch.allclose(batched, singles, rtol=1e-10, atol=1e-14)
+    assert torch.allclose(batched, ref, rtol=1e-10, atol=1e-14)
+    # and each item's gradient is the finite difference of that item's own score
+    for k in range(3):
+        _fd_check(target.score, x[k : k + 1], batched[k : k + 1], n=4)
+    # chunked passes give the same as one pass
+    assert torch.allclose(input_gradient(target, x, max_items=2), batched, rtol=1e-12, atol=0)
+
+
+def test_batched_age_tta_gradient_equals_single_image():
+    m = CXRAge(_small_net(8), tta=True)
+    target = target_for(AgeModel(m))
+    x = torch.from_numpy(np.random.default_rng(9).standard_normal((3, 3, 224, 224)))
+    batched = input_gradient(target, x)
+    singles = torch.cat([input_gradient(target.score, x[i : i + 1]) for i in range(3)])
+    assert torch.allclose(batched, singles, rtol=1e-10, atol=1e-14)
+    _fd_check(target.score, x[2:3], batched[2:3], n=3)
+
+
+def test_writer_heatmaps_batch_equals_one_by_one():
+    target, *_ = _three_member_target(torch.float32)
+    w = SaliencyWriter(Path("."), [], argparse.Namespace())
+    imgs = np.random.default_rng(10).integers(0, 256, (4, 3, 224, 224), dtype=np.uint8)
+    batch = w.heatmaps(target, imgs)
+    assert len(batch) == 4 and w.heatmaps(target, imgs[:0]) == []
+    for i in range(4):
+        one = w.heatmap(target, imgs[i])
+        assert one.shape == (224, 224) and 0.0 <= one.min() and one.max() <= 1.0
+        assert np.allclose(batch[i], one, rtol=0, atol=1e-5)
+
+
+def test_saliency_works_inside_inference_mode():
+    target, *_ = _three_member_target()
+    x = torch.from_numpy(np.random.default_rng(11).standard_normal((2, 3, 224, 224)))
+    want = input_gradient(target, x)
+    with torch.inference_mode():
+        xi = x.clone()  # an inference tensor, as a batch normalised inside inference code is
+        got = input_gradient(target, xi)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+
+
+def test_gradcam_on_frozen_networks():
+    """Loaded models have requires_grad False parameters (as CXRAge.load and the engine set)."""
+    net = _small_net(12)
+    target = target_for(AgeModel(CXRAge(net, tta=False)))
+    x = torch.from_numpy(np.random.default_rng(13).standard_normal((2, 3, 224, 224)))
+    want = gradcam(target, x)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    got = gradcam(target, x)
+    assert np.allclose(got, want, rtol=1e-12, atol=1e-15)
+    assert np.allclose(gradcam(target, x[1:]), want[1:], rtol=1e-12, atol=1e-15)
+
+
+def test_real_architectures_inference_copies_give_the_published_layout_gradient(synthetic_weights):
+    """One member per architecture (InceptionV4, Tiny, ResNet34) of the synthetic ensemble: the
+    saliency of the engine's inference copies (BatchNorm folded, channels_last, frozen), batched,
+    equals that of the published-layout modules (BatchNorm unfolded, contiguous) taken one image
+    at a time through one graph, to float32 accuracy."""
+    from cxr_lung_risk.engine import build_member
+    from cxr_lung_risk.transforms import normalize
+    from cxr_lung_risk.weights import WeightSource
+
+    spec = lung_risk_spec()
+    members, seen = [], set()
+    for m in spec.active_members():
+        if m.architecture not in seen:
+            seen.add(m.architecture)
+            members.append(m)
+    src = WeightSource(synthetic_weights)
+    fast = [build_member(m, src, fold_bn=True, channels_last=True) for m in members]
+    plain = [build_member(m, src) for m in members]
+    ens = LungRiskEnsemble(spec, members, fast, torch.device("cpu"), channels_last=True)
+
+    class _S:
+        ensemble = ens
+
+    target = target_for(_S())
+    imgs = np.random.default_rng(14).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
+    x = normalize(torch.from_numpy(imgs), spec.mean, spec.std)
+    got = input_gradient(target, x)
+    ref = _reference_gradient(members, plain, spec.intercept, x)
+    # ReLU and max-pool make the gradient piecewise: where float32 rounding moves an input across
+    # a kink or breaks a max-pool tie, a few pixels take another branch (float32 against float64
+    # does the same), so compare in norm and by the share of pixels that agree
+    err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    rel = ((got - ref).abs() / ref.abs().amax(dim=(1, 2, 3), keepdim=True)).flatten()
+    print("DIAG", err, float(rel.max()), float((rel > 1e-4).double().mean()), float(np.quantile(rel.numpy(), 0.999)))
+    assert float(err.max()) < 1e-3
+    assert float((rel > 1e-4).double().mean()) < 1e-3
+    w = SaliencyWriter(Path("."), [_S()], argparse.Namespace())
+    maps = w.heatmaps(target, imgs)
+    ref_maps = [scale_map(r, 99.0) for r in ref.abs().amax(dim=1).double().numpy()]
+    for a, b in zip(maps, ref_maps):
+        d = np.abs(a - b)
+        print("DIAGMAP", d.max(), (d > 1e-3).mean())
+        assert (d > 1e-3).mean() < 1e-3
+
+
+def test_write_batch_pairs_and_per_item_failure(tmp_path):
+    from types import SimpleNamespace
+
+    scorer = AgeModel(CXRAge(_small_net(15).float(), tta=False))
+    w = SaliencyWriter(tmp_path, [scorer], argparse.Namespace(deterministic=True))
+    rng = np.random.default_rng(16)
+    ok = SimpleNamespace(image=rng.integers(0, 256, (3, 224, 224), dtype=np.uint8), file=SimpleNamespace(rel="a/x.png"), dataset=None, uids={})
+    bad = SimpleNamespace(image=ok.image.copy(), file=SimpleNamespace(rel="b/y.dcm"), dataset=pydicom.Dataset(), uids={})
+    res = w.write_batch([bad, ok], [{}, {}])
+    assert len(res) == 2
+    with pytest.raises(ValueError):
+        list(res[0])  # an SC cannot be derived from a source without UIDs: that item only
+    assert list(res[1]) == [("saliency", "saliency/a/x.cxr-age.png")]
+    assert (tmp_path / "saliency" / "a" / "x.cxr-age.png").is_file()
+    assert w.write(ok, {}) == [tmp_path / "saliency" / "a" / "x.cxr-age.png"]
+    with pytest.raises(ValueError):
+        w.write(bad, {})
+    assert w.write_batch([], []) == []

@@ -38,6 +38,7 @@ CLI_DOCKER_DEFAULT = "/app/venv/bin/cxr-lung-risk"
 CSV_NAME = "cxr_lung_risk.csv"
 JSON_NAME = "cxr_lung_risk.json"
 MANIFEST_NAME = "manifest.csv"
+RECORDS_NAME = "records.jsonl"
 
 
 @ValueOutput.Name("cxr-lung-risk")
@@ -73,6 +74,19 @@ def read_csv(path: str) -> tuple:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         return list(reader.fieldnames or []), list(reader)
+
+
+def read_records(path: str) -> list:
+    """The CLI's per-input records (records.jsonl: status, reason, UIDs, files written); [] when absent."""
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
 
 
 def sorted_files(path: str) -> list:
@@ -182,19 +196,24 @@ class CxrLungRiskRunner(Module):
                 self.log(line.rstrip(), level="EXTERNAL")
         cli_msg = (stderr.strip().splitlines() or ["(no message)"])[-1]
 
-        _, manifest = read_csv(os.path.join(out, MANIFEST_NAME))
+        records = read_records(os.path.join(out, RECORDS_NAME))
         header, rows = read_csv(os.path.join(out, CSV_NAME))
         json_rows = []
         if os.path.isfile(os.path.join(out, JSON_NAME)):
             with open(os.path.join(out, JSON_NAME), encoding="utf-8") as f:
                 json_rows = json.load(f)
-        if code not in (0, 1, 2) or not manifest:
+        if code not in (0, 1, 2) or not records:
             for instance, _ in prefixes.values():
                 self.fail(instance, f"the cxr-lung-risk CLI failed (exit status {code}): {cli_msg}")
             return
 
-        by_prefix = {p: {"manifest": [], "rows": [], "json": []} for p in prefixes}
-        for kind, table in (("manifest", manifest), ("rows", rows), ("json", json_rows)):
+        # the CLI's records say, per input file, its status and every file written for it
+        by_prefix = {p: {"records": [], "rows": [], "json": []} for p in prefixes}
+        for rec in records:
+            prefix, _, rest = str(rec.get("file", "")).partition("/")
+            if prefix in by_prefix:
+                by_prefix[prefix]["records"].append((rest, rec))
+        for kind, table in (("rows", rows), ("json", json_rows)):
             for row in table:
                 prefix, _, rest = str(row.get("File", "")).partition("/")
                 if prefix in by_prefix:
@@ -202,8 +221,8 @@ class CxrLungRiskRunner(Module):
 
         for prefix, (instance, names) in prefixes.items():
             got = by_prefix[prefix]
-            statuses = {rest: r.get("status", "") for rest, r in got["manifest"]}
-            reasons = [f"{rest}: {r.get('reason', '')}" for rest, r in got["manifest"] if r.get("status") != "ok"]
+            statuses = {rest: r.get("status", "") for rest, r in got["records"]}
+            reasons = [f"{rest}: {r.get('reason', '')}" for rest, r in got["records"] if r.get("status") != "ok"]
             missing = sorted(set(names) - set(statuses))
             failed = sorted(n for n, s in statuses.items() if s not in ("ok", "skipped"))
             if missing or failed:
@@ -216,13 +235,14 @@ class CxrLungRiskRunner(Module):
                 self.log(f"instance {instance.attr.get('sid', '')} not scored: {'; '.join(reasons)}", level="WARNING")
                 continue
             srs = []
-            for rest, r in ok_rows:
-                sop = r.get("SOPInstanceUID", "")
-                sr = os.path.join(out, "sr", sop + ".dcm")
-                if sop and os.path.isfile(sr):
-                    srs.append((sop, sr))
-                elif sop:
+            for rest, rec in got["records"]:
+                if rec.get("status") != "ok":
+                    continue
+                written = rec.get("outputs", {}).get("sr", [])
+                if rec.get("sop_uid") and not written:
                     self.fail(instance, f"no SR was written for {rest}")
+                for rel in written:
+                    srs.append((os.path.basename(rel), os.path.join(out, rel)))
             self._results[instance.attr["id"]] = {
                 "status": "ok",
                 "header": header,
@@ -253,8 +273,8 @@ class CxrLungRiskRunner(Module):
             f.write("\n")
 
         bundle = instance.getDataBundle("cxr_lung_risk")
-        for sop, src in res["srs"]:
-            sr_data = InstanceData(os.path.join("sr", sop + ".dcm"), DataType.fromString("dicom:mod=sr:model=cxr_lung_risk"), instance=instance, bundle=bundle)
+        for name, src in res["srs"]:
+            sr_data = InstanceData(os.path.join("sr", name), DataType.fromString("dicom:mod=sr:model=cxr_lung_risk"), instance=instance, bundle=bundle)
             sr_data.dc.makedirs()
             shutil.copyfile(src, sr_data.abspath)
             sr_data.confirm()

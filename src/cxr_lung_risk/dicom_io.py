@@ -45,7 +45,7 @@ unbounded allocation):
   encapsulated fragments are walked item by item;
 * the codestream header of frame 1 (JPEG SOFn, JPEG-LS SOF55, JPEG 2000 SIZ, also inside JP2
   boxes) must agree with Rows/Columns/SamplesPerPixel and ``max_pixels`` before the decoder runs;
-* a Deflated Explicit VR Little Endian data set is inflated incrementally: at most 64 MiB before
+* a Deflated Explicit VR Little Endian data set is inflated incrementally: at most 32 MiB before
   the pixel data, then only the pixel bytes the header needs;
 * warnings of pydicom/numpy/Pillow and the 'pydicom' logger are recorded on the result instead
   of reaching stderr; UIDs are returned as one clean string (a backslash or an invalid UID is a
@@ -62,6 +62,7 @@ import errno
 import io
 import logging
 import os
+import re
 import stat
 import struct
 import unicodedata
@@ -140,7 +141,7 @@ _ITEM, _SEQ_DELIM = 0xFFFEE000, 0xFFFEE0DD
 _UNDEFINED = 0xFFFFFFFF
 
 #: Inflated bytes a Deflated Explicit VR Little Endian data set may hold before its pixel data.
-DEFLATE_HEADER_ALLOWANCE = 64 << 20
+DEFLATE_HEADER_ALLOWANCE = 32 << 20
 #: Bytes of frame 1 parsed for its JPEG / JPEG-LS / JPEG 2000 codestream header.
 _CODESTREAM_PEEK = 64 << 10
 #: Library warnings kept per file (the rest are counted).
@@ -540,16 +541,23 @@ def _fail(sentence: str) -> _Refusal:
 # reading
 # --------------------------------------------------------------------------------------------
 def read_header(path: str | Path) -> Dataset:
-    """Read a DICOM header (everything before PixelData).
+    """Read a DICOM header (everything before PixelData), bounded like :func:`load_image`.
 
-    ``force=True`` is used only after :func:`is_dicom_file` agreed, so that files without the
-    preamble load; raises :class:`pydicom.errors.InvalidDicomError` otherwise.
+    Files without the preamble are read when :func:`is_dicom_file` agrees; raises
+    :class:`pydicom.errors.InvalidDicomError` otherwise (also for a FIFO or device, never opened).
     """
-    if not is_dicom_file(path):
-        raise pydicom.errors.InvalidDicomError(f"{path} is not a DICOM file")
-    with warnings.catch_warnings():
+    try:
+        f = _open_regular(path)
+    except OSError as exc:
+        raise pydicom.errors.InvalidDicomError(f"{path} is not a DICOM file ({_short(exc, 100)})") from None
+    with f, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        if not _looks_like_dicom(f.read(132), f.size):
+            raise pydicom.errors.InvalidDicomError(f"{path} is not a DICOM file")
+        try:
+            return _DicomReader(f, Path(path)).read_header()
+        except _Refusal as refusal:
+            raise pydicom.errors.InvalidDicomError(f"{path}: {refusal.reason}") from None
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -557,6 +565,472 @@ def _short(exc: BaseException, limit: int = 160) -> str:
     if len(msg) > limit:
         msg = msg[: limit - 3] + "..."
     return msg
+
+
+# --------------------------------------------------------------------------------------------
+# bounded reading: header up to the pixel data, then the pixel data element by hand
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Stop:
+    """Where (and why) the header parse stopped: '' read to the end, 'pixel' at a pixel data
+    element, 'zeros' at a (0000,0000) element of length 0 (a run of zero bytes), 'overlong' at
+    an element whose declared length runs past the end of the data."""
+
+    kind: str = ""
+    tag: int = 0
+    vr: str | None = None
+    length: int = 0
+    offset: int = 0  # where the element's value starts (in the file, or in the inflated stream)
+
+
+class _FileSource:
+    """The data set's bytes are the file's."""
+
+    where = "the file"
+
+    def __init__(self, f: _ClampedReader):
+        self.f = f
+        self.size = f.size
+
+    def remaining(self, offset: int, want: int) -> int:
+        return max(0, self.size - offset)
+
+    def read(self, offset: int, n: int) -> bytes:
+        self.f.seek(offset)
+        return self.f.read(n)
+
+
+class _InflateSource:
+    """The data set's bytes are a raw deflate stream, inflated only as far as asked."""
+
+    where = "the inflated data set"
+
+    def __init__(self, f: _ClampedReader, start: int):
+        self.f = f
+        self.start = start
+        self.pos = start
+        self.z = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.buf = bytearray()
+        self.eof = False
+
+    def available(self, end: int) -> int:
+        """Inflate until ``end`` bytes are there (never more) or the stream ends."""
+        while len(self.buf) < end and not self.eof:
+            data = self.z.unconsumed_tail
+            if not data:
+                self.f.seek(self.pos)
+                data = self.f.read(1 << 20)
+                self.pos += len(data)
+                if not data:
+                    self.eof = True
+                    break
+            self.buf += self.z.decompress(data, end - len(self.buf))
+            if self.z.eof:
+                self.eof = True
+        return min(end, len(self.buf))
+
+    def remaining(self, offset: int, want: int) -> int:
+        return max(0, self.available(offset + want) - offset)
+
+    def read(self, offset: int, n: int) -> bytes:
+        self.available(offset + n)
+        return bytes(self.buf[offset:offset + n])
+
+
+def _parse_dataset(fp: Any, implicit: bool, little: bool, size: int) -> tuple[Dataset, _Stop]:
+    """pydicom's top-level data set parse, stopped at the pixel data, at a run of zero bytes or
+    at an element longer than what is left of ``size`` bytes (before its value is read)."""
+    stop = _Stop()
+
+    def stop_when(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            kind = "pixel"
+        elif tag == 0 and length == 0:
+            kind = "zeros"
+        elif length != _UNDEFINED and length > size - fp.tell():
+            kind = "overlong"
+        else:
+            return False
+        stop.kind, stop.tag, stop.vr, stop.length, stop.offset = kind, int(tag), vr, int(length), fp.tell()
+        return True
+
+    ds = pydicom.filereader.read_dataset(fp, implicit, little, stop_when=stop_when)
+    return ds, stop
+
+
+class _DicomReader:
+    """One pass over one open file: :meth:`read_header`, then the pixel data element."""
+
+    def __init__(self, f: _ClampedReader, path: Path):
+        self.f = f
+        self.path = path
+        self.src: _FileSource | _InflateSource = _FileSource(f)
+        self.stop = _Stop()
+
+    def read_header(self) -> FileDataset:
+        f = self.f
+        f.seek(0)
+        read_meta = getattr(pydicom.filereader, "_read_file_meta_info", None)
+        if read_meta is None:  # pragma: no cover - a pydicom without its file-meta reader
+            return self._read_header_public()
+        preamble = pydicom.filereader.read_preamble(f, True)
+        file_meta = read_meta(f)
+        start = f.tell()
+        ts = file_meta.get("TransferSyntaxUID")
+        if ts == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            return self._read_deflated(preamble, file_meta, start)
+        # the encoding as pydicom's read_partial decides it
+        implicit, little = True, True
+        peek = f.read(6)
+        f.seek(start)
+        if len(peek) < 6:
+            pass
+        elif ts is None:
+            from pydicom.values import converters
+
+            group = struct.unpack("<H", peek[:2])[0]
+            vr = peek[4:6].decode("latin-1")
+            if vr in converters:
+                implicit = False
+                little = group < 1024
+        elif ts == pydicom.uid.ImplicitVRLittleEndian:
+            pass
+        elif ts == pydicom.uid.ExplicitVRBigEndian:
+            implicit, little = False, False
+        elif ts in getattr(pydicom.uid, "PrivateTransferSyntaxes", ()):
+            known = pydicom.uid.PrivateTransferSyntaxes[pydicom.uid.PrivateTransferSyntaxes.index(ts)]
+            implicit, little = known.is_implicit_VR, known.is_little_endian
+        else:
+            implicit = False
+        ds, self.stop = _parse_dataset(f, implicit, little, self.src.size)
+        return self._file_dataset(ds, preamble, file_meta, implicit, little)
+
+    def _read_header_public(self) -> FileDataset:  # pragma: no cover - see read_header
+        head = self.f.read(4096)
+        self.f.seek(0)
+        if pydicom.uid.DeflatedExplicitVRLittleEndian.encode() in head:
+            raise _fail("deflated data sets need pydicom's file meta reader (pydicom too old or too new)")
+        stop = _Stop()
+        size = self.src.size
+        f = self.f
+
+        def stop_when(tag: int, vr: str | None, length: int) -> bool:
+            if tag in _PIXEL_TAGS or (tag == 0 and length == 0) or (length != _UNDEFINED and length > size - f.tell()):
+                stop.kind = "pixel" if tag in _PIXEL_TAGS else "zeros" if tag == 0 else "overlong"
+                stop.tag, stop.vr, stop.length, stop.offset = int(tag), vr, int(length), f.tell()
+                return True
+            return False
+
+        ds = pydicom.filereader.read_partial(f, stop_when, force=True)
+        self.stop = stop
+        return ds
+
+    def _read_deflated(self, preamble: bytes | None, file_meta: FileMetaDataset, start: int) -> FileDataset:
+        """Inflate step by step (256 KiB, x4 ...) until the header parses up to the pixel data
+        or the stream ends; never more than DEFLATE_HEADER_ALLOWANCE bytes for the header."""
+        src = _InflateSource(self.f, start)
+        self.src = src
+        want = 1 << 18
+        while True:
+            have = src.available(want)
+            complete = src.eof and have >= len(src.buf)
+            error: BaseException | None = None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    ds, stop = _parse_dataset(io.BytesIO(memoryview(src.buf)[:have]), False, True, have)
+                except _PASS_THROUGH:
+                    raise
+                except Exception as exc:  # a parse of a partly inflated stream may fail
+                    error = exc
+            if error is None and (complete or stop.kind in ("pixel", "zeros")):
+                break
+            if complete:
+                assert error is not None
+                raise error
+            # an element declared longer than what is inflated so far says how far to go
+            end = stop.offset + stop.length if error is None and stop.kind == "overlong" else 0
+            if want >= DEFLATE_HEADER_ALLOWANCE or end > DEFLATE_HEADER_ALLOWANCE:
+                big = (f": element ({stop.tag >> 16:04X},{stop.tag & 0xFFFF:04X}) declares {stop.length:,} bytes"
+                       if end > DEFLATE_HEADER_ALLOWANCE else "")
+                raise _fail(
+                    f"the deflated data set holds more than {DEFLATE_HEADER_ALLOWANCE >> 20} MiB before its pixel "
+                    f"data{big} (a decompression bomb?); not inflated further"
+                )
+            want = min(max(want * 4, end + (1 << 16)), DEFLATE_HEADER_ALLOWANCE)
+        for w in caught:  # the final parse's warnings only
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.stop = stop
+        return self._file_dataset(ds, preamble, file_meta, False, True)
+
+    def _file_dataset(self, ds: Dataset, preamble: bytes | None, file_meta: FileMetaDataset, implicit: bool,
+                      little: bool) -> FileDataset:
+        out = FileDataset(str(self.path), ds, preamble=preamble, file_meta=file_meta, is_implicit_VR=implicit,
+                          is_little_endian=little)
+        out.set_original_encoding(implicit, little, getattr(ds, "_character_set", None) or "iso8859")
+        return out
+
+    def check_header(self) -> None:
+        """Refuse a header whose parse stopped at an element longer than the data left."""
+        stop = self.stop
+        if stop.kind == "overlong":
+            left = max(0, self.src.remaining(stop.offset, 0))
+            raise _fail(
+                f"element ({stop.tag >> 16:04X},{stop.tag & 0xFFFF:04X}) declares {stop.length:,} bytes but only "
+                f"{left:,} remain in {self.src.where} (truncated or corrupt); not read"
+            )
+
+    def ends_inside_pixel_tag(self) -> bool:
+        """Whether the last bytes hold the start of a (7FE0,0010) element (either byte order)."""
+        if isinstance(self.src, _FileSource):
+            tail = self.src.read(max(0, self.src.size - 16), 16)
+        else:
+            tail = bytes(self.src.buf[-16:])
+        return b"\xe0\x7f\x10\x00" in tail or b"\x7f\xe0\x00\x10" in tail
+
+
+# --------------------------------------------------------------------------------------------
+# codestream headers (JPEG, JPEG-LS, JPEG 2000 / JP2)
+# --------------------------------------------------------------------------------------------
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_sof(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """(kind, rows, columns, components, precision) from a JPEG / JPEG-LS frame header."""
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        while i + 1 < n and data[i + 1] == 0xFF:  # fill bytes
+            i += 1
+        marker = data[i + 1]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # TEM, RSTn, SOI: no length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA) or i + 4 > n:  # EOI / SOS before any frame header
+            return None
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        if marker in _JPEG_SOF or marker == 0xF7:
+            if i + 10 > n:
+                return None
+            precision = data[i + 4]
+            rows, cols = struct.unpack(">HH", data[i + 5:i + 9])
+            return ("JPEG-LS" if marker == 0xF7 else "JPEG", rows, cols, data[i + 9], precision)
+        if length < 2:
+            return None
+        i += 2 + length
+    return None
+
+
+def _j2k_siz(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """The same from a JPEG 2000 codestream (SOC then SIZ): Ysiz-YOsiz, Xsiz-XOsiz, Csiz, Ssiz."""
+    if len(data) < 4 + 38 + 3 or data[:4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[8:24])
+    (csiz,) = struct.unpack(">H", data[40:42])
+    precision = (data[42] & 0x7F) + 1
+    return ("JPEG 2000", ysiz - yo, xsiz - xo, csiz, precision)
+
+
+def _jp2_codestream(data: bytes) -> bytes | None:
+    """The contiguous codestream box ('jp2c') of a JP2 file, as far as ``data`` goes."""
+    i = 0
+    while i + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[i:i + 4])
+        kind = data[i + 4:i + 8]
+        head = 8
+        if length == 1:
+            if i + 16 > len(data):
+                return None
+            (length,) = struct.unpack(">Q", data[i + 8:i + 16])
+            head = 16
+        elif length == 0:
+            length = len(data) - i
+        if kind == b"jp2c":
+            return data[i + head:]
+        if length < head:
+            return None
+        i += length
+    return None
+
+
+def _codestream_geometry(data: bytes) -> tuple[str, int, int, int, int] | None:
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_sof(data)
+    if data[:4] == b"\xff\x4f\xff\x51":
+        return _j2k_siz(data)
+    if data[4:8] == b"jP  ":
+        stream = _jp2_codestream(data)
+        return _j2k_siz(stream) if stream else None
+    return None
+
+
+def _check_codestream(frame_start: bytes, rows: int, cols: int, samples: int, meta: PixelMeta,
+                      opts: SelectionOptions, notes: list[str]) -> None:
+    """Refuse a codestream whose own header disagrees with the DICOM header (before decoding)."""
+    geo = _codestream_geometry(frame_start)
+    if geo is None:
+        return  # not a JPEG family stream (RLE, ...) or no header found: the decoder decides
+    kind, h, w, nc, precision = geo
+    height_ok = h == rows or (kind != "JPEG 2000" and h == 0)  # 0: height given by a DNL marker
+    if not height_ok or w != cols or nc != samples:
+        raise _fail(
+            f"the {kind} codestream of frame 1 is {h} x {w} pixels with {nc} component(s) but the header says "
+            f"{rows} x {cols} with {samples} sample(s) per pixel; not decoded"
+        )
+    if max(h, rows) * w * max(nc, 1) > opts.max_pixels:
+        raise _fail(f"the {kind} codestream of frame 1 is too large ({h} x {w} x {nc}, limit "
+                    f"{opts.max_pixels:,} pixels); not decoded")
+    if precision > meta.bits_allocated:
+        notes.append(f"the {kind} codestream has {precision}-bit samples, more than BitsAllocated {meta.bits_allocated}")
+
+
+# --------------------------------------------------------------------------------------------
+# values
+# --------------------------------------------------------------------------------------------
+_UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_MAX_UID_TEXT = 256
+
+
+def _uid_problem(uid: str) -> str:
+    if len(uid) > 64:
+        return f"{len(uid)} characters, more than 64"
+    if any(ch not in "0123456789." for ch in uid):
+        return "characters other than digits and dots"
+    return "an empty component or a leading zero"
+
+
+def _clean_uid(ds: Dataset, keyword: str) -> tuple[str, str | None]:
+    """One clean string for a UID attribute, from its raw value, and a warning or None.
+
+    A value with a backslash (which pydicom reads as several values) becomes one string with the
+    backslash replaced by '.'; unprintable characters become '?'; more than 256 characters are
+    cut; a value that is still not a valid UID is kept as text with a warning.
+    """
+    try:
+        if keyword not in ds:
+            return "", None
+        elem = ds.get_item(keyword)
+        value = elem.value if elem is not None else None
+    except Exception as exc:  # noqa: BLE001 - a malformed value must not make a property raise
+        return "", f"{keyword} is unreadable ({_short(exc, 80)})"
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("latin-1")
+    elif isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        text = "\\".join(str(v) for v in value)
+    elif value is None:
+        text = ""
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    if not text:
+        return "", None
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
+    problems: list[str] = []
+    if "\\" in clean:
+        parts = [p.strip(" \x00") for p in clean.split("\\")]
+        parts = [p for p in parts if p]
+        clean = ".".join(parts)
+        problems.append(f"holds {len(parts)} values (a backslash in a UID)")
+    if len(clean) > _MAX_UID_TEXT:
+        clean = clean[:_MAX_UID_TEXT]
+        problems.append(f"is longer than {_MAX_UID_TEXT} characters (cut)")
+    if not UID(clean).is_valid:
+        problems.append(f"is not a valid UID ({_uid_problem(clean)})")
+    if not problems:
+        return clean, None
+    shown = _printable(text, 80)
+    using = f"; using '{_printable(clean, 80)}'" if clean != text else "; kept as text"
+    return clean, f"{keyword} '{shown}' {' and '.join(problems)}{using}"
+
+
+def _collect_uids(ds: Dataset, notes: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for keyword in _UID_KEYWORDS:
+        out[keyword], warning = _clean_uid(ds, keyword)
+        if warning:
+            notes.append(warning)
+    return out
+
+
+def _is_chest_body_part(body: str) -> bool:
+    """Whether an (upper-cased) BodyPartExamined is empty or chest-like (see CHEST_WORDS)."""
+    if body in CHEST_BODY_PARTS:
+        return True
+    folded = unicodedata.normalize("NFKD", body).encode("ascii", "ignore").decode("ascii").upper()
+    words = re.split(r"[\s_\-/,.+;:()&]+", folded)
+    return any(w in CHEST_WORDS for w in words)
+
+
+# --------------------------------------------------------------------------------------------
+# library warnings
+# --------------------------------------------------------------------------------------------
+def _warning_source(filename: str) -> str:
+    f = str(filename).replace("\\", "/")
+    for key, name in (("/pydicom/", "pydicom"), ("/numpy/", "numpy"), ("/PIL/", "Pillow"),
+                      ("/pylibjpeg", "pylibjpeg"), ("/openjpeg/", "openjpeg"), ("/libjpeg/", "libjpeg"),
+                      ("/jpeg_ls/", "pyjpegls"), ("/rle/", "pylibjpeg-rle")):
+        if key in f:
+            return name
+    return "warning"
+
+
+class _LogCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # noqa: BLE001 - a broken log call must not break reading
+            pass
+
+
+@contextlib.contextmanager
+def _library_messages() -> Iterator[list[tuple[str, str]]]:
+    """Collect (source, message) of the warnings raised and of pydicom's log records (WARNING
+    and above) inside the block, instead of letting them reach stderr."""
+    out: list[tuple[str, str]] = []
+    logger = logging.getLogger("pydicom")
+    handler = _LogCollector()
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield out
+            finally:
+                out.extend((_warning_source(w.filename), str(w.message)) for w in caught)
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        out.extend(("pydicom", m) for m in handler.messages)
+
+
+def _merge_library_messages(notes: list[str], messages: list[tuple[str, str]]) -> list[str]:
+    """``notes`` plus one 'source: message' per new message (deduplicated, at most
+    _MAX_LIBRARY_WARNINGS, then a count)."""
+    out = list(notes)
+    extra = 0
+    added = 0
+    for source, msg in messages:
+        msg = " ".join(str(msg).split())
+        if not msg:
+            continue
+        key = msg[:150]
+        if any(key in note for note in out):
+            continue
+        if added >= _MAX_LIBRARY_WARNINGS:
+            extra += 1
+            continue
+        out.append(f"{source}: {_short(Exception(msg), 200)}")
+        added += 1
+    if extra:
+        out.append(f"{extra} more library warning(s) not shown")
+    return out
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -687,7 +1161,7 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
         if is_sc and opts.accept_radiograph_like_sc:
             conversion = _text(ds, "ConversionType")
             body = _text(ds, "BodyPartExamined")
-            if conversion in SC_RADIOGRAPH_CONVERSION_TYPES or (body and body in CHEST_BODY_PARTS):
+            if conversion in SC_RADIOGRAPH_CONVERSION_TYPES or (body and _is_chest_body_part(body)):
                 notes.append(
                     f"secondary capture (modality {modality or 'missing'}, ConversionType "
                     f"{conversion or 'missing'}, BodyPartExamined {body or 'missing'}) accepted as a radiograph"
@@ -734,9 +1208,10 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
         notes.append(f"lateral view accepted ({lateral})")
 
     body = _text(ds, "BodyPartExamined")
-    if body not in CHEST_BODY_PARTS:
+    if not _is_chest_body_part(body):
+        body = _printable(body, 64)
         if not opts.allow_non_chest:
-            raise _skip(f"BodyPartExamined is '{body}', not chest-like")
+            raise _skip(f"BodyPartExamined is '{body}', not a chest radiograph (use --allow-non-chest to score it)")
         notes.append(f"BodyPartExamined is '{body}', not chest-like")
 
     rows = _int(ds, "Rows", 0) or 0
@@ -748,6 +1223,14 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
         raise _fail(
             f"image is too large ({rows} x {cols} = {rows * cols:,} pixels, limit {opts.max_pixels:,}); "
             f"not decoded"
+        )
+    long_side, short_side = max(rows, cols), min(rows, cols)
+    if long_side > opts.max_aspect_ratio * short_side:
+        ratio = long_side / short_side
+        r = f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.1f}"
+        raise _fail(
+            f"image aspect ratio {f'1:{r}' if cols > rows else f'{r}:1'} cannot be a chest radiograph "
+            f"(Rows {rows} x Columns {cols}, limit {opts.max_aspect_ratio:g}:1); not decoded"
         )
     return rows, cols, frames
 
@@ -804,14 +1287,16 @@ def decode_pixels(ds: Dataset, frame: int | None = None) -> np.ndarray:
     return pixel_array(ds, index=frame, raw=True, decoding_plugin=plugin)
 
 
-def _infer_native_syntax(ds: Dataset) -> UID | None:
+def _infer_native_syntax(ds: Dataset, encapsulated: bool | None = None) -> UID | None:
     """For a data set stored without file meta: the native syntax pydicom found it in (an
     encapsulated PixelData cannot be interpreted without its transfer syntax)."""
     encoding = getattr(ds, "original_encoding", (None, None))
     implicit, little = encoding if encoding else (None, None)
     if implicit is None or little is None:
         return None
-    if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+    if encapsulated is None:
+        encapsulated = "PixelData" in ds and ds["PixelData"].is_undefined_length
+    if encapsulated:
         return None
     if implicit:
         ts = pydicom.uid.ImplicitVRLittleEndian
@@ -823,58 +1308,123 @@ def _infer_native_syntax(ds: Dataset) -> UID | None:
     return ts
 
 
-def _has_pixel_data_tag(path: Path) -> bool:
-    """Whether the raw bytes hold a (7FE0,0010) tag (either byte order)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
-
-
 def _expected_native_bytes(rows: int, cols: int, frames: int, bits_allocated: int) -> int:
     return (rows * cols * frames * bits_allocated + 7) // 8
 
 
-def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opts: SelectionOptions,
-            notes: list[str]) -> np.ndarray:
-    if "PixelData" not in ds:
-        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+def _native_element(reader: _DicomReader, rows: int, cols: int, frames: int, meta: PixelMeta,
+                    notes: list[str]) -> DataElement:
+    """The native PixelData element, its declared length checked against the data left and
+    only the bytes the image needs read."""
+    stop, src = reader.stop, reader.src
+    declared, offset = stop.length, stop.offset
+    need = _expected_native_bytes(rows, cols, frames, meta.bits_allocated)
+    shape = f"{rows} x {cols}{f' x {frames} frames' if frames > 1 else ''} at {meta.bits_allocated} bits"
+    # a file's size is known: check the whole declared length; a deflated stream is inflated
+    # only as far as the image needs
+    want = declared if isinstance(src, _FileSource) else min(declared, need + 2)
+    left = src.remaining(offset, want)
+    if left < want:
+        if left >= need:
+            raise _fail(f"PixelData declares {declared:,} bytes but only {left:,} remain in {src.where} "
+                        f"(corrupt length); not read")
+        raise _fail(f"pixel data is truncated ({left:,} bytes, expected {need:,} for {shape}; "
+                    f"{declared:,} declared)")
+    if declared < need:
+        raise _fail(f"pixel data is truncated ({declared:,} bytes, expected {need:,} for {shape})")
+    if declared > need + 1:
+        notes.append(f"pixel data has {declared - need:,} bytes more than expected; extra bytes ignored")
+    value = src.read(offset, min(declared, need + (need & 1)))
+    vr = stop.vr if stop.vr in ("OB", "OW") else ("OB" if meta.bits_allocated <= 8 else "OW")
+    return DataElement(_PIXEL_DATA, vr, value)
+
+
+def _encapsulated_element(reader: _DicomReader, ds: Dataset, rows: int, cols: int, meta: PixelMeta,
+                          opts: SelectionOptions, notes: list[str]) -> DataElement:
+    """The encapsulated PixelData element, walked item by item (each length checked against the
+    data left), with frame 1's codestream header checked against the DICOM header."""
+    src, start = reader.src, reader.stop.offset
+    pos = start
+    fragments: list[tuple[int, int]] = []  # (offset, length); the first item is the offset table
+    while True:
+        head = src.read(pos, 8)
+        if len(head) < 8:
+            if len(fragments) < 2:
+                raise _fail("pixel data is truncated (the file ends inside the encapsulated pixel data)")
+            notes.append("encapsulated pixel data has no sequence delimiter (file truncated?)")
+            break
+        group, elem, length = struct.unpack("<HHI", head)
+        tag = group << 16 | elem
+        if tag == _SEQ_DELIM:
+            break
+        if tag != _ITEM:
+            if len(fragments) < 2:
+                raise _fail(f"encapsulated pixel data is malformed (tag ({group:04X},{elem:04X}) where an item "
+                            f"should be, at byte {pos:,})")
+            notes.append(f"encapsulated pixel data ends without a sequence delimiter at byte {pos:,}; "
+                         f"the rest of the file is ignored")
+            break
+        if length == _UNDEFINED:
+            raise _fail("encapsulated pixel data has an item of undefined length (malformed)")
+        left = src.remaining(pos + 8, length)
+        if left < length:
+            raise _fail(f"pixel data is truncated (fragment {len(fragments)} declares {length:,} bytes but only "
+                        f"{left:,} remain in {src.where})")
+        fragments.append((pos + 8, length))
+        pos += 8 + length
+    peek = b""
+    for offset, length in fragments[1:]:
+        peek += src.read(offset, min(length, _CODESTREAM_PEEK - len(peek)))
+        if len(peek) >= _CODESTREAM_PEEK:
+            break
+    samples = _int(ds, "SamplesPerPixel", 1) or 1
+    _check_codestream(peek, rows, cols, samples, meta, opts, notes)
+    return DataElement(_PIXEL_DATA, "OB", src.read(start, pos - start), is_undefined_length=True)
+
+
+def _decode(ds: Dataset, reader: _DicomReader, rows: int, cols: int, frames: int, meta: PixelMeta,
+            opts: SelectionOptions, notes: list[str]) -> np.ndarray:
+    stop = reader.stop
+    if stop.kind != "pixel" or stop.tag != _PIXEL_DATA:
+        if stop.kind == "pixel":
             raise _skip("float pixel data is not a radiograph")
+        if stop.kind == "zeros":
+            raise _fail(f"the data set runs into a block of zero bytes at byte {max(0, stop.offset - 8):,} and has "
+                        f"no pixel data (file corrupt)")
+        if reader.ends_inside_pixel_tag():
+            raise _fail("pixel data is truncated or unreadable (the data set ends inside PixelData)")
         raise _fail("PixelData is missing")
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if ts is None:
-        ts = _infer_native_syntax(ds)
+        ts = _infer_native_syntax(ds, stop.length == _UNDEFINED)
         if ts is None:
             raise _fail("transfer syntax is unknown (no TransferSyntaxUID in the file meta)")
         notes.append(f"no TransferSyntaxUID in the file; read as {ts.name}")
     if not ts.is_transfer_syntax:
         raise _fail(f"transfer syntax UID '{str(ts)[:64]}' is not a known transfer syntax")
-    elem = ds["PixelData"]
-    encapsulated = elem.is_undefined_length
+    encapsulated = stop.length == _UNDEFINED
     if ts.is_compressed != encapsulated:
         claim = "compressed" if ts.is_compressed else "uncompressed"
         actual = "encapsulated (compressed)" if encapsulated else "native (uncompressed)"
         raise _fail(f"transfer syntax {_ts_name(ds)} says {claim} but the pixel data is {actual}")
-    if not encapsulated:
-        value = elem.value
-        have = len(value) if value is not None else 0
-        need = _expected_native_bytes(rows, cols, frames, meta.bits_allocated)
-        if have < need:
-            raise _fail(
-                f"pixel data is truncated ({have:,} bytes, expected {need:,} for {rows} x {cols}"
-                f"{f' x {frames} frames' if frames > 1 else ''} at {meta.bits_allocated} bits)"
-            )
-        if have > need + 1:
-            notes.append(f"pixel data has {have - need:,} bytes more than expected; extra bytes ignored")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            arr = decode_pixels(ds, 0 if frames > 1 else None)
-        except MemoryError:
-            raise _fail("not enough memory to decode the pixel data") from None
-        except _PASS_THROUGH:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - Rust decoders (pyo3) panic with a BaseException
-            raise _fail(f"could not decode the pixel data ({_ts_name(ds)}): {_short(exc)}") from None
+    if encapsulated:
+        elem = _encapsulated_element(reader, ds, rows, cols, meta, opts, notes)
+    else:
+        elem = _native_element(reader, rows, cols, frames, meta, notes)
+    ds[_PIXEL_DATA] = elem
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                arr = decode_pixels(ds, 0 if frames > 1 else None)
+            except MemoryError:
+                raise _fail("not enough memory to decode the pixel data") from None
+            except _PASS_THROUGH:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - Rust decoders (pyo3) panic with a BaseException
+                raise _fail(f"could not decode the pixel data ({_ts_name(ds)}): {_short(exc)}") from None
+    finally:
+        del ds[_PIXEL_DATA]  # the header handed on stays without pixel data
     for w in caught:
         msg = _short(w.message, 200)
         if msg and f"decoder: {msg}" not in notes:
@@ -896,57 +1446,73 @@ def _decode(ds: Dataset, rows: int, cols: int, frames: int, meta: PixelMeta, opt
 # --------------------------------------------------------------------------------------------
 def load_image(path: str | Path, options: SelectionOptions | None = None) -> LoadedImage:
     """Read, select and decode one file.  Never raises for bad input: every problem becomes a
-    ``'skipped'`` or ``'failed'`` :class:`LoadedImage` with a one-sentence reason."""
-    with warnings.catch_warnings():
-        # pydicom warns about every odd value it meets; the sentence we return says what matters
-        warnings.simplefilter("ignore")
-        res = _load_image(Path(path), options if options is not None else SelectionOptions())
-    res.warnings = [_printable(w) for w in res.warnings]
+    ``'skipped'`` or ``'failed'`` :class:`LoadedImage` with a one-sentence reason.  Warnings of
+    the libraries (pydicom, numpy, Pillow, decoders) and pydicom's log messages become entries
+    of ``warnings`` ('pydicom: ...', 'decoder: ...') instead of reaching stderr."""
+    with _library_messages() as messages:
+        res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions())
+    res.warnings = [_printable(w) for w in _merge_library_messages(res.warnings, messages)]
     return res
+
+
+def _open_failure(path: Path, exc: OSError) -> _Refusal:
+    """The reason for a path that cannot be opened (dangling or looping symbolic links named)."""
+    try:
+        is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        is_link = False
+    if exc.errno == errno.ELOOP:
+        return _fail("symbolic link loop")
+    if is_link and exc.errno == errno.ENOENT:
+        try:
+            target = _escape_name(os.readlink(path))
+        except OSError:
+            target = "?"
+        return _fail(f"broken symbolic link (to '{target}', which does not exist)")
+    return _fail(f"cannot read the file ({_short(exc, 100)})")
 
 
 def _load_image(path: Path, opts: SelectionOptions) -> LoadedImage:
     notes: list[str] = []
     header: Dataset | None = None
+    uids: dict[str, str] = {}
     try:
         try:
-            size = path.stat().st_size
+            f = _open_regular(path)
+        except _NotRegular as exc:
+            if exc.kind == "directory":
+                raise _fail("not a regular file") from None
+            raise _skip(f"not a regular file ({exc.kind})") from None
         except OSError as exc:
-            raise _fail(f"cannot read the file ({_short(exc, 100)})") from None
-        if not path.is_file():
-            raise _fail("not a regular file")
-        if size == 0:
-            raise _fail("the file is empty (0 bytes)")
-        if not is_dicom_file(path):
-            raise _skip("not a DICOM file")
-        try:
-            header = read_header(path)
-        except _PASS_THROUGH:
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            raise _fail(f"malformed DICOM header: {_short(exc)}") from None
-        if len(header) == 0 and not getattr(header, "file_meta", None):
-            raise _fail("malformed DICOM: no data elements could be read")
-        rows, cols, frames = _check_policy(path, header, opts, notes)
-        meta = _pixel_meta(header, notes)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                full = pydicom.dcmread(path, force=True)
-        except _PASS_THROUGH:
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            raise _fail(f"malformed DICOM data set: {_short(exc)}") from None
-        if "PixelData" not in full and _has_pixel_data_tag(path):
-            raise _fail("pixel data is truncated or unreadable (the data set ends inside PixelData)")
-        pixels = _decode(full, rows, cols, frames, meta, opts, notes)
-        return LoadedImage("ok", "", notes, pixels, meta, header)
+            raise _open_failure(path, exc) from None
+        with f:
+            if f.size == 0:
+                raise _fail("the file is empty (0 bytes)")
+            if not _looks_like_dicom(f.read(132), f.size):
+                raise _skip("not a DICOM file")
+            reader = _DicomReader(f, path)
+            try:
+                header = reader.read_header()
+            except (_Refusal, MemoryError):
+                raise
+            except _PASS_THROUGH:
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                raise _fail(f"malformed DICOM header: {_short(exc)}") from None
+            if len(header) == 0 and not getattr(header, "file_meta", None):
+                raise _fail("malformed DICOM: no data elements could be read")
+            uids = _collect_uids(header, notes)
+            rows, cols, frames = _check_policy(path, header, opts, notes)
+            meta = _pixel_meta(header, notes)
+            reader.check_header()
+            pixels = _decode(header, reader, rows, cols, frames, meta, opts, notes)
+        return LoadedImage("ok", "", notes, pixels, meta, header, uids)
     except _Refusal as refusal:
-        return LoadedImage(refusal.status, refusal.reason, notes, None, None, header)
+        return LoadedImage(refusal.status, refusal.reason, notes, None, None, header, uids)
     except MemoryError:
-        return LoadedImage("failed", "failed: not enough memory to read the file", notes, None, None, header)
+        return LoadedImage("failed", "failed: not enough memory to read the file", notes, None, None, header, uids)
     except _PASS_THROUGH:
         raise
     except BaseException as exc:  # noqa: BLE001 - last resort: never let a bad file escape
         return LoadedImage("failed", f"failed: unexpected error reading the file ({type(exc).__name__}: "
-                           f"{_short(exc, 120)})", notes, None, None, header)
+                           f"{_short(exc, 120)})", notes, None, None, header, uids)

@@ -20,7 +20,7 @@ with one clear sentence.
 """
 from __future__ import annotations
 
-from .errors import CxrLungRiskError
+from .errors import CxrLungRiskError, WeightsError, WeightsNotFoundError
 import argparse
 import contextlib
 import datetime as _dt
@@ -154,8 +154,8 @@ def find_lung_risk_weights(explicit: str | Path | None = None) -> Path | None:
         if p.is_file():
             if zipfile.is_zipfile(p):
                 return p
-            raise FetchError(f"weights path {p} is neither a folder nor a zip archive")
-        raise FetchError(f"weights path {p} does not exist")
+            raise WeightsError(f"weights path {p} is neither a folder nor a zip archive")
+        raise WeightsNotFoundError(f"weights path {p} does not exist")
     d = lung_risk_weights_dir()
     return d if _is_complete_dir(d, _lung_risk_files()) else None
 
@@ -169,10 +169,10 @@ def find_age_weights(explicit: str | Path | None = None) -> Path | None:
         if p.is_dir():
             if (p / name).is_file():
                 return p / name
-            raise FetchError(f"folder {p} does not contain {name}")
+            raise WeightsNotFoundError(f"folder {p} does not contain {name}")
         if p.is_file():
             return p
-        raise FetchError(f"weights path {p} does not exist")
+        raise WeightsNotFoundError(f"weights path {p} does not exist")
     f = age_weights_path()
     size = age_spec().weights.get("size")
     try:
@@ -875,12 +875,12 @@ def weights_identity(location: Path) -> dict[str, Any]:
     fetch-weights recorded from the published URL). A folder with the marker written by
     :mod:`cxr_lung_risk.synthetic` is ``synthetic`` (never published). Large files are hashed
     once per process (cached by path, size and mtime), and not at all when a ``SOURCE.json``
-    next to them records their SHA-256 for their size. Raises :class:`FetchError` when
-    ``location`` does not exist.
+    next to them records their SHA-256 for their size. Raises
+    :class:`~cxr_lung_risk.errors.WeightsNotFoundError` when ``location`` does not exist.
     """
     p = Path(location).expanduser()
     if not p.exists():
-        raise FetchError(f"weights path {p} does not exist")
+        raise WeightsNotFoundError(f"weights path {p} does not exist")
     if p.is_dir():
         sub = p / lung_risk_spec().weights["archive_folder"]
         if not any(p.glob("*.pth")) and sub.is_dir():

@@ -15,6 +15,12 @@ This module reproduces both tools bit for bit:
   depth 8, Lanczos / Mitchell resize) in the arithmetic of ImageMagick 6.8.9-9 (the authors'
   build: single precision ``MagickRealType``) or 6.9.11 (Debian 12: double precision).
 * :func:`write_png` / :func:`read_png_gray` - 8-bit grayscale PNG with ``gAMA`` 1.0.
+
+Guards (they refuse inputs, they never change the arithmetic): :func:`imagemagick_recipe` raises
+:class:`ImageRefused` before resizing when ``-resize 512x512^`` of the trimmed image would exceed
+``MAX_RESIZED_PIXELS`` (ImageMagick would allocate it: an 8 x 8000 strip becomes 512 x 512000);
+:func:`preprocess_checked` (the DICOM path) also refuses a trimmed image whose aspect ratio
+exceeds ``MAX_ASPECT`` and a rendered image without contrast (:func:`check_rendered`).
 """
 from __future__ import annotations
 
@@ -34,6 +40,19 @@ IM_DEBIAN = "6.9.11"
 TARGET = 512
 
 _QR = 65535  # QuantumRange of a Q16 build
+
+#: Largest ``-resize 512x512^`` output accepted (ImageMagick would allocate it; ~40 MP is a
+#: 512 x 78,000 strip, far beyond any radiograph).
+MAX_RESIZED_PIXELS = 40_000_000
+#: Largest long side / short side of the trimmed image that :func:`preprocess_checked` accepts.
+MAX_ASPECT = 4.0
+#: A rendered 8-bit image whose max - min is below this has no contrast (blank).
+MIN_CONTRAST = 2
+
+
+class ImageRefused(ValueError):
+    """The image cannot be preprocessed into a meaningful radiograph (extreme shape, no
+    contrast); ``str(e)`` is one sentence, without a status prefix."""
 
 
 @dataclass(frozen=True)
@@ -314,11 +333,41 @@ def _quantum_to_char(q: np.ndarray) -> np.ndarray:
     return (((qi + 128) - ((qi + 128) >> 8)) >> 8).astype(np.uint8)
 
 
-def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS) -> np.ndarray:
+def resize_shape(height: int, width: int) -> tuple[int, int]:
+    """(height, width) that ``-resize 512x512^`` makes of an image (as :func:`_resize`)."""
+    s = max(TARGET / width, TARGET / height)
+    return int(math.floor(s * height + 0.5)), int(math.floor(s * width + 0.5))
+
+
+def _ratio_text(height: int, width: int) -> str:
+    r = max(height, width) / max(1, min(height, width))
+    t = f"{r:.0f}" if r >= 10 else f"{r:.1f}"
+    return f"1:{t}" if width > height else f"{t}:1"
+
+
+def _guard_shape(shape: tuple[int, int], max_aspect: float | None) -> None:
+    """Refuse the trimmed image before resizing (see :class:`ImageRefused`)."""
+    h, w = int(shape[0]), int(shape[1])
+    if max_aspect is not None and max(h, w) > max_aspect * min(h, w):
+        raise ImageRefused(
+            f"image aspect ratio {_ratio_text(h, w)} cannot be a chest radiograph (after trimming its uniform "
+            f"border the image is {h} x {w} pixels, limit {max_aspect:g}:1)"
+        )
+    nh, nw = resize_shape(h, w)
+    if nh * nw > MAX_RESIZED_PIXELS:
+        raise ImageRefused(
+            f"image aspect ratio {_ratio_text(h, w)} cannot be a chest radiograph (after trimming, {h} x {w} "
+            f"pixels would be resized to {nh} x {nw} = {nh * nw:,} pixels, limit {MAX_RESIZED_PIXELS:,})"
+        )
+
+
+def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS, *, max_aspect: float | None = None) -> np.ndarray:
     """``mogrify -trim +repage -colorspace RGB -auto-level -depth 8 -resize 512x512^``.
 
     ``img8`` is the 8-bit gray image dcmj2pnm wrote; the result is the 8-bit gray image
-    ImageMagick writes to PNG (short side 512).
+    ImageMagick writes to PNG (short side 512).  Raises :class:`ImageRefused` (before resizing)
+    when the resized image would exceed ``MAX_RESIZED_PIXELS``, or when ``max_aspect`` is given
+    and the trimmed image is more elongated than that.
     """
     single = _check_version(version)
     a = np.asarray(img8)
@@ -329,6 +378,7 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS) -> np.ndarra
         return np.zeros((TARGET, TARGET), dtype=np.uint8)
     t, b, l, r = box
     a = a[t:b + 1, l:r + 1]
+    _guard_shape(a.shape, max_aspect)
     # -colorspace RGB: sRGB EOTF to Q16 linear light (a 256-entry table, applied lazily)
     eotf = _srgb_to_linear_q16(single)
     present = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
@@ -369,6 +419,31 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS) -> np.ndarra
 def preprocess_pixels(pixels: np.ndarray, meta: PixelMeta, version: str = IM_AUTHORS) -> np.ndarray:
     """dcmj2pnm rendering followed by the ImageMagick recipe: the authors' 512 PNG pixels."""
     return imagemagick_recipe(dcmj2pnm_8bit(pixels, meta), version)
+
+
+def check_rendered(gray: np.ndarray) -> str | None:
+    """None for a rendered 8-bit image with contrast; else the reason it is useless (one
+    sentence, no status prefix): e.g. a RescaleSlope that maps every pixel to one gray level."""
+    g = np.asarray(gray)
+    if g.size == 0:
+        return "the preprocessed image is empty"
+    lo, hi = int(g.min()), int(g.max())
+    if hi - lo < MIN_CONTRAST:
+        return (f"the preprocessed image has no contrast (every pixel is gray level {lo}" + (f" or {hi}" if hi != lo else "")
+                + "): the pixel data or its rescale/LUT make a blank image")
+    return None
+
+
+def preprocess_checked(pixels: np.ndarray, meta: PixelMeta, version: str = IM_AUTHORS, *,
+                       max_aspect: float | None = MAX_ASPECT) -> np.ndarray:
+    """:func:`preprocess_pixels` for scoring: the same pixels, or :class:`ImageRefused` when the
+    trimmed image is more elongated than ``max_aspect`` (or its resize too large) or the result
+    has no contrast (:func:`check_rendered`)."""
+    gray = imagemagick_recipe(dcmj2pnm_8bit(pixels, meta), version, max_aspect=max_aspect)
+    why = check_rendered(gray)
+    if why:
+        raise ImageRefused(why)
+    return gray
 
 
 # ----------------------------------------------------------------------------------------

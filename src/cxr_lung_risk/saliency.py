@@ -74,23 +74,49 @@ class SaliencyTarget:
     device: torch.device
 
 
+class _PlainScore:
+    """``outer(sum_i w_i * net_i(x)[:, 0])`` over ``parts = [(net_i, w_i)]``.
+
+    A final score of this form (one weighted sum of networks, no test-time views) has the input
+    gradient ``outer'(raw) * sum_i w_i * d net_i / d x``, which :func:`input_gradient` takes one
+    network at a time: only one network's activations are kept for its backward pass.
+    """
+
+    def __init__(self, parts: Sequence[tuple[nn.Module, float]], outer: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.parts = list(parts)
+        self.outer = outer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raw = None
+        for net, w in self.parts:
+            part = w * net(x.contiguous(memory_format=_input_format(net)))[:, 0].to(x.dtype)
+            raw = part if raw is None else raw + part
+        return self.outer(raw)
+
+
 def target_for(scorer: Any) -> SaliencyTarget:
     """The differentiable final score of a loaded model (CXR-Age or the CXR-Lung-Risk ensemble).
 
     A model that provides ``saliency_target()`` (:class:`cxr_lung_risk.registry.Model`) is asked
     for it; otherwise an object holding a :class:`~cxr_lung_risk.age.CXRAge` as ``.model`` or a
-    ``LungRiskEnsemble`` as ``.ensemble`` is accepted.
+    ``LungRiskEnsemble`` as ``.ensemble`` is accepted. The ensemble's final score is exactly its
+    plain LASSO combination ``sum_i w_i f_i(x) + b`` (it has no test-time augmentation), so its
+    ``score`` is that function written over ``plain_parts`` (:class:`_PlainScore`), whose gradient
+    :func:`input_gradient` takes one member at a time.
     """
+    import dataclasses
+
     from .age import CXRAge, calibrate
 
     make = getattr(scorer, "saliency_target", None)
+    ens = getattr(scorer, "ensemble", None)
     if callable(make):
-        return make()
-    if isinstance(getattr(scorer, "model", None), CXRAge):
+        target = make()
+    elif isinstance(getattr(scorer, "model", None), CXRAge):
         m = scorer.model
-        return SaliencyTarget(
-            name=scorer.spec.name,
-            title=scorer.spec.title,
+        target = SaliencyTarget(
+            name=m.spec.name,
+            title=m.spec.title,
             score=m.age_output,
             plain_parts=[(m.model, 1.0)],
             outer=lambda y: calibrate(y, m.spec.calibration),
@@ -98,42 +124,91 @@ def target_for(scorer: Any) -> SaliencyTarget:
             std=m.spec.std,
             device=m.device,
         )
-    ens = getattr(scorer, "ensemble", None)
-    if ens is not None:
-        weights = [float(mem.weight) for mem in ens.members]
+    elif ens is not None:
         intercept = float(ens.spec.intercept)
-        models = list(ens.models)
-
-        def combined(x: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) + intercept
-            for w, net in zip(weights, models):
-                out = out + w * net(x)[:, 0].to(x.dtype)
-            return out
-
-        return SaliencyTarget(
+        parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
+        outer = lambda y: y + intercept  # noqa: E731
+        target = SaliencyTarget(
             name=ens.spec.name,
             title=ens.spec.title,
-            score=combined,
-            plain_parts=list(zip(models, weights)),
-            outer=lambda y: y + intercept,
+            score=_PlainScore(parts, outer),
+            plain_parts=parts,
+            outer=outer,
             mean=ens.spec.mean,
             std=ens.spec.std,
             device=ens.device,
         )
-    raise TypeError(f"no saliency support for {type(scorer).__name__}")
+    else:
+        raise TypeError(f"no saliency support for {type(scorer).__name__}")
+    if ens is not None and not isinstance(target.score, _PlainScore):
+        target = dataclasses.replace(target, score=_PlainScore(target.plain_parts, target.outer))
+    return target
 
 
-def input_gradient(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``d score(x)[n] / d x[n]`` for every item of a normalised batch (items are independent)."""
-    x = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = score(x)
-        (g,) = torch.autograd.grad(y.sum(), x)
+#: Items per forward/backward pass: bounds the activations kept for one backward pass (about
+#: 100 MB per image for an InceptionV4 member) while keeping the batch large enough for oneDNN.
+MAX_ITEMS_PER_PASS = 16
+
+
+def _input_format(net: nn.Module) -> torch.memory_format:
+    """channels_last when the network's first 4-D weight is (the engine's inference copies),
+    else contiguous: the input then has the layout the convolutions run in, as in inference."""
+    for prm in net.parameters():
+        if prm.ndim == 4:
+            cl = prm.is_contiguous(memory_format=torch.channels_last) and not prm.is_contiguous()
+            return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def _plain_gradient(score: _PlainScore, x: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a :class:`_PlainScore`, one network at a time (grad mode on)."""
+    grad, raw = None, None
+    for net, w in score.parts:
+        xg = x.to(memory_format=_input_format(net), copy=True).requires_grad_(True)
+        out = net(xg)[:, 0].to(x.dtype)
+        # seeding the backward with w_i is what autograd does for the sum sum_i w_i f_i(x)
+        (g,) = torch.autograd.grad(out, xg, grad_outputs=torch.full_like(out, w))
+        grad = g if grad is None else grad + g
+        raw = (w * out.detach()) if raw is None else raw + w * out.detach()
+    if grad is None:
+        return torch.zeros_like(x)
+    r = raw.requires_grad_(True)
+    (d,) = torch.autograd.grad(score.outer(r).sum(), r, allow_unused=True)
+    if d is None:
+        return torch.zeros_like(x)
+    return grad * d.to(grad.dtype).view(-1, 1, 1, 1)
+
+
+def input_gradient(
+    score: Callable[[torch.Tensor], torch.Tensor] | SaliencyTarget, x: torch.Tensor, *, max_items: int = MAX_ITEMS_PER_PASS
+) -> torch.Tensor:
+    """``d score(x)[n] / d x[n]`` for every item of a normalised batch (N, C, H, W).
+
+    ``score`` is a final-score function or a :class:`SaliencyTarget` (its ``score``). The networks
+    are in eval mode, so items are independent and the gradient of ``score(x).sum()`` holds each
+    item's own gradient: the whole batch goes through in one pass (at most ``max_items`` items
+    at a time; 0 = no limit), as fast per image as inference. A :class:`_PlainScore` (the
+    ensemble) is differentiated one network at a time. Works inside ``torch.inference_mode``.
+    """
+    fmt = torch.preserve_format
+    if isinstance(score, SaliencyTarget):
+        nets = [n for n, _ in score.plain_parts]
+        if nets and all(_input_format(n) == torch.channels_last for n in nets):
+            fmt = torch.channels_last
+        score = score.score
+    x = x.detach()
+    if max_items and x.shape[0] > max_items:
+        return torch.cat([input_gradient(score, c, max_items=0) for c in x.split(max_items)])
+    with torch.inference_mode(False), torch.enable_grad():
+        if isinstance(score, _PlainScore):
+            return _plain_gradient(score, x)
+        xg = x.clone(memory_format=fmt).requires_grad_(True)
+        (g,) = torch.autograd.grad(score(xg).sum(), xg)
     return g
 
 
-def gradient_saliency(score: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> np.ndarray:
-    """``max |grad|`` over channels: (N, H, W) float64."""
+def gradient_saliency(score: Callable[[torch.Tensor], torch.Tensor] | SaliencyTarget, x: torch.Tensor) -> np.ndarray:
+    """``max |grad|`` over channels: (N, H, W) float64 (``score``: as :func:`input_gradient`)."""
     g = input_gradient(score, x)
     return g.abs().amax(dim=1).double().cpu().numpy()
 
@@ -142,23 +217,24 @@ def gradcam(target: SaliencyTarget, x: torch.Tensor) -> np.ndarray:
     """Grad-CAM (N, H, W) of the plain-pass final score; networks must be ``Sequential(body, head)``."""
     h, w = x.shape[-2:]
     x = x.detach()
-    with torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
         feats, raw = [], None
         for net, weight in target.plain_parts:
             if not (isinstance(net, nn.Sequential) and len(net) == 2):
                 raise TypeError("Grad-CAM needs networks built as Sequential(body, head)")
-            f = net[0](x)
-            f.retain_grad()
+            with torch.no_grad():  # only d score / d features is needed: no graph through the body
+                f = net[0](x.contiguous(memory_format=_input_format(net)))
+            f.requires_grad_(True)
             feats.append(f)
             part = weight * net[1](f)[:, 0].to(x.dtype)
             raw = part if raw is None else raw + part
         score = target.outer(raw)
         grads = torch.autograd.grad(score.sum(), feats)
-    cam = torch.zeros(x.shape[0], 1, h, w, dtype=torch.float64, device=x.device)
-    for f, g in zip(feats, grads):
-        alpha = g.mean(dim=(2, 3), keepdim=True)
-        m = (alpha * f).sum(dim=1, keepdim=True).double()
-        cam = cam + F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+        cam = torch.zeros(x.shape[0], 1, h, w, dtype=torch.float64, device=x.device)
+        for f, g in zip(feats, grads):
+            alpha = g.mean(dim=(2, 3), keepdim=True)
+            m = (alpha * f.detach()).sum(dim=1, keepdim=True).double()
+            cam = cam + F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
     return cam.clamp_min(0)[:, 0].detach().cpu().numpy()
 
 
@@ -236,25 +312,67 @@ class SaliencyWriter:
 
     def heatmap(self, target: SaliencyTarget, image_chw: np.ndarray) -> np.ndarray:
         """The [0, 1] map (H, W) of one uint8 crop for one model."""
+        return self.heatmaps(target, [image_chw])[0]
+
+    def heatmaps(self, target: SaliencyTarget, images_chw: Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
+        """The [0, 1] maps (H, W) of a batch of uint8 3 x H x W crops for one model.
+
+        The batch goes through each network once forward and once backward (items are
+        independent; at most :data:`MAX_ITEMS_PER_PASS` per pass), not one image at a time.
+        """
         from .engine import fp32_math
 
-        x = normalize(torch.from_numpy(np.ascontiguousarray(image_chw))[None].to(target.device), target.mean, target.std)
+        imgs = np.asarray(images_chw, dtype=np.uint8) if isinstance(images_chw, np.ndarray) else None
+        if imgs is None or imgs.ndim != 4:
+            imgs = np.stack([np.asarray(im, dtype=np.uint8) for im in images_chw]) if len(images_chw) else None
+        if imgs is None or len(imgs) == 0:
+            return []
+        x = normalize(torch.from_numpy(np.ascontiguousarray(imgs)).to(target.device), target.mean, target.std)
         with fp32_math():
             if self.method == "gradcam":
-                return scale_map(gradcam(target, x)[0], 100.0)
-            return scale_map(gradient_saliency(target.score, x)[0], 99.0)
+                raw = np.concatenate([gradcam(target, c) for c in x.split(MAX_ITEMS_PER_PASS)])
+                return [scale_map(m, 100.0) for m in raw]
+            raw = gradient_saliency(target, x)
+        return [scale_map(m, 99.0) for m in raw]
 
-    def write(self, prepared: Any, row: dict[str, Any]) -> list[Path]:
-        """Write the overlays of one prepared input; returns the paths written."""
+    def write_batch(self, prepared: Sequence[Any], rows: Sequence[dict[str, Any]] | None = None) -> list[Sequence[tuple[str, str]]]:
+        """Write the overlays of a batch of prepared inputs (maps computed for the whole batch).
+
+        Returns, per input and in order, the ``(kind, path)`` pairs written (kind ``saliency`` for
+        the PNG, ``sc`` for the DICOM Secondary Capture; paths relative to the output folder,
+        POSIX). Making the maps is one step for the batch: an exception there propagates. An
+        input whose own files cannot be written does not stop the others: its entry holds the
+        error and raises it when iterated, so a per-input loop records only that input as failed.
+        ``rows`` (the scored rows) is accepted for symmetry with the other writers and unused.
+        """
+        items = list(prepared)
+        if not items:
+            return []
+        maps = [self.heatmaps(t, [p.image for p in items]) for t in self.targets]
+        out: list[Sequence[tuple[str, str]]] = []
+        for j, p in enumerate(items):
+            try:
+                out.append(self._write_item(p, [m[j] for m in maps]))
+            except Exception as e:  # noqa: BLE001 - handed back per input, see the docstring
+                out.append(_FailedItem(e))
+        return out
+
+    def _write_item(self, prepared: Any, maps: Sequence[np.ndarray]) -> list[tuple[str, str]]:
         from .outputs import sc
 
-        written: list[Path] = []
-        for i, t in enumerate(self.targets):
-            rgb = blend_heatmap(prepared.image, self.heatmap(t, prepared.image), alpha=self.alpha, cmap=self.cmap)
-            png = self.out / "saliency" / saliency_png_name(prepared.file.rel, t.name)
+        names = getattr(self, "names", None)  # a run's UniqueNames, when the writer has one
+
+        def claim(rel: str) -> str:
+            return names.claim(rel) if names is not None else rel
+
+        written: list[tuple[str, str]] = []
+        for i, (t, heat) in enumerate(zip(self.targets, maps)):
+            rgb = blend_heatmap(prepared.image, heat, alpha=self.alpha, cmap=self.cmap)
+            rel = claim("saliency/" + saliency_png_name(prepared.file.rel, t.name))
+            png = self.out / rel
             png.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb, mode="RGB").save(png)
-            written.append(png)
+            written.append(("saliency", rel))
             if prepared.dataset is not None:
                 ds = sc.build_secondary_capture(
                     prepared.dataset,
@@ -266,5 +384,28 @@ class SaliencyWriter:
                     deterministic=self.deterministic,
                 )
                 uid = prepared.uids.get("SOPInstanceUID", "") if getattr(prepared, "uids", None) else ""
-                written.append(sc.write_sc(ds, self.out / "sc" / sc.sc_filename(uid, t.name)))
+                rel = claim("sc/" + sc.sc_filename(uid, t.name))
+                sc.write_sc(ds, self.out / rel)
+                written.append(("sc", rel))
         return written
+
+    def write(self, prepared: Any, row: dict[str, Any]) -> list[Path]:
+        """Write the overlays of one prepared input; returns the paths written."""
+        return [self.out / rel for _, rel in self.write_batch([prepared], [row])[0]]
+
+
+class _FailedItem(Sequence):
+    """:meth:`SaliencyWriter.write_batch`'s entry for an input whose files could not be written:
+    iterating (or indexing) raises the error."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __getitem__(self, i):  # type: ignore[override]
+        raise self.error
+
+    def __iter__(self):
+        raise self.error
+
+    def __len__(self) -> int:
+        return 0

@@ -5,6 +5,12 @@ bare state dicts or fastai's ``{'model': ..., 'opt': ...}`` container. Never unp
 objects: ``torch.load(weights_only=True)`` with an allow-listed stand-in for the one fastcore
 class (``fastcore.foundation.L``) that fastai's optimizer state pickles; the ``opt`` part is
 discarded.
+
+Zip members are checked before anything is inflated: a member whose declared uncompressed size
+exceeds ``MAX_MEMBER_BYTES`` (1 GiB) or ``EXPECTED_SIZE_FACTOR`` times the size of the model's
+state dict (when the caller passes ``expected_bytes``), or whose compression ratio is absurd for
+float weights (over ``MAX_COMPRESSION_RATIO``:1 for more than 16 MiB), is refused with
+:class:`WeightsError`; reading is bounded by that limit too.
 """
 from __future__ import annotations
 
@@ -19,7 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["WeightsError", "WeightSource", "load_state_dict_file", "load_into", "open_source"]
+__all__ = ["WeightsError", "WeightSource", "load_state_dict_file", "load_into", "open_source", "state_dict_nbytes"]
+
+#: Largest weights file accepted (the published members are 46-170 MB, CXR-Age's file 258 MB).
+MAX_MEMBER_BYTES = 1 << 30
+#: A file may hold the model plus fastai's optimizer state (Adam: two more copies of every
+#: parameter, as CXR-Age's 258 MB file for a 87 MB model does) and pickle overhead.
+EXPECTED_SIZE_FACTOR = 4
+_EXPECTED_SLACK = 16 << 20
+#: Float weights deflate to ~93% of their size; a member inflating more than this is a bomb.
+MAX_COMPRESSION_RATIO = 100
+_RATIO_MIN_BYTES = 16 << 20  # small members (a tiny test file of zeros) may compress well
 
 
 from .errors import WeightsError  # noqa: E402  (the package's error family)
@@ -80,13 +96,51 @@ def _unwrap(obj: Any, name: str) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_state_dict_file(path: str | Path, *, mmap: bool = True) -> dict[str, torch.Tensor]:
-    """Read one ``.pth`` file (bare state dict or fastai container) on the CPU."""
+def state_dict_nbytes(model: nn.Module | Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a model's state dict (also for a model on the meta device): what a weights file
+    for it holds, before fastai's optimizer state and pickle overhead."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return sum(int(t.numel()) * int(t.element_size()) for t in state.values() if isinstance(t, torch.Tensor))
+
+
+def _size_limit(expected_bytes: int | None) -> int:
+    if expected_bytes is None or expected_bytes <= 0:
+        return MAX_MEMBER_BYTES
+    return min(MAX_MEMBER_BYTES, EXPECTED_SIZE_FACTOR * int(expected_bytes) + _EXPECTED_SLACK)
+
+
+def _refuse_size(name: str, size: int, limit: int, what: str) -> None:
+    if size > limit:
+        raise WeightsError(
+            f"{name}: {what} {size:,} bytes, more than a weights file of this model can be ({limit:,}); "
+            f"refused before reading (corrupt or not a weights file)"
+        )
+
+
+def _check_member(info: zipfile.ZipInfo, name: str, limit: int) -> None:
+    """Refuse a zip member by its declared sizes, before inflating anything."""
+    _refuse_size(name, info.file_size, limit, "the zip declares it uncompressed as")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > _RATIO_MIN_BYTES:
+        ratio = info.file_size / max(1, info.compress_size)
+        if ratio > MAX_COMPRESSION_RATIO:
+            raise WeightsError(
+                f"{name}: compresses {ratio:,.0f}:1 ({info.compress_size:,} -> {info.file_size:,} bytes), absurd "
+                f"for float weights (limit {MAX_COMPRESSION_RATIO}:1); refused before inflating (a zip bomb?)"
+            )
+
+
+def load_state_dict_file(path: str | Path, *, mmap: bool = True, expected_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read one ``.pth`` file (bare state dict or fastai container) on the CPU.  With
+    ``expected_bytes`` (:func:`state_dict_nbytes` of the model), a file far larger than that is
+    refused before reading."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise WeightsError(f"{path}: weights file is empty")
+    if expected_bytes is not None:
+        _refuse_size(str(path), size, _size_limit(expected_bytes), "the file is")
     try:
         obj = _torch_load(str(path), str(path), mmap=mmap)
     except WeightsError:
@@ -216,17 +270,25 @@ class WeightSource:
         t.start()
         return t
 
-    def load(self, filename: str, *, mmap: bool = True) -> dict[str, torch.Tensor]:
+    def load(self, filename: str, *, mmap: bool = True, expected_bytes: int | None = None) -> dict[str, torch.Tensor]:
+        """One member's state dict.  ``expected_bytes`` (:func:`state_dict_nbytes` of the model
+        it is for) tightens the size limit from 1 GiB to ``EXPECTED_SIZE_FACTOR`` times that."""
         if self.kind == "dir":
-            return load_state_dict_file(self.path_of(filename), mmap=mmap)
+            return load_state_dict_file(self.path_of(filename), mmap=mmap, expected_bytes=expected_bytes)
         assert self._zip is not None
         if filename not in self._names:
             raise WeightsError(f"{self.location}: {filename} is missing from the zip")
         member = self._names[filename]
         name = f"{self.location}!{member}"
+        limit = _size_limit(expected_bytes)
         try:
-            data = self._zip.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as e:
+            info = self._zip.getinfo(member)
+            _check_member(info, name, limit)
+            with self._zip.open(info) as f:
+                data = f.read(limit + 1)  # never more than the limit, whatever the stream holds
+            if len(data) > limit:
+                raise WeightsError(f"{name}: inflates to more than {limit:,} bytes; refused (a zip bomb?)")
+        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile, KeyError) as e:
             raise WeightsError(f"{name}: cannot read it from the zip ({e}); the zip is corrupt, download it again") from None
         return _unwrap(_torch_load(io.BytesIO(data), name, mmap=False), name)
 

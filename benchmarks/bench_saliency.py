@@ -1,0 +1,187 @@
+"""Benchmark: what ``predict --saliency`` costs per image against the models' own forward pass.
+
+Never a test. Builds the SYNTHETIC ensemble (the oracle fixture's recipe and calibrated BatchNorm
+statistics, as the tests do) unless ``--weights`` names a folder of member files, loads the 13
+active members on the CPU, and times on ``--n`` random 224x224 crops:
+
+* ``forward``: the ensemble's inference (``LungRiskEnsemble.predict_uint8``), batch ``--n``
+  and batch 1: s/image;
+* ``saliency_old``: the code before batching, verbatim: ``SaliencyWriter.heatmap`` one image
+  at a time through ``combined`` (all 13 members in one autograd graph, contiguous input):
+  s/image on ``--n-old`` images (it is slow);
+* ``saliency_new``: ``SaliencyWriter.heatmaps`` for the whole batch (one forward + backward
+  per member, channels_last input), batch ``--n`` and batch 1: s/image;
+* the ratios saliency / forward at batch ``--n``, and the largest difference between the old
+  and new maps (before and after the [0, 1] display scaling).
+
+Each timed quantity is the median of ``--runs`` runs (every run kept); the machine's load
+average is recorded at start and end (a shared machine disturbs timings; compare ratios taken
+in the same run). Writes JSON to ``--out`` (default ``benchmarks/results/saliency_cpu_2core.json``).
+
+Usage:
+  python benchmarks/bench_saliency.py [--weights DIR] [--n 16] [--n-old 4] [--runs 3] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _synthetic_weights(d: Path) -> Path:
+    """The tests' synthetic ensemble (tests/conftest.py: fixture recipe + calibrated BN stats)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import fixture_bn_stats, fixture_recipe
+
+    from cxr_lung_risk.synthetic import SyntheticRecipe, write_synthetic_weights
+
+    write_synthetic_weights(d, SyntheticRecipe.from_json(fixture_recipe()["recipe"]), fixture_bn_stats())
+    return d
+
+
+def old_heatmap(ens: Any, image_chw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The saliency map as the code before batching computed it, verbatim: a batch of ONE image,
+    all members in one graph (``target_for``'s ``combined``), contiguous input. Returns the raw
+    ``max |grad|`` map and its [0, 1] display scaling."""
+    import torch
+
+    from cxr_lung_risk.engine import fp32_math
+    from cxr_lung_risk.saliency import scale_map
+    from cxr_lung_risk.transforms import normalize
+
+    weights = [float(mem.weight) for mem in ens.members]
+    intercept = float(ens.spec.intercept)
+    models = list(ens.models)
+
+    def combined(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) + intercept
+        for w, net in zip(weights, models):
+            out = out + w * net(x)[:, 0].to(x.dtype)
+        return out
+
+    x = normalize(torch.from_numpy(np.ascontiguousarray(image_chw))[None].to(ens.device), ens.spec.mean, ens.spec.std)
+    with fp32_math():
+        x = x.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            y = combined(x)
+            (g,) = torch.autograd.grad(y.sum(), x)
+        raw = g.abs().amax(dim=1).double().cpu().numpy()
+    return raw[0], scale_map(raw[0], 99.0)
+
+
+def _timed(f, runs: int) -> tuple[float, list[float]]:
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", type=Path, help="folder of (synthetic) member files; default: generate them")
+    ap.add_argument("--n", type=int, default=16, help="images per batch (default 16, predict's default batch)")
+    ap.add_argument("--n-old", type=int, default=4, help="images for the old one-at-a-time path (default 4)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "saliency_cpu_2core.json")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from cxr_lung_risk import saliency
+    from cxr_lung_risk.engine import LungRiskEnsemble
+    from cxr_lung_risk.transforms import normalize
+
+    res: dict[str, Any] = {
+        "machine": {
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "n": a.n,
+        "n_old": a.n_old,
+        "runs": a.runs,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_saliency_") as tmp:
+        weights = a.weights or _synthetic_weights(Path(tmp) / "weights")
+        res["weights"] = "given" if a.weights else "synthetic (tests/data/oracle recipe)"
+        t = time.perf_counter()
+        ens = LungRiskEnsemble.load(weights, device="cpu")
+        res["load_s"] = time.perf_counter() - t
+    res["members"] = len(ens.models)
+
+    class _Holder:  # what target_for needs: an object holding the ensemble
+        ensemble = ens
+
+    writer = saliency.SaliencyWriter(Path(tempfile.gettempdir()), [_Holder()], argparse.Namespace())
+    target = writer.targets[0]
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (a.n, 3, 224, 224), dtype=np.uint8)
+    x = torch.from_numpy(imgs)
+
+    # warm-up (oneDNN primitives for both batch sizes, forward and backward)
+    ens.predict_uint8(x)
+    ens.predict_uint8(x[:1])
+    writer.heatmaps(target, imgs[:1])
+    new_maps = writer.heatmaps(target, imgs)
+    t_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def per_image(f, n):
+        med, ts = _timed(f, a.runs)
+        return {"s_per_image": med / n, "runs_s": ts}
+
+    out: dict[str, Any] = {}
+    out["forward_batch"] = per_image(lambda: ens.predict_uint8(x), a.n)
+    out["saliency_new_batch"] = per_image(lambda: writer.heatmaps(target, imgs), a.n)
+    out["forward_1"] = per_image(lambda: ens.predict_uint8(x[:1]), 1)
+    out["saliency_new_1"] = per_image(lambda: writer.heatmaps(target, imgs[:1]), 1)
+    old_maps: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def run_old():
+        old_maps.clear()
+        for i in range(a.n_old):
+            old_maps.append(old_heatmap(ens, imgs[i]))
+
+    old_heatmap(ens, imgs[0])  # warm-up
+    out["saliency_old_1"] = per_image(run_old, a.n_old)
+    res["timings"] = out
+    fwd = out["forward_batch"]["s_per_image"]
+    res["ratio_saliency_new_over_forward"] = out["saliency_new_batch"]["s_per_image"] / fwd
+    res["ratio_saliency_old_over_forward"] = out["saliency_old_1"]["s_per_image"] / fwd
+    res["speedup_new_over_old"] = out["saliency_old_1"]["s_per_image"] / out["saliency_new_batch"]["s_per_image"]
+    # the maps agree: raw max|grad| (relative to the map's own 99th percentile) and displayed [0, 1]
+    raw_new = saliency.gradient_saliency(target, normalize(x[: a.n_old], ens.spec.mean, ens.spec.std))
+    diffs_raw, diffs_disp = [], []
+    for i, (raw_o, disp_o) in enumerate(old_maps):
+        ref = float(np.percentile(raw_o, 99.0)) or 1.0
+        diffs_raw.append(float(np.max(np.abs(raw_new[i] - raw_o)) / ref))
+        diffs_disp.append(float(np.max(np.abs(new_maps[i] - disp_o))))
+    res["agreement"] = {"max_abs_diff_raw_over_p99": max(diffs_raw), "max_abs_diff_display_01": max(diffs_disp)}
+    res["peak_rss_gb_after_warmup"] = t_rss
+    res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "timings"}, indent=1))
+    for k, v in out.items():
+        print(f"{k:20s} {v['s_per_image']:.3f} s/image  runs {['%.2f' % r for r in v['runs_s']]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
