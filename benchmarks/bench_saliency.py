@@ -12,14 +12,18 @@ active members on the CPU, and times on ``--n`` random 224x224 crops:
 * ``saliency_new``: ``SaliencyWriter.heatmaps`` for the whole batch (one forward + backward
   per member, channels_last input), batch ``--n`` and batch 1: s/image;
 * the ratios saliency / forward at batch ``--n``, and the largest difference between the old
-  and new maps (before and after the [0, 1] display scaling).
+  and new maps (before and after the [0, 1] display scaling);
+* ``per_architecture``: one member of each architecture alone, forward (inference) and
+  forward + input-gradient backward at batch 1 and batch ``--n``, channels_last input, and at
+  batch 1 also with the contiguous input the old path gave it (``--no-per-arch`` to skip).
 
 Each timed quantity is the median of ``--runs`` runs (every run kept); the machine's load
 average is recorded at start and end (a shared machine disturbs timings; compare ratios taken
 in the same run). Writes JSON to ``--out`` (default ``benchmarks/results/saliency_cpu_2core.json``).
 
 Usage:
-  python benchmarks/bench_saliency.py [--weights DIR] [--n 16] [--n-old 4] [--runs 3] [--out FILE]
+  python benchmarks/bench_saliency.py [--weights DIR] [--n 16] [--n-old 4] [--runs 3] [--threads T]
+      [--no-per-arch] [--out FILE]
 """
 from __future__ import annotations
 
@@ -81,6 +85,43 @@ def old_heatmap(ens: Any, image_chw: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return raw[0], scale_map(raw[0], 99.0)
 
 
+def per_architecture(ens: Any, imgs: np.ndarray, runs: int) -> dict[str, Any]:
+    """One member per architecture: s/image of forward and forward + input-gradient backward."""
+    import torch
+
+    from cxr_lung_risk.transforms import normalize
+
+    x = normalize(torch.from_numpy(imgs), ens.spec.mean, ens.spec.std)
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for mem, net in zip(ens.members, ens.models):
+        if mem.architecture in seen:
+            continue
+        seen.add(mem.architecture)
+        row: dict[str, Any] = {"members": sum(m.architecture == mem.architecture for m in ens.members)}
+
+        def fwd(xb):
+            with torch.inference_mode():
+                net(xb)
+
+        def fwd_bwd(xb):
+            xg = xb.clone().requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(net(xg)[:, 0].sum(), xg)
+
+        for label, xb in (("1", x[:1]), (str(len(x)), x)):
+            cl = xb.contiguous(memory_format=torch.channels_last)
+            fwd(cl)
+            fwd_bwd(cl)
+            row[f"forward_b{label}"] = _timed(lambda: fwd(cl), runs)[0] / len(xb)
+            row[f"forward_backward_b{label}"] = _timed(lambda: fwd_bwd(cl), runs)[0] / len(xb)
+            if label == "1":
+                fwd_bwd(xb)
+                row["forward_backward_b1_contiguous_input"] = _timed(lambda: fwd_bwd(xb), runs)[0]
+        out[mem.architecture] = row
+    return out
+
+
 def _timed(f, runs: int) -> tuple[float, list[float]]:
     ts = []
     for _ in range(runs):
@@ -96,10 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=16, help="images per batch (default 16, predict's default batch)")
     ap.add_argument("--n-old", type=int, default=4, help="images for the old one-at-a-time path (default 4)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
+    ap.add_argument("--no-per-arch", dest="per_arch", action="store_false")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "saliency_cpu_2core.json")
     a = ap.parse_args(argv)
 
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from cxr_lung_risk import saliency
     from cxr_lung_risk.engine import LungRiskEnsemble
@@ -172,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         diffs_raw.append(float(np.max(np.abs(raw_new[i] - raw_o)) / ref))
         diffs_disp.append(float(np.max(np.abs(new_maps[i] - disp_o))))
     res["agreement"] = {"max_abs_diff_raw_over_p99": max(diffs_raw), "max_abs_diff_display_01": max(diffs_disp)}
+    if a.per_arch:
+        res["per_architecture"] = per_architecture(ens, imgs, a.runs)
     res["peak_rss_gb_after_warmup"] = t_rss
     res["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["machine"]["loadavg_end"] = os.getloadavg()

@@ -7,7 +7,6 @@ independently with ``len``/``hashlib`` in the tests.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import io
@@ -500,7 +499,7 @@ def test_age_default_expectations_come_from_spec(server, home, blob):
 def _cli(args: list[str], env_home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
     env["CXR_LUNG_RISK_HOME"] = str(env_home)
-    return subprocess.run([sys.executable, "-m", "cxr_lung_risk.fetch", *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run([sys.executable, "-m", "cxr_lung_risk.cli", "fetch-weights", *args], capture_output=True, text=True, env=env, timeout=60)
 
 
 def test_cli_success_and_errors(server, tmp_path, blob):
@@ -522,22 +521,22 @@ def test_cli_success_and_errors(server, tmp_path, blob):
         assert r.returncode != 0
         assert "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("cxr-lung-risk fetch-weights: error:"), r.stderr
+        assert len(lines) == 1 and lines[0].startswith("cxr-lung-risk: error:"), r.stderr
 
 
-def test_run_fetch_with_parsed_args(server, home, members, capsys):
+def test_fetch_through_the_cli_main(server, home, members, capsys):
+    from cxr_lung_risk.cli import main
+
     data = make_zip({k: v for k, v in members.items() if not k.endswith("_19.pth")})
     url = server.add("/z.zip", data)
-    p = argparse.ArgumentParser()
-    fetch.add_fetch_arguments(p)
-    rc = fetch.run_fetch(p.parse_args(["--url", url, "--expected-size", str(len(data)), "--no-progress"]))
+    rc = main(["fetch-weights", "--url", url, "--expected-size", str(len(data)), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "Lung_Age_081221_19.pth" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
     good = make_zip(members)
     url = server.add("/good.zip", good)
-    rc = fetch.run_fetch(p.parse_args(["--url", url, "--expected-size", str(len(good)), "--no-progress"]))
+    rc = main(["fetch-weights", "--url", url, "--expected-size", str(len(good)), "--no-progress"])
     assert rc == 0
     assert str(home / "cxr_lung_risk" / FOLDER) in capsys.readouterr().out
 

@@ -285,11 +285,17 @@ def test_gradcam_on_frozen_networks():
     assert np.allclose(gradcam(target, x[1:]), want[1:], rtol=1e-12, atol=1e-15)
 
 
-def test_real_architectures_inference_copies_give_the_published_layout_gradient(synthetic_weights):
-    """One member per architecture (InceptionV4, Tiny, ResNet34) of the synthetic ensemble: the
-    saliency of the engine's inference copies (BatchNorm folded, channels_last, frozen), batched,
-    equals that of the published-layout modules (BatchNorm unfolded, contiguous) taken one image
-    at a time through one graph, to float32 accuracy."""
+def test_real_architectures_batched_saliency_is_the_definition(synthetic_weights):
+    """One member per architecture (InceptionV4, Tiny, ResNet34) of the synthetic ensemble.
+
+    1. The batched, one-member-at-a-time, channels_last gradient of the engine's inference copies
+       (BatchNorm folded, channels_last, frozen) equals the definition on the same modules (one
+       autograd graph over the LASSO sum, one image at a time) to float32 reordering.
+    2. Against the published-layout modules (BatchNorm unfolded, contiguous) the maps agree as
+       far as float32 allows: ReLU and max-pool make the gradient piecewise, so where rounding
+       moves a pre-activation across a kink or breaks a max-pool tie a few pixels take another
+       branch (the published modules in float32 against float64 differ by as much, 0.1-0.6 % in
+       norm per member), so they are compared in norm."""
     from cxr_lung_risk.engine import build_member
     from cxr_lung_risk.transforms import normalize
     from cxr_lung_risk.weights import WeightSource
@@ -302,7 +308,6 @@ def test_real_architectures_inference_copies_give_the_published_layout_gradient(
             members.append(m)
     src = WeightSource(synthetic_weights)
     fast = [build_member(m, src, fold_bn=True, channels_last=True) for m in members]
-    plain = [build_member(m, src) for m in members]
     ens = LungRiskEnsemble(spec, members, fast, torch.device("cpu"), channels_last=True)
 
     class _S:
@@ -312,22 +317,19 @@ def test_real_architectures_inference_copies_give_the_published_layout_gradient(
     imgs = np.random.default_rng(14).integers(0, 256, (2, 3, 224, 224), dtype=np.uint8)
     x = normalize(torch.from_numpy(imgs), spec.mean, spec.std)
     got = input_gradient(target, x)
-    ref = _reference_gradient(members, plain, spec.intercept, x)
-    # ReLU and max-pool make the gradient piecewise: where float32 rounding moves an input across
-    # a kink or breaks a max-pool tie, a few pixels take another branch (float32 against float64
-    # does the same), so compare in norm and by the share of pixels that agree
-    err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
-    rel = ((got - ref).abs() / ref.abs().amax(dim=(1, 2, 3), keepdim=True)).flatten()
-    print("DIAG", err, float(rel.max()), float((rel > 1e-4).double().mean()), float(np.quantile(rel.numpy(), 0.999)))
-    assert float(err.max()) < 1e-3
-    assert float((rel > 1e-4).double().mean()) < 1e-3
+    same = _reference_gradient(members, fast, spec.intercept, x)
+    scale = same.abs().amax(dim=(1, 2, 3), keepdim=True)
+    assert float(((got - same).abs() / scale).max()) < 1e-4
     w = SaliencyWriter(Path("."), [_S()], argparse.Namespace())
-    maps = w.heatmaps(target, imgs)
-    ref_maps = [scale_map(r, 99.0) for r in ref.abs().amax(dim=1).double().numpy()]
-    for a, b in zip(maps, ref_maps):
-        d = np.abs(a - b)
-        print("DIAGMAP", d.max(), (d > 1e-3).mean())
-        assert (d > 1e-3).mean() < 1e-3
+    for a, r in zip(w.heatmaps(target, imgs), same.abs().amax(dim=1).double().numpy()):
+        assert np.max(np.abs(a - scale_map(r, 99.0))) < 1e-4
+
+    plain = [build_member(m, src) for m in members]
+    ref = _reference_gradient(members, plain, spec.intercept, x)
+    err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+    # measured 0.1-1.5 % depending on the thread count (float32 vs float64: 0.4 %); a bug in
+    # the weighting, the layout or the batching would be of order 100 %
+    assert float(err.max()) < 0.05
 
 
 def test_write_batch_pairs_and_per_item_failure(tmp_path):

@@ -21,7 +21,6 @@ with one clear sentence.
 from __future__ import annotations
 
 from .errors import CxrLungRiskError, WeightsError, WeightsNotFoundError
-import argparse
 import contextlib
 import datetime as _dt
 import errno
@@ -33,6 +32,7 @@ import re
 import shutil
 import stat
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -58,8 +58,6 @@ __all__ = [
     "extract_zip_safely",
     "fetch_weights",
     "weights_identity",
-    "add_fetch_arguments",
-    "run_fetch",
     "main",
 ]
 
@@ -776,15 +774,48 @@ SYNTHETIC_MARKER = "SYNTHETIC_WEIGHTS_README.txt"
 _SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+_HASHES_FILE = "file_hashes.json"  # in the cache folder: sha256 of weights files by (path, size, mtime, inode)
+_HASHES_MAX = 4096
+
+
+def _disk_hashes() -> tuple[Path | None, dict[str, str]]:
+    try:
+        f = cache_dir() / _HASHES_FILE
+        data = json.loads(f.read_text("utf-8")) if f.is_file() else {}
+        return f, (data if isinstance(data, dict) else {})
+    except (OSError, ValueError):
+        return None, {}
+
+
 def _cached_file_sha256(path: Path) -> str:
-    """SHA-256 of a file, hashed once per process for the same (path, size, mtime)."""
+    """SHA-256 of a file, hashed once for the same (path, size, mtime, inode): remembered in this
+    process and, best effort, in the cache folder's ``file_hashes.json`` (so that a second run on
+    the same weights does not read 1-2 GB again to say which weights it used)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     digest = _SHA256_CACHE.get(key)
-    if digest is None:
+    if digest is not None:
+        return digest
+    disk_key = f"{key[0]}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    store, known = _disk_hashes()
+    digest = known.get(disk_key)
+    if not (isinstance(digest, str) and len(digest) == 64):
         h = hashlib.sha256()
         _hash_file(path, h)
-        digest = _SHA256_CACHE[key] = h.hexdigest()
+        digest = h.hexdigest()
+        if store is not None:
+            known[disk_key] = digest
+            if len(known) > _HASHES_MAX:
+                known = dict(list(known.items())[-_HASHES_MAX:])
+            try:
+                store.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".tmp", dir=store.parent)
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(known, f)
+                os.replace(tmp, store)
+            except OSError:
+                pass  # a read-only cache only costs the hashing next time
+    _SHA256_CACHE[key] = digest
     return digest
 
 
@@ -969,63 +1000,3 @@ def _file_identity(f: Path) -> dict[str, Any]:
         ident["source"] = f"synthetic (cxr_lung_risk.synthetic, recipe {tag})"
         ident["recipe"] = recipe
     return ident
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``cxr-lung-risk fetch-weights``."""
-    parser.add_argument("--model", choices=["lung-risk", "age", "all"], default="lung-risk",
-                        help="which weights to fetch (default: lung-risk, the 2.2 GB CXR-Lung-Risk ensemble)")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help=f"cache folder (default: ${ENV_HOME} or the user cache folder)")
-    parser.add_argument("--force", action="store_true", help="download again even if the weights are installed")
-    parser.add_argument("--url", default=None,
-                        help="download from this mirror URL (or local file) instead of the published source")
-    parser.add_argument("--expected-size", type=int, default=None, metavar="BYTES",
-                        help="size the mirror's file must have (default: the published file's size)")
-    parser.add_argument("--sha256", default=None, metavar="HEX",
-                        help="SHA-256 the mirror's file must have (default: the published checksum, if known)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="no progress bar (it is shown only when stderr is a terminal anyway)")
-
-
-def run_fetch(args: argparse.Namespace) -> int:
-    """Run ``fetch-weights``; print installed paths; on error print one line and return 1."""
-    root = Path(args.cache).expanduser() if getattr(args, "cache", None) else None
-    try:
-        paths = fetch_weights(
-            getattr(args, "model", "lung-risk"),
-            url=getattr(args, "url", None),
-            root=root,
-            progress=getattr(args, "progress", True),
-            force=getattr(args, "force", False),
-            expected_size=getattr(args, "expected_size", None),
-            expected_sha256=getattr(args, "sha256", None),
-        )
-    except FetchError as e:
-        print(f"cxr-lung-risk fetch-weights: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("cxr-lung-risk fetch-weights: interrupted; run it again to resume the download", file=sys.stderr)
-        return 130
-    except OSError as e:
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"cxr-lung-risk fetch-weights: error: {e.strerror or e}{where}", file=sys.stderr)
-        return 1
-    for m, p in paths.items():
-        print(f"{m}: {p}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m cxr_lung_risk.fetch`` entry point (same options as ``fetch-weights``)."""
-    parser = argparse.ArgumentParser(prog="cxr-lung-risk fetch-weights",
-                                     description="Download, verify and install the model weights.")
-    add_fetch_arguments(parser)
-    return run_fetch(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Faults around a run: a second run into the same --out, SIGTERM, auxiliary files that cannot
+be written. Real processes, real signals, real DICOM."""
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def _env() -> dict:
+    e = dict(os.environ)
+    e.setdefault("OMP_NUM_THREADS", "2")
+    return e
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cxr_lung_risk.cli", *args], capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def test_second_run_into_the_same_out_is_refused(tmp_path, sample_pngs, synthetic_weights):
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".cxr-lung-risk.lock", "w") as held:  # what a running predict holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_cli("predict", str(sample_pngs[0]), "--out", str(out), "--weights", str(synthetic_weights))
+    assert p.returncode == 1
+    assert "another cxr-lung-risk run is writing into" in p.stderr and "Traceback" not in p.stderr
+    assert not (out / "manifest.csv").exists()  # the running run's files were not touched
+    p = run_cli("predict", str(sample_pngs[0]), "--out", str(out), "--weights", str(synthetic_weights))
+    assert p.returncode == 0, p.stderr  # once the lock is free, it runs
+    assert not (out / ".cxr-lung-risk.lock").exists()
+
+
+def test_unwritable_timings_file_is_a_warning_not_a_failure(tmp_path, sample_pngs, synthetic_weights):
+    p = run_cli("predict", str(sample_pngs[0]), "--out", str(tmp_path / "o"), "--weights", str(synthetic_weights),
+                "--timings", str(tmp_path / "no" / "such" / "dir" / "t.json"))
+    assert p.returncode == 0, p.stderr
+    assert "warning: could not write the timings file" in p.stderr
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, sample_pngs, synthetic_weights):
+    """docker stop / Kubernetes / timeout send SIGTERM: a message, exit 143, valid JSON, and the
+    finished rows kept."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(40):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(src), "--out", str(out), "--weights", str(synthetic_weights),
+         "--format", "csv,json", "--batch-size", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until some rows are written
+            m = out / "manifest.csv"
+            if m.exists() and len(m.read_text().splitlines()) >= 3:
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be terminated"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    rows = json.loads((out / "cxr_lung_risk.json").read_text())  # closed properly: valid JSON
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    assert 2 <= len(rows) < 40 and len(manifest) >= len(rows)
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == len(manifest)
+    assert not (out / ".cxr-lung-risk.lock").exists()
