@@ -19,7 +19,7 @@ Sections of the JSON written to ``benchmarks/results/`` (``--out`` to change):
   ratios ours/original.
 
 Usage:
-  python benchmarks/bench_pipeline.py --weights SYNTH_DIR [--oracle-python /work/oracle-venv/bin/python]
+  python benchmarks/bench_pipeline.py --weights SYNTH_DIR [--oracle-python .venvs/oracle/bin/python]
       [--n 5,32] [--dicom-n 5] [--n256] [--runs 3] [--skip-original] [--out FILE]
 """
 from __future__ import annotations
@@ -667,7 +667,7 @@ def end_to_end(args: argparse.Namespace, scratch: Path, on_case=None) -> dict[st
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--weights", type=Path, required=True, help="folder of (synthetic) member files")
-    ap.add_argument("--oracle-python", default=str(next((p for p in [REPO / ".venvs" / "oracle" / "bin" / "python", Path("/work/oracle-venv/bin/python")] if p.exists()), "")))
+    ap.add_argument("--oracle-python", default=str(next((p for p in [REPO / ".venvs" / "oracle" / "bin" / "python"] if p.exists()), "")))
     ap.add_argument("--n", default="5,32", help="PNG input counts (default 5,32)")
     ap.add_argument("--dicom-n", default="5,32", help="DICOM input counts (default 5,32; J2K runs at the first)")
     ap.add_argument("--n256", action="store_true", help="also N=256 PNG and DICOM for ours (memory vs N)")

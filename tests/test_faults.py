@@ -84,3 +84,44 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, sample_pngs, synthetic_weights
     records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == len(manifest)
     assert not (out / ".cxr-lung-risk.lock").exists()
+
+
+# ------------------------------------------------------------------------------ the decode fence
+def _inputs(tmp_path: Path, sample_pngs, n: int):
+    from cxr_lung_risk.dicom_io import discover
+
+    d = tmp_path / "fence"
+    d.mkdir()
+    for k in range(n):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], d / f"img{k:02d}.png")
+    return list(discover([d]))
+
+
+def _killing_prepare(item, opts):
+    from cxr_lung_risk.pipeline import _prepare
+
+    if item.rel == "img03.png":
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+    if item.rel == "img05.png":
+        import numpy as np
+
+        np.ones(3 << 30, dtype=np.uint8)  # 3 GiB: beyond the worker's allowance
+    if item.rel == "img07.png":
+        time.sleep(60)  # hangs
+    return _prepare(item, opts)
+
+
+def test_a_dying_hogging_or_hanging_worker_costs_one_input(tmp_path, sample_pngs, monkeypatch):
+    from cxr_lung_risk import pipeline
+
+    files = _inputs(tmp_path, sample_pngs, 10)
+    monkeypatch.setattr(pipeline, "prepare", _killing_prepare)  # workers are forked: they see it too
+    t = time.monotonic()
+    got = list(pipeline.iter_prepared(files, pipeline.PrepareOptions(), workers=2, timeout_s=5, memory_bytes=1 << 30))
+    assert time.monotonic() - t < 50
+    assert [p.file.rel for p in got] == [f.rel for f in files]  # every input, in order
+    by = {p.file.rel: p for p in got}
+    assert by["img03.png"].status == "failed" and "SIGKILL" in by["img03.png"].reason
+    assert by["img05.png"].status == "failed" and "memory" in by["img05.png"].reason
+    assert by["img07.png"].status == "failed" and "longer than 5 s" in by["img07.png"].reason
+    assert [p.status for r, p in by.items() if r not in ("img03.png", "img05.png", "img07.png")] == ["ok"] * 7

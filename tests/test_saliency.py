@@ -238,6 +238,11 @@ def test_batched_ensemble_gradient_equals_single_image_and_definition():
         _fd_check(target.score, x[k : k + 1], batched[k : k + 1], n=4)
     # chunked passes give the same as one pass
     assert torch.allclose(input_gradient(target, x, max_items=2), batched, rtol=1e-12, atol=0)
+    # the pipeline's model object (saliency_target()) gives the same gradient
+    from cxr_lung_risk.engine import LungRiskModel
+
+    model = LungRiskModel(LungRiskEnsemble(spec, members, nets, torch.device("cpu")))
+    assert torch.allclose(input_gradient(target_for(model), x), batched, rtol=1e-12, atol=0)
 
 
 def test_batched_age_tta_gradient_equals_single_image():

@@ -1,7 +1,5 @@
 """DICOM in: find input files, decide which ones are frontal chest radiographs, decode them.
 
-Owner: DICOM-input stage (issue 3, items 1-3 and 6).
-
 Every input ends up as a :class:`LoadedImage` whose ``status`` is ``'ok'``, ``'skipped'``
 (a policy refusal: not a DICOM file, not a radiograph, a lateral view, ...) or ``'failed'``
 (a broken file: truncated, malformed, undecodable, absurd dimensions).  ``reason`` is one human

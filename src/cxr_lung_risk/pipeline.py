@@ -7,9 +7,10 @@ networks see, or a recorded reason why not. Data flows one way: ``dicom_io`` ->
 from __future__ import annotations
 
 import os
+import signal
+import time
 import warnings
-from collections import deque
-from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -102,26 +103,184 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
 
 
 def default_workers() -> int:
+    """Decode processes: cores - 1 (at most 8), and at least one, which is the fence that keeps a
+    hostile file from costing more than its own input (see :func:`iter_prepared`)."""
     n = os.cpu_count() or 1
-    return max(0, min(8, n - 1)) if n > 2 else 0
+    return max(1, min(8, n - 1))
 
 
-def iter_prepared(files: Iterable[InputFile], opts: PrepareOptions, workers: int = 0, prefetch: int = 16) -> Iterator[Prepared]:
-    """Prepared records in input order; with ``workers > 0`` decoding runs in processes, a bounded
-    number of items ahead of the consumer (constant memory in the number of inputs)."""
+#: Per-input limits of a decode worker (see :func:`iter_prepared`).
+WORKER_TIMEOUT_S = 300.0
+WORKER_MEMORY_BYTES = 1536 << 20
+
+
+def _vm_size() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None) -> None:
+    """A decode worker: prepare one input per message until told to stop (``None``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited by fork)
+    if memory_bytes:
+        try:  # address space of this worker: what it has now plus the per-input allowance
+            import resource
+
+            _, hard = resource.getrlimit(resource.RLIMIT_AS)
+            limit = _vm_size() + int(memory_bytes)
+            if hard == resource.RLIM_INFINITY or limit < hard:
+                resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        except (ImportError, ValueError, OSError):
+            pass
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        idx, item = msg
+        try:
+            res = prepare(item, opts)
+        except MemoryError:
+            res = Prepared(item, Status.FAILED, "failed: decoding this image needed more memory than a worker may use")
+        try:
+            conn.send((idx, res))
+        except MemoryError:
+            conn.send((idx, Prepared(item, Status.FAILED, "failed: the decoded image was too large to hand on")))
+        except (OSError, EOFError):
+            return
+
+
+class _Slot:
+    def __init__(self, ctx, opts: PrepareOptions, memory_bytes: int | None) -> None:
+        parent, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, opts, memory_bytes), daemon=True)
+        self.proc.start()
+        child.close()
+        self.conn = parent
+        self.task: tuple[int, InputFile] | None = None
+        self.t0 = 0.0
+
+    def stop(self, hard: bool = False) -> None:
+        if hard and self.proc.is_alive():
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        self.conn.close()
+
+
+def _death_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = " (killed, e.g. by the out-of-memory killer)" if -code == signal.SIGKILL else ""
+        return f"failed: the decode worker died from {name}{why} while reading this file"
+    return f"failed: the decode worker exited (status {code}) while reading this file"
+
+
+def iter_prepared(
+    files: Iterable[InputFile],
+    opts: PrepareOptions,
+    workers: int = 0,
+    prefetch: int = 16,
+    *,
+    timeout_s: float | None = WORKER_TIMEOUT_S,
+    memory_bytes: int | None = WORKER_MEMORY_BYTES,
+) -> Iterator[Prepared]:
+    """Prepared records in input order.
+
+    With ``workers > 0`` decoding runs in worker processes, a bounded number of items ahead of
+    the consumer (constant memory in the number of inputs), and each worker is a fence: its
+    address space may grow by at most ``memory_bytes`` (beyond that an allocation fails and the
+    input is recorded as failed), an input that takes longer than ``timeout_s`` has its worker
+    killed and is recorded as failed, and a worker that dies (e.g. killed by the out-of-memory
+    killer) costs only the input it was reading. A replacement worker takes over.
+    """
     if workers <= 0:
         for f in files:
             yield prepare(f, opts)
         return
-    ex: Executor = ProcessPoolExecutor(max_workers=workers)
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("fork")
+    window = max(prefetch, workers * 2)
+    slots = [_Slot(ctx, opts, memory_bytes) for _ in range(workers)]
+    done: dict[int, Prepared] = {}
+    it = enumerate(files)
+    next_out = submitted = 0
+    exhausted = False
     try:
-        window: deque = deque()
-        it = iter(files)
-        for f in it:
-            window.append(ex.submit(prepare, f, opts))
-            if len(window) >= max(prefetch, workers * 2):
-                yield window.popleft().result()
-        while window:
-            yield window.popleft().result()
+        while True:
+            for s in slots:  # hand out work, at most `window` items ahead of the consumer
+                if s.task is None and not exhausted and submitted - next_out < window:
+                    try:
+                        idx, item = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    submitted += 1
+                    s.task, s.t0 = (idx, item), time.monotonic()
+                    try:
+                        s.conn.send((idx, item))
+                    except (OSError, EOFError):
+                        pass  # a dead worker: found below through its sentinel
+            while next_out in done:
+                yield done.pop(next_out)
+                next_out += 1
+            busy = [s for s in slots if s.task is not None]
+            if not busy:
+                if exhausted:
+                    break
+                continue
+            now = time.monotonic()
+            wait_s = None
+            if timeout_s:
+                wait_s = max(0.0, min(s.t0 + timeout_s - now for s in busy))
+            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=wait_s)
+            for k, s in enumerate(slots):
+                if s.task is None:
+                    continue
+                idx, item = s.task
+                result = None
+                if s.conn in ready or s.proc.sentinel in ready:
+                    try:
+                        if s.conn.poll():
+                            got_idx, result = s.conn.recv()
+                            if got_idx != idx:  # pragma: no cover - protocol error
+                                result = Prepared(item, Status.FAILED, "failed: internal error (worker answered for another input)")
+                    except (EOFError, OSError):
+                        result = None
+                    if result is None:
+                        s.proc.join(timeout=5)
+                        result = Prepared(item, Status.FAILED, _death_reason(s.proc.exitcode))
+                        s.stop(hard=True)
+                        slots[k] = _Slot(ctx, opts, memory_bytes)
+                        s = slots[k]
+                elif timeout_s and time.monotonic() - s.t0 > timeout_s:
+                    result = Prepared(item, Status.FAILED, f"failed: reading this file took longer than {timeout_s:.0f} s; stopped")
+                    s.stop(hard=True)
+                    slots[k] = _Slot(ctx, opts, memory_bytes)
+                    s = slots[k]
+                if result is not None:
+                    done[idx] = result
+                    s.task = None
     finally:
-        ex.shutdown(wait=True, cancel_futures=True)
+        for s in slots:
+            s.stop(hard=s.task is not None)

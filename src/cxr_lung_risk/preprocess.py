@@ -1,7 +1,5 @@
 """The published DICOM -> PNG recipe (dcmj2pnm + ImageMagick), in numpy.
 
-Owner: preprocessing stage. See ../shared/notes/original_pipeline.md section 1.
-
 The authors turned each DICOM into the PNG their networks were trained on with::
 
     dcmj2pnm -O +ot +G in.dcm out.tif
