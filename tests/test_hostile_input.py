@@ -329,8 +329,7 @@ def test_dangling_and_looping_symlinks_are_reported_not_dropped(rg1_pixels, tmp_
     assert set(found) == {"alias.dcm", "dangling.dcm", "loop.dcm"}  # good.dcm is alias.dcm's target
     assert load_image(found["alias.dcm"].path).status == "ok"
     res = load_image(found["dangling.dcm"].path)
-    assert res.status == "failed" and res.reason.startswith("failed: broken symbolic link"), res.reason
-    assert "missing.dcm" in res.reason
+    assert (res.status, res.reason) == ("failed", "failed: broken symbolic link")
     res = load_image(found["loop.dcm"].path)
     assert (res.status, res.reason) == ("failed", "failed: symbolic link loop")
     # given directly, they are inputs too (not 'input not found')
@@ -461,6 +460,7 @@ def test_deflate_header_bomb_of_undefined_length_stops_at_the_allowance(rg1_pixe
     res, peak, secs = peak_mib(lambda: load_image(bomb))
     assert res.reason == ("failed: the deflated data set holds more than 32 MiB before its pixel data "
                           "(a decompression bomb?); not inflated further")
+    assert res.warnings == []  # the partial parses' "end of file" complaints are not the file's
     # the 32 MiB allowance, the parse's copy of it and pydicom's copy of the undefined-length value
     assert peak < 3 * 32 + 8 and secs < 10
 

@@ -52,7 +52,7 @@ from .archs import AdaptiveConcatPool2d, Flatten, resnet34_body
 from .spec import AgeSpec, age_spec
 from .transforms import normalize
 from .errors import WeightsError, WeightsNotFoundError
-from .weights import load_into, load_state_dict_file
+from .weights import load_into, load_state_dict_file, state_dict_nbytes
 
 __all__ = [
     "age_head",
@@ -169,9 +169,9 @@ class CXRAge:
 
         spec = spec or age_spec()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        state = load_state_dict_file(weights)
         with torch.device("meta"):
             model = build_age_model(spec)
+        state = load_state_dict_file(weights, expected_bytes=state_dict_nbytes(model))
         load_into(model, state, str(weights), assign=True)
         model.eval()
         for p in model.parameters():

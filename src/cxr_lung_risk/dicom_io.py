@@ -76,10 +76,11 @@ import pydicom.errors
 import pydicom.filereader
 import pydicom.multival
 import pydicom.uid
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import UID
 
+from .errors import InputNotFoundError
 from .preprocess import PixelMeta
 
 __all__ = [
@@ -146,8 +147,8 @@ _CODESTREAM_PEEK = 64 << 10
 _MAX_LIBRARY_WARNINGS = 10
 
 
-class DicomInputError(Exception):
-    """A problem with the inputs themselves (e.g. a path that does not exist)."""
+class DicomInputError(InputNotFoundError):
+    """An INPUT path does not exist (the package's :class:`~cxr_lung_risk.errors.InputNotFoundError`)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None 
     paths = [Path(os.fsdecode(p)) for p in inputs]
     for p in paths:  # fail before yielding anything: a typo should not cost a half run
         if not os.path.lexists(p):
-            raise DicomInputError(f"input not found: {_escape_name(str(p))}")
+            raise DicomInputError(_escape_name(str(p)))
     excluded = [_real(os.fsdecode(e)) for e in (exclude or [])]
     multi = len(paths) > 1
     seen: set[str] = set()
@@ -733,14 +734,19 @@ class _DicomReader:
             have = src.available(want)
             complete = src.eof and have >= len(src.buf)
             error: BaseException | None = None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    ds, stop = _parse_dataset(io.BytesIO(memoryview(src.buf)[:have]), False, True, have)
-                except _PASS_THROUGH:
-                    raise
-                except Exception as exc:  # a parse of a partly inflated stream may fail
-                    error = exc
+            logger = logging.getLogger("pydicom")
+            disabled, logger.disabled = logger.disabled, True  # partial parses: only the last one's
+            try:                                                 # warnings are passed on (below)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        ds, stop = _parse_dataset(io.BytesIO(memoryview(src.buf)[:have]), False, True, have)
+                    except _PASS_THROUGH:
+                        raise
+                    except Exception as exc:  # a parse of a partly inflated stream may fail
+                        error = exc
+            finally:
+                logger.disabled = disabled
             if error is None and (complete or stop.kind in ("pixel", "zeros")):
                 break
             if complete:
@@ -998,6 +1004,8 @@ def _library_messages() -> Iterator[list[tuple[str, str]]]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            # the garbage collector's complaints about some other object are not this file's
+            warnings.simplefilter("ignore", ResourceWarning)
             try:
                 yield out
             finally:
@@ -1413,6 +1421,7 @@ def _decode(ds: Dataset, reader: _DicomReader, rows: int, cols: int, frames: int
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            warnings.simplefilter("ignore", ResourceWarning)
             try:
                 arr = decode_pixels(ds, 0 if frames > 1 else None)
             except MemoryError:
@@ -1462,11 +1471,7 @@ def _open_failure(path: Path, exc: OSError) -> _Refusal:
     if exc.errno == errno.ELOOP:
         return _fail("symbolic link loop")
     if is_link and exc.errno == errno.ENOENT:
-        try:
-            target = _escape_name(os.readlink(path))
-        except OSError:
-            target = "?"
-        return _fail(f"broken symbolic link (to '{target}', which does not exist)")
+        return _fail("broken symbolic link")
     return _fail(f"cannot read the file ({_short(exc, 100)})")
 
 

@@ -41,7 +41,7 @@ from .errors import WeightsError, WeightsNotFoundError
 from .runtime import PRECISIONS, Placement, fp32_math, placement, resolve_device, resolve_precision
 from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
-from .weights import WeightSource, load_into
+from .weights import WeightSource, load_into, state_dict_nbytes
 
 __all__ = [
     "LungRiskModel",
@@ -211,7 +211,7 @@ def build_member(
     :func:`optimize_for_inference`).
     """
     model = _clone_structure(_meta_template(member.architecture, member.num_outputs))
-    state = source.load(member.file)
+    state = source.load(member.file, expected_bytes=state_dict_nbytes(model))
     load_into(model, state, f"{source.location}/{member.file}" if source.kind == "dir" else f"{source.location}!{member.file}", assign=True)
     optimize_for_inference(model, fold_bn=fold_bn, channels_last=channels_last)
     if device is not None and device.type != "cpu":

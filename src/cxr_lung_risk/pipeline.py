@@ -69,6 +69,8 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
             img = transforms.open_raster(path)
             crop = transforms.center_crop_resize(img, opts.size)
             return Prepared(item, Status.OK, kind="raster", image=transforms.to_uint8_chw(crop))
+        if opts.accept_raster and path.is_file() and not dicom_io.is_dicom_file(path):
+            return Prepared(item, Status.SKIPPED, "skipped: not a DICOM file or a PNG/JPEG image")
         loaded = dicom_io.load_image(path, opts.selection)
         uids = {
             "StudyInstanceUID": loaded.study_uid or "",
@@ -77,12 +79,11 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
         }
         status = Status(str(loaded.status))
         if status is not Status.OK:
-            if loaded.reason.startswith("skipped: not a DICOM file") and opts.accept_raster:
-                reason = "skipped: not a DICOM file or a PNG/JPEG image"
-            else:
-                reason = loaded.reason
-            return Prepared(item, status, reason, list(loaded.warnings), "dicom", uids=uids)
-        gray = preprocess.preprocess_pixels(loaded.pixels, loaded.meta, version=opts.im_version)
+            return Prepared(item, status, loaded.reason, list(loaded.warnings), "dicom", uids=uids)
+        try:
+            gray = preprocess.preprocess_checked(loaded.pixels, loaded.meta, version=opts.im_version)
+        except preprocess.ImageRefused as e:
+            return Prepared(item, Status.FAILED, f"failed: {e}", list(loaded.warnings), "dicom", dataset=loaded.dataset, uids=uids)
         crop = transforms.center_crop_resize(transforms.gray_to_pil(gray), opts.size)
         return Prepared(
             item,

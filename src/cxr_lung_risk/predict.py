@@ -73,16 +73,9 @@ class RunSummary:
 # --------------------------------------------------------------------------------- helpers
 def _discover(inputs: Sequence[Path], out: Path | None = None) -> list[InputFile]:
     try:
-        try:
-            return list(discover(inputs, exclude=[out] if out is not None else None))
-        except TypeError:  # a discover() without exclude
-            return list(discover(inputs))
+        return list(discover(inputs, exclude=[out] if out is not None else None))
     except FileNotFoundError as e:
         raise InputNotFoundError(getattr(e, "filename", None) or e) from None
-    except Exception as e:
-        if type(e).__name__ == "DicomInputError":
-            raise UsageError(str(e)) from None
-        raise
 
 
 def _process_age_s() -> float | None:
