@@ -13,17 +13,21 @@ active members on the CPU, and times on ``--n`` random 224x224 crops:
   per member, channels_last input), batch ``--n`` and batch 1: s/image;
 * the ratios saliency / forward at batch ``--n``, and the largest difference between the old
   and new maps (before and after the [0, 1] display scaling);
+* ``age``: CXR-Age with its deterministic TTA (plain pass + 4 zoomed views; randomly
+  initialised ResNet34, timing does not depend on the values): inference, saliency for the
+  batch and one image at a time (the old path) (``--no-age`` to skip);
 * ``per_architecture``: one member of each architecture alone, forward (inference) and
   forward + input-gradient backward at batch 1 and batch ``--n``, channels_last input, and at
   batch 1 also with the contiguous input the old path gave it (``--no-per-arch`` to skip).
 
-Each timed quantity is the median of ``--runs`` runs (every run kept); the machine's load
-average is recorded at start and end (a shared machine disturbs timings; compare ratios taken
-in the same run). Writes JSON to ``--out`` (default ``benchmarks/results/saliency_cpu_2core.json``).
+Each timed quantity is the median of ``--runs`` runs (every run kept), the cases interleaved
+round by round; wall and process CPU time are both kept (with ``--threads 1`` CPU time hardly
+depends on other processes). The machine's load average is recorded at start and end (a shared
+machine disturbs timings; compare ratios taken in the same run). Writes JSON to ``--out`` (default ``benchmarks/results/saliency_cpu_2core.json``).
 
 Usage:
   python benchmarks/bench_saliency.py [--weights DIR] [--n 16] [--n-old 4] [--runs 3] [--threads T]
-      [--no-per-arch] [--out FILE]
+      [--no-per-arch] [--no-age] [--out FILE]
 """
 from __future__ import annotations
 
@@ -85,6 +89,51 @@ def old_heatmap(ens: Any, image_chw: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return raw[0], scale_map(raw[0], 99.0)
 
 
+def age_section(writer: Any, imgs: np.ndarray, runs: int) -> dict[str, Any]:
+    """CXR-Age with TTA: inference vs saliency (batched, and one image at a time as before)."""
+    import torch
+
+    from cxr_lung_risk.age import CXRAge, build_age_model
+    from cxr_lung_risk.saliency import target_for
+
+    torch.manual_seed(0)
+    net = build_age_model().eval()
+    for prm in net.parameters():
+        prm.requires_grad_(False)
+    model = CXRAge(net, tta=True)
+
+    class _Holder:  # target_for's fallback: an object holding a CXRAge as .model
+        pass
+
+    h = _Holder()
+    h.model = model
+    target = target_for(h)
+    x = torch.from_numpy(imgs)
+    model.predict_uint8(x)
+    writer.heatmaps(target, imgs)
+    writer.heatmaps(target, imgs[:1])
+    n1 = min(4, len(imgs))
+
+    def one_by_one():
+        for i in range(n1):
+            writer.heatmaps(target, imgs[i : i + 1])
+
+    out = _interleaved(
+        {
+            "forward_batch": (lambda: model.predict_uint8(x), len(imgs)),
+            "saliency_new_batch": (lambda: writer.heatmaps(target, imgs), len(imgs)),
+            "saliency_old_1": (one_by_one, n1),
+        },
+        runs,
+    )
+    fwd = out["forward_batch"]["s_per_image"]
+    return {
+        "timings": out,
+        "ratio_saliency_new_over_forward": out["saliency_new_batch"]["s_per_image"] / fwd,
+        "ratio_saliency_old_over_forward": out["saliency_old_1"]["s_per_image"] / fwd,
+    }
+
+
 def per_architecture(ens: Any, imgs: np.ndarray, runs: int) -> dict[str, Any]:
     """One member per architecture: s/image of forward and forward + input-gradient backward."""
     import torch
@@ -131,6 +180,27 @@ def _timed(f, runs: int) -> tuple[float, list[float]]:
     return statistics.median(ts), ts
 
 
+def _interleaved(cases: dict[str, tuple[Any, int]], runs: int) -> dict[str, Any]:
+    """Run every case once per round, ``runs`` rounds (load changes hit all cases alike): per
+    case the median wall and process CPU seconds per image, and every run's wall seconds."""
+    walls: dict[str, list[float]] = {k: [] for k in cases}
+    cpus: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(runs):
+        for k, (f, n) in cases.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            walls[k].append(time.perf_counter() - t)
+            cpus[k].append(time.process_time() - c)
+    return {
+        k: {
+            "s_per_image": statistics.median(walls[k]) / n,
+            "cpu_s_per_image": statistics.median(cpus[k]) / n,
+            "runs_s": walls[k],
+        }
+        for k, (f, n) in cases.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, help="folder of (synthetic) member files; default: generate them")
@@ -139,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's, one per core)")
     ap.add_argument("--no-per-arch", dest="per_arch", action="store_false")
+    ap.add_argument("--no-age", dest="age", action="store_false")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "saliency_cpu_2core.json")
     a = ap.parse_args(argv)
 
@@ -174,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     class _Holder:  # what target_for needs: an object holding the ensemble
         ensemble = ens
 
-    writer = saliency.SaliencyWriter(Path(tempfile.gettempdir()), [_Holder()], argparse.Namespace())
+    writer = saliency.SaliencyWriter(Path(tempfile.gettempdir()), [_Holder()])
     target = writer.targets[0]
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (a.n, 3, 224, 224), dtype=np.uint8)
@@ -187,15 +258,6 @@ def main(argv: list[str] | None = None) -> int:
     new_maps = writer.heatmaps(target, imgs)
     t_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    def per_image(f, n):
-        med, ts = _timed(f, a.runs)
-        return {"s_per_image": med / n, "runs_s": ts}
-
-    out: dict[str, Any] = {}
-    out["forward_batch"] = per_image(lambda: ens.predict_uint8(x), a.n)
-    out["saliency_new_batch"] = per_image(lambda: writer.heatmaps(target, imgs), a.n)
-    out["forward_1"] = per_image(lambda: ens.predict_uint8(x[:1]), 1)
-    out["saliency_new_1"] = per_image(lambda: writer.heatmaps(target, imgs[:1]), 1)
     old_maps: list[tuple[np.ndarray, np.ndarray]] = []
 
     def run_old():
@@ -204,12 +266,23 @@ def main(argv: list[str] | None = None) -> int:
             old_maps.append(old_heatmap(ens, imgs[i]))
 
     old_heatmap(ens, imgs[0])  # warm-up
-    out["saliency_old_1"] = per_image(run_old, a.n_old)
+    out = _interleaved(
+        {
+            "forward_batch": (lambda: ens.predict_uint8(x), a.n),
+            "saliency_new_batch": (lambda: writer.heatmaps(target, imgs), a.n),
+            "forward_1": (lambda: ens.predict_uint8(x[:1]), 1),
+            "saliency_new_1": (lambda: writer.heatmaps(target, imgs[:1]), 1),
+            "saliency_old_1": (run_old, a.n_old),
+        },
+        a.runs,
+    )
     res["timings"] = out
-    fwd = out["forward_batch"]["s_per_image"]
-    res["ratio_saliency_new_over_forward"] = out["saliency_new_batch"]["s_per_image"] / fwd
-    res["ratio_saliency_old_over_forward"] = out["saliency_old_1"]["s_per_image"] / fwd
-    res["speedup_new_over_old"] = out["saliency_old_1"]["s_per_image"] / out["saliency_new_batch"]["s_per_image"]
+    for unit in ("s_per_image", "cpu_s_per_image"):
+        sfx = "" if unit == "s_per_image" else "_cpu"
+        fwd = out["forward_batch"][unit]
+        res[f"ratio_saliency_new_over_forward{sfx}"] = out["saliency_new_batch"][unit] / fwd
+        res[f"ratio_saliency_old_over_forward{sfx}"] = out["saliency_old_1"][unit] / fwd
+        res[f"speedup_new_over_old{sfx}"] = out["saliency_old_1"][unit] / out["saliency_new_batch"][unit]
     # the maps agree: raw max|grad| (relative to the map's own 99th percentile) and displayed [0, 1]
     raw_new = saliency.gradient_saliency(target, normalize(x[: a.n_old], ens.spec.mean, ens.spec.std))
     diffs_raw, diffs_disp = [], []
@@ -218,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         diffs_raw.append(float(np.max(np.abs(raw_new[i] - raw_o)) / ref))
         diffs_disp.append(float(np.max(np.abs(new_maps[i] - disp_o))))
     res["agreement"] = {"max_abs_diff_raw_over_p99": max(diffs_raw), "max_abs_diff_display_01": max(diffs_disp)}
+    if a.age:
+        res["age"] = age_section(writer, imgs, a.runs)
     if a.per_arch:
         res["per_architecture"] = per_architecture(ens, imgs, a.runs)
     res["peak_rss_gb_after_warmup"] = t_rss
@@ -227,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "timings"}, indent=1))
     for k, v in out.items():
-        print(f"{k:20s} {v['s_per_image']:.3f} s/image  runs {['%.2f' % r for r in v['runs_s']]}")
+        print(f"{k:20s} {v['s_per_image']:.3f} s/image (CPU {v['cpu_s_per_image']:.3f} s)  runs {['%.2f' % r for r in v['runs_s']]}")
     return 0
 
 

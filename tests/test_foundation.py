@@ -317,22 +317,28 @@ def test_progress_lines_per_input_when_not_a_terminal():
 
 
 def test_library_warnings_are_attributed_to_their_file(tmp_path, dicom_data, synthetic_weights):
-    """A value pydicom warns about ends up in that file's manifest row and in a line naming it."""
+    """What pydicom warns about ends up in that file's manifest row, its record and a stderr line
+    naming it, never as a bare library warning."""
+    import warnings
+
     ds = pydicom.dcmread(dicom_data / "RG1_UNCR.dcm")
-    ds.PatientAge = "abc"  # pydicom: invalid AS value
+    ds.SpecificCharacterSet = "ISO_IR 999"  # pydicom: unknown encoding, decoded with the default
     d = tmp_path / "in"
     d.mkdir()
-    ds.save_as(d / "odd.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.save_as(d / "odd.dcm")
     shutil.copy(dicom_data / "RG1_UNCR.dcm", d / "plain.dcm")
     p = run_cli("predict", str(d), "--out", str(tmp_path / "o"), "--weights", str(synthetic_weights), "--format", "csv,sr")
     assert p.returncode == 0, p.stderr
-    assert "Traceback" not in p.stderr
     m = {r["File"]: r for r in read_csv(tmp_path / "o" / "manifest.csv")}
     assert m["plain.dcm"]["reason"] == ""
-    warned = [l for l in p.stderr.splitlines() if "warning:" in l and "UserWarning" not in l]
-    assert all("odd.dcm" in l for l in warned if "plain.dcm" in l or "odd.dcm" in l)
-    for l in p.stderr.splitlines():  # no bare library warning lines without a file name
-        assert not l.startswith(("/", "  warnings.warn")), l
+    assert "ISO_IR 999" in m["odd.dcm"]["reason"] and m["odd.dcm"]["status"] == "ok"
+    rec = {r["file"]: r for r in records(tmp_path / "o")}
+    assert any("ISO_IR 999" in w for w in rec["odd.dcm"]["warnings"]) and rec["plain.dcm"]["warnings"] == []
+    mentions = [l for l in p.stderr.splitlines() if "ISO_IR 999" in l]
+    assert mentions and all(l.startswith("cxr-lung-risk: warning: odd.dcm: ") for l in mentions), p.stderr
+    assert "UserWarning" not in p.stderr and "warn_and_log" not in p.stderr
 
 
 # ------------------------------------------------------------------------------ demo

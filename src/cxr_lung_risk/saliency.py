@@ -25,7 +25,6 @@ DerivationDescription.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -285,27 +284,35 @@ def saliency_png_name(rel: str, model_name: str) -> str:
 class SaliencyWriter:
     """Writes one PNG (and, for DICOM inputs, one SC) per scored image and model."""
 
-    def __init__(self, out_dir: Path, scorers: Sequence[Any], args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        models: Sequence[Any],
+        *,
+        method: str = "gradient",
+        deterministic: bool = False,
+        names: Any = None,
+    ) -> None:
+        """``models``: loaded models (each provides ``saliency_target()``); ``names``: the run's
+        :class:`~cxr_lung_risk.outputs.base.UniqueNames` (output names never collide)."""
         from . import __version__
+        from .errors import UsageError
         from .spec import age_spec
 
         self.out = Path(out_dir)
-        self.method = str(getattr(args, "saliency_method", "gradient") or "gradient")
+        self.method = str(method or "gradient")
         if self.method not in ("gradient", "gradcam"):
-            from .errors import UsageError
-
             raise UsageError(f"--saliency-method must be gradient or gradcam (got {self.method!r})")
-        self.targets = [target_for(s) for s in scorers]
+        self.targets = [target_for(s) for s in models]
         if self.method == "gradcam":
             for t in self.targets:
                 if not all(isinstance(n, nn.Sequential) and len(n) == 2 for n, _ in t.plain_parts):
-                    from .errors import UsageError
-
                     raise UsageError(
                         f"Grad-CAM needs every network of {t.title} built as body + head (the 'tiny' ensemble "
                         "members are not); use --saliency-method gradient"
                     )
-        self.deterministic = bool(getattr(args, "deterministic", False))
+        self.deterministic = bool(deterministic)
+        self.names = names
         self.version = __version__
         cfg = age_spec().raw.get("saliency", {})
         self.alpha = float(cfg.get("alpha", 0.5))
