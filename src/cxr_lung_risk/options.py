@@ -49,6 +49,17 @@ def _check_inputs(inputs: Sequence[Path]) -> None:
             raise InputNotFoundError(p)
 
 
+def _check_common(opts) -> None:
+    """What ``predict`` and ``preprocess`` check alike: workers, ImageMagick version, paths."""
+    if opts.workers is not None and opts.workers < 0:
+        raise UsageError("--workers must be 0 (decode in process) or more")
+    if opts.im_version not in IM_VERSIONS:
+        raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
+    _check_inputs(opts.inputs)
+    if opts.out.exists() and not opts.out.is_dir():
+        raise UsageError(f"--out {opts.out} exists and is not a folder")
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """Everything a ``predict`` run needs."""
@@ -88,19 +99,13 @@ class PredictOptions:
         parse_formats(sorted(self.formats))
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be 0 (decode in process) or more")
+        _check_common(self)
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
         if self.precision not in PRECISION_CHOICES:
             raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
         if self.saliency_method not in SALIENCY_METHODS:
             raise UsageError(f"--saliency-method must be one of {', '.join(SALIENCY_METHODS)}")
-        if self.im_version not in IM_VERSIONS:
-            raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
-        _check_inputs(self.inputs)
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} exists and is not a folder")
         return self
 
     def model_options(self, key: str) -> "ModelOptions":
@@ -136,11 +141,5 @@ class PreprocessOptions:
         object.__setattr__(self, "out", Path(self.out))
 
     def validate(self) -> "PreprocessOptions":
-        if self.workers is not None and self.workers < 0:
-            raise UsageError("--workers must be 0 (decode in process) or more")
-        if self.im_version not in IM_VERSIONS:
-            raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
-        _check_inputs(self.inputs)
-        if self.out.exists() and not self.out.is_dir():
-            raise UsageError(f"--out {self.out} exists and is not a folder")
+        _check_common(self)
         return self
