@@ -155,3 +155,17 @@ def dsrdump(path: Path) -> tuple[int, bytes, list[str]]:
         pytest.fail("dsrdump is not on PATH (apt-get install dcmtk)")
     proc = subprocess.run([exe, str(path)], capture_output=True, timeout=120)
     return proc.returncode, proc.stdout, proc.stderr.decode("latin-1").splitlines()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_weights_cache(tmp_path_factory):
+    """Every test (and every CLI it starts) uses a cache folder of its own, never the user's
+    ``~/.cache/cxr-lung-risk``: no published weights are found by accident, and the remembered
+    hashes of the synthetic weights stay in the test run."""
+    old = os.environ.get("CXR_LUNG_RISK_HOME")
+    os.environ["CXR_LUNG_RISK_HOME"] = str(tmp_path_factory.mktemp("weights_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CXR_LUNG_RISK_HOME", None)
+    else:
+        os.environ["CXR_LUNG_RISK_HOME"] = old
