@@ -125,3 +125,26 @@ def test_a_dying_hogging_or_hanging_worker_costs_one_input(tmp_path, sample_pngs
     assert by["img05.png"].status == "failed" and "memory" in by["img05.png"].reason
     assert by["img07.png"].status == "failed" and "longer than 5 s" in by["img07.png"].reason
     assert [p.status for r, p in by.items() if r not in ("img03.png", "img05.png", "img07.png")] == ["ok"] * 7
+
+
+def test_outputs_are_never_written_through_planted_links(tmp_path, dicom_data, synthetic_weights):
+    out = tmp_path / "o"
+    out.mkdir()
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    for name in ("cxr_lung_risk.csv", "manifest.csv", "records.jsonl", "cxr_lung_risk.json", "run.json"):
+        (out / name).symlink_to(victim)
+    (out / "sr").symlink_to(victim_dir, target_is_directory=True)
+    os.umask(old := os.umask(0o022))
+    p = run_cli("predict", str(dicom_data / "RG1_UNCR.dcm"), "--out", str(out), "--weights", str(synthetic_weights),
+                "--format", "csv,sr,json")
+    assert p.returncode == 0, p.stderr
+    assert victim.read_text() == "keep" and list(victim_dir.iterdir()) == []
+    for name in ("cxr_lung_risk.csv", "manifest.csv", "records.jsonl", "cxr_lung_risk.json", "run.json"):
+        assert not (out / name).is_symlink() and (out / name).stat().st_size > 0, name
+    assert not (out / "sr").is_symlink() and len(list((out / "sr").glob("*.dcm"))) == 1
+    modes = {oct((out / n).stat().st_mode & 0o777) for n in ("cxr_lung_risk.csv", "manifest.csv")}
+    modes |= {oct(f.stat().st_mode & 0o777) for f in (out / "sr").glob("*.dcm")}
+    assert modes == {oct(0o666 & ~old)}  # SR and tables alike follow the umask

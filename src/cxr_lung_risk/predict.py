@@ -24,7 +24,7 @@ from . import __version__
 from .dicom_io import InputFile, discover, is_dicom_file
 from .errors import InputNotFoundError, OutputError, OutputLockedError, UsageError
 from .options import PredictOptions, PreprocessOptions
-from .outputs.base import UniqueNames
+from .outputs.base import UniqueNames, open_output, output_path
 from .outputs.tables import ManifestWriter, RecordWriter, ResultWriter
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
@@ -224,14 +224,15 @@ class _SRWriter:
             measurements += m.measurements(row)
         ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
         rel = self.names.claim("sr/" + self.sr.sr_filename(p.uids.get("SOPInstanceUID", "")))
-        self.sr.write_sr(ds, self.out / rel)
+        self.sr.write_sr(ds, output_path(self.out, rel))
         return rel
 
 
 def _write_json_quietly(path: Path, data: dict[str, Any], summary: RunSummary, what: str) -> None:
     try:
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+        with open_output(tmp.parent, tmp.name, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=1, default=str) + "\n")
         os.replace(tmp, path)
     except OSError as e:
         msg = f"could not write {what} {path}: {e.strerror or e}"
@@ -437,8 +438,7 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
                 if p.status is Status.OK:
                     rel = names.claim(_png_name(p.file.rel))
                     try:
-                        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                        write_png(out / rel, p.gray)
+                        write_png(output_path(out, rel), p.gray)
                         rec.add_output("png", rel)
                     except OSError as e:
                         rec.status = Status.FAILED

@@ -367,6 +367,7 @@ class SaliencyWriter:
 
     def _write_item(self, prepared: Any, maps: Sequence[np.ndarray]) -> list[tuple[str, str]]:
         from .outputs import sc
+        from .outputs.base import open_output, output_path
 
         names = getattr(self, "names", None)  # a run's UniqueNames, when the writer has one
 
@@ -377,9 +378,8 @@ class SaliencyWriter:
         for i, (t, heat) in enumerate(zip(self.targets, maps)):
             rgb = blend_heatmap(prepared.image, heat, alpha=self.alpha, cmap=self.cmap)
             rel = claim("saliency/" + saliency_png_name(prepared.file.rel, t.name))
-            png = self.out / rel
-            png.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rgb, mode="RGB").save(png)
+            with open_output(self.out, rel, "wb") as f:
+                Image.fromarray(rgb, mode="RGB").save(f, format="PNG")
             written.append(("saliency", rel))
             if prepared.dataset is not None:
                 ds = sc.build_secondary_capture(
@@ -393,7 +393,7 @@ class SaliencyWriter:
                 )
                 uid = prepared.uids.get("SOPInstanceUID", "") if getattr(prepared, "uids", None) else ""
                 rel = claim("sc/" + sc.sc_filename(uid, t.name))
-                sc.write_sc(ds, self.out / rel)
+                sc.write_sc(ds, output_path(self.out, rel))
                 written.append(("sc", rel))
         return written
 

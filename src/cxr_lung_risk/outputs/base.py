@@ -267,3 +267,33 @@ class UniqueNames:
                 cand = (p.parent / f"{stem}_{n}{suffix}").as_posix()
             self._taken.add(cand.lower())
             return cand
+
+
+def output_path(out: str | os.PathLike, rel: str) -> Path:
+    """``out / rel``, made safe to write: every folder between ``out`` and the file is a real
+    folder (a symbolic link planted there is removed and replaced by a folder), and a symbolic
+    link at the file's own place is removed. Outputs are thus never written through a link,
+    whatever someone put into ``--out``. ``rel`` must be relative and stay inside ``out``."""
+    base = Path(out)
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts:
+        raise ValueError(f"output name {rel!r} would leave the output folder")
+    d = base
+    for part in parts[:-1]:
+        d = d / part
+        if d.is_symlink():
+            d.unlink()
+        d.mkdir(exist_ok=True)
+    target = base / rel
+    if target.is_symlink():
+        target.unlink()
+    return target
+
+
+def open_output(out: str | os.PathLike, rel: str, mode: str = "w", **kw):
+    """Open ``out / rel`` for writing (see :func:`output_path`), created with the umask's mode,
+    refusing to follow a link that appears in between (``O_NOFOLLOW``)."""
+    path = output_path(out, rel)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o666)
+    return os.fdopen(fd, mode, **kw)

@@ -12,6 +12,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from .base import open_output
+
 __all__ = [
     "RESULTS_CSV",
     "RESULTS_JSON",
@@ -45,12 +47,12 @@ class ResultWriter:
         self._n_json = 0
         out_dir.mkdir(parents=True, exist_ok=True)
         if csv_out:
-            self._csv_f = open(out_dir / RESULTS_CSV, "w", newline="", encoding="utf-8")
+            self._csv_f = open_output(out_dir, RESULTS_CSV, "w", newline="", encoding="utf-8")
             self._csv = csv.writer(self._csv_f)
             self._csv.writerow(self.columns)
             self._csv_f.flush()
         if json_out:
-            self._json_f = open(out_dir / RESULTS_JSON, "w", encoding="utf-8")
+            self._json_f = open_output(out_dir, RESULTS_JSON, "w", encoding="utf-8")
             self._json_f.write("[")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -85,7 +87,7 @@ class ManifestWriter:
 
     def __init__(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._f = open(out_dir / MANIFEST_CSV, "w", newline="", encoding="utf-8")
+        self._f = open_output(out_dir, MANIFEST_CSV, "w", newline="", encoding="utf-8")
         self._w = csv.writer(self._f)
         self._w.writerow(MANIFEST_COLUMNS)
         self.counts = {"ok": 0, "skipped": 0, "failed": 0}
@@ -115,7 +117,7 @@ class RecordWriter:
         from ..records import RECORDS_JSONL
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._f = open(out_dir / RECORDS_JSONL, "w", encoding="utf-8")
+        self._f = open_output(out_dir, RECORDS_JSONL, "w", encoding="utf-8")
 
     def write(self, record: Any) -> None:
         self._f.write(json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
