@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs_raw.append(float(np.max(np.abs(raw_new[i] - raw_o)) / ref))
         diffs_disp.append(float(np.max(np.abs(new_maps[i] - disp_o))))
     res["agreement"] = {"max_abs_diff_raw_over_p99": max(diffs_raw), "max_abs_diff_display_01": max(diffs_disp)}
+    res["peak_rss_gb_after_ensemble"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     if a.age:
         res["age"] = age_section(writer, imgs, a.runs)
     if a.per_arch:

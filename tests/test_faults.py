@@ -148,3 +148,26 @@ def test_outputs_are_never_written_through_planted_links(tmp_path, dicom_data, s
     modes = {oct((out / n).stat().st_mode & 0o777) for n in ("cxr_lung_risk.csv", "manifest.csv")}
     modes |= {oct(f.stat().st_mode & 0o777) for f in (out / "sr").glob("*.dcm")}
     assert modes == {oct(0o666 & ~old)}  # SR and tables alike follow the umask
+
+
+def test_backslash_in_sop_instance_uid_is_cleaned_for_every_writer(tmp_path, dicom_data, synthetic_weights):
+    """A SOPInstanceUID read as two values: one clean UID in the CSV, the record and a valid SR."""
+    import pydicom
+    from conftest import dciodvfy
+
+    ds = pydicom.dcmread(dicom_data / "RG1_UNCR.dcm")
+    ds.SOPInstanceUID = "1.2.840.1234\\5678"
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=False)
+    out = tmp_path / "o"
+    p = run_cli("predict", str(tmp_path / "x.dcm"), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,sr")
+    assert p.returncode == 0, p.stderr
+    with open(out / "cxr_lung_risk.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["SOPInstanceUID"] == "1.2.840.1234.5678"
+    (rec,) = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok" and rec["outputs"]["sr"] == ["sr/1.2.840.1234.5678.dcm"]
+    assert any("backslash" in w for w in rec["warnings"])
+    sr = pydicom.dcmread(out / "sr" / "1.2.840.1234.5678.dcm")
+    assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.840.1234.5678"
+    errors, _ = dciodvfy(out / "sr" / "1.2.840.1234.5678.dcm")
+    assert errors == []

@@ -62,6 +62,23 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     return p
 
 
+def _clean_header_uids(loaded) -> None:
+    """The writers copy UIDs from the header: give it the cleaned single values (a UID read as
+    multi-valued because of a backslash, padding...) that the records and tables show; the
+    reader's warning says what was changed."""
+    ds = loaded.dataset
+    if ds is None:
+        return
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+        clean = getattr(loaded, {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
+                                 "SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class_uid"}[kw], "")
+        try:
+            if kw in ds and clean and str(ds[kw].value) != clean:
+                ds[kw].value = clean
+        except Exception:  # noqa: BLE001 - a value that cannot even be read stays as it is
+            pass
+
+
 def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     path = item.path
     try:
@@ -77,6 +94,7 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
             "SeriesInstanceUID": loaded.series_uid or "",
             "SOPInstanceUID": loaded.sop_uid or "",
         }
+        _clean_header_uids(loaded)
         status = Status(str(loaded.status))
         if status is not Status.OK:
             return Prepared(item, status, loaded.reason, list(loaded.warnings), "dicom", uids=uids)
