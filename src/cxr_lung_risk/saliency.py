@@ -97,32 +97,17 @@ def target_for(scorer: Any) -> SaliencyTarget:
     """The differentiable final score of a loaded model (CXR-Age or the CXR-Lung-Risk ensemble).
 
     A model that provides ``saliency_target()`` (:class:`cxr_lung_risk.registry.Model`) is asked
-    for it; otherwise an object holding a :class:`~cxr_lung_risk.age.CXRAge` as ``.model`` or a
-    ``LungRiskEnsemble`` as ``.ensemble`` is accepted. The ensemble's final score is exactly its
+    for it; otherwise an object holding a ``LungRiskEnsemble`` as ``.ensemble`` is accepted. The ensemble's final score is exactly its
     plain LASSO combination ``sum_i w_i f_i(x) + b`` (it has no test-time augmentation), so its
     ``score`` is that function written over ``plain_parts`` (:class:`_PlainScore`), whose gradient
     :func:`input_gradient` takes one member at a time.
     """
     import dataclasses
 
-    from .age import CXRAge, calibrate
-
     make = getattr(scorer, "saliency_target", None)
     ens = getattr(scorer, "ensemble", None)
     if callable(make):
         target = make()
-    elif isinstance(getattr(scorer, "model", None), CXRAge):
-        m = scorer.model
-        target = SaliencyTarget(
-            name=m.spec.name,
-            title=m.spec.title,
-            score=m.age_output,
-            plain_parts=[(m.model, 1.0)],
-            outer=lambda y: calibrate(y, m.spec.calibration),
-            mean=m.spec.mean,
-            std=m.spec.std,
-            device=m.device,
-        )
     elif ens is not None:
         intercept = float(ens.spec.intercept)
         parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
