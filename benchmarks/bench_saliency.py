@@ -283,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         res[f"ratio_saliency_new_over_forward{sfx}"] = out["saliency_new_batch"][unit] / fwd
         res[f"ratio_saliency_old_over_forward{sfx}"] = out["saliency_old_1"][unit] / fwd
         res[f"speedup_new_over_old{sfx}"] = out["saliency_old_1"][unit] / out["saliency_new_batch"][unit]
+    # round by round (forward and saliency timed back to back: least disturbed by load changes)
+    per_round = [
+        (s / a.n) / (f / a.n)
+        for f, s in zip(out["forward_batch"]["runs_s"], out["saliency_new_batch"]["runs_s"])
+    ]
+    res["ratio_saliency_new_over_forward_per_round"] = per_round
     # the maps agree: raw max|grad| (relative to the map's own 99th percentile) and displayed [0, 1]
     raw_new = saliency.gradient_saliency(target, normalize(x[: a.n_old], ens.spec.mean, ens.spec.std))
     diffs_raw, diffs_disp = [], []
