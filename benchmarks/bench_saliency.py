@@ -23,7 +23,8 @@ active members on the CPU, and times on ``--n`` random 224x224 crops:
 Each timed quantity is the median of ``--runs`` runs (every run kept), the cases interleaved
 round by round; wall and process CPU time are both kept (with ``--threads 1`` CPU time hardly
 depends on other processes). The machine's load average is recorded at start and end (a shared
-machine disturbs timings; compare ratios taken in the same run). Writes JSON to ``--out`` (default ``benchmarks/results/saliency_cpu_2core.json``).
+machine disturbs timings; compare ratios taken in the same run). Writes JSON to ``--out``
+(default ``benchmarks/results/saliency_cpu_2core.json``).
 
 Usage:
   python benchmarks/bench_saliency.py [--weights DIR] [--n 16] [--n-old 4] [--runs 3] [--threads T]
@@ -93,7 +94,7 @@ def age_section(writer: Any, imgs: np.ndarray, runs: int) -> dict[str, Any]:
     """CXR-Age with TTA: inference vs saliency (batched, and one image at a time as before)."""
     import torch
 
-    from cxr_lung_risk.age import CXRAge, build_age_model
+    from cxr_lung_risk.age import AgeModel, CXRAge, build_age_model
     from cxr_lung_risk.saliency import target_for
 
     torch.manual_seed(0)
@@ -101,13 +102,7 @@ def age_section(writer: Any, imgs: np.ndarray, runs: int) -> dict[str, Any]:
     for prm in net.parameters():
         prm.requires_grad_(False)
     model = CXRAge(net, tta=True)
-
-    class _Holder:  # target_for's fallback: an object holding a CXRAge as .model
-        pass
-
-    h = _Holder()
-    h.model = model
-    target = target_for(h)
+    target = target_for(AgeModel(model))
     x = torch.from_numpy(imgs)
     model.predict_uint8(x)
     writer.heatmaps(target, imgs)
@@ -284,11 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         res[f"ratio_saliency_old_over_forward{sfx}"] = out["saliency_old_1"][unit] / fwd
         res[f"speedup_new_over_old{sfx}"] = out["saliency_old_1"][unit] / out["saliency_new_batch"][unit]
     # round by round (forward and saliency timed back to back: least disturbed by load changes)
-    per_round = [
-        (s / a.n) / (f / a.n)
-        for f, s in zip(out["forward_batch"]["runs_s"], out["saliency_new_batch"]["runs_s"])
+    res["ratio_saliency_new_over_forward_per_round"] = [
+        sal / fwd for fwd, sal in zip(out["forward_batch"]["runs_s"], out["saliency_new_batch"]["runs_s"])
     ]
-    res["ratio_saliency_new_over_forward_per_round"] = per_round
     # the maps agree: raw max|grad| (relative to the map's own 99th percentile) and displayed [0, 1]
     raw_new = saliency.gradient_saliency(target, normalize(x[: a.n_old], ens.spec.mean, ens.spec.std))
     diffs_raw, diffs_disp = [], []
