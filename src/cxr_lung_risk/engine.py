@@ -396,25 +396,22 @@ class LungRiskModel:
         return algorithm_info(self.spec, params, self.weights_identity)
 
     def saliency_target(self):
-        from .saliency import SaliencyTarget
+        """The LASSO-combined score ``sum_i w_i f_i(x) + b``, differentiated one member at a time."""
+        from .saliency import SaliencyTarget, _PlainScore
 
         ens = self.ensemble
-        weights = [float(mem.weight) for mem in ens.members]
         intercept = float(ens.spec.intercept)
-        models = list(ens.models)
+        parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
 
-        def combined(x: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) + intercept
-            for w, net in zip(weights, models):
-                out = out + w * net(x)[:, 0].to(x.dtype)
-            return out
+        def outer(y: torch.Tensor) -> torch.Tensor:
+            return y + intercept
 
         return SaliencyTarget(
             name=ens.spec.name,
             title=ens.spec.title,
-            score=combined,
-            plain_parts=list(zip(models, weights)),
-            outer=lambda y: y + intercept,
+            score=_PlainScore(parts, outer),
+            plain_parts=parts,
+            outer=outer,
             mean=ens.spec.mean,
             std=ens.spec.std,
             device=ens.device,

@@ -69,9 +69,12 @@ def _clean_header_uids(loaded) -> None:
     ds = loaded.dataset
     if ds is None:
         return
-    for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-        clean = getattr(loaded, {"StudyInstanceUID": "study_uid", "SeriesInstanceUID": "series_uid",
-                                 "SOPInstanceUID": "sop_uid", "SOPClassUID": "sop_class_uid"}[kw], "")
+    for kw, clean in (
+        ("StudyInstanceUID", loaded.study_uid),
+        ("SeriesInstanceUID", loaded.series_uid),
+        ("SOPInstanceUID", loaded.sop_uid),
+        ("SOPClassUID", loaded.sop_class_uid),
+    ):
         try:
             if kw in ds and clean and str(ds[kw].value) != clean:
                 ds[kw].value = clean

@@ -212,11 +212,7 @@ class _SRWriter:
         self.models = list(models)
         self.deterministic = deterministic
         self.names = names
-        self.algorithms = {}
-        for m in self.models:
-            algo = m.algorithm(extra)
-            for col in [m.spec.column]:
-                self.algorithms[col] = algo
+        self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
 
     def write(self, p: Prepared, row: dict[str, Any]) -> str:
         measurements = []

@@ -102,8 +102,6 @@ def target_for(scorer: Any) -> SaliencyTarget:
     ``score`` is that function written over ``plain_parts`` (:class:`_PlainScore`), whose gradient
     :func:`input_gradient` takes one member at a time.
     """
-    import dataclasses
-
     make = getattr(scorer, "saliency_target", None)
     ens = getattr(scorer, "ensemble", None)
     if callable(make):
@@ -124,8 +122,6 @@ def target_for(scorer: Any) -> SaliencyTarget:
         )
     else:
         raise TypeError(f"no saliency support for {type(scorer).__name__}")
-    if ens is not None and not isinstance(target.score, _PlainScore):
-        target = dataclasses.replace(target, score=_PlainScore(target.plain_parts, target.outer))
     return target
 
 
