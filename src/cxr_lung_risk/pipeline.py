@@ -45,6 +45,7 @@ class Prepared:
     gray: np.ndarray | None = None  # uint8 preprocessed gray image (DICOM only, keep_512)
     dataset: Any = None  # pydicom header without pixel data (DICOM only)
     uids: dict[str, str] = field(default_factory=dict)
+    input_name: str = ""  # what records call the input when it is not a local path (a URL, a stream's name)
 
 
 def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:

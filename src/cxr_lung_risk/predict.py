@@ -12,12 +12,10 @@ import fcntl
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 
 from . import __version__
@@ -25,15 +23,16 @@ from .dicom_io import InputFile, discover, is_dicom_file
 from .errors import InputNotFoundError, OutputError, OutputLockedError, UsageError
 from .options import PredictOptions, PreprocessOptions
 from .outputs.base import UniqueNames, open_output, output_path
-from .outputs.tables import ManifestWriter, RecordWriter, ResultWriter
+from .outputs.tables import ManifestWriter, RecordWriter
+from .outputs.writer import OutputWriter, record_for
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
 from .records import InputRecord, Status
 from .registry import Model, load_model, resolve_models
+from .scoring import UID_COLUMNS, Scorer
 
 __all__ = ["RunSummary", "run_predict", "run_preprocess", "load_models", "UID_COLUMNS", "RUN_JSON"]
 
-UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 RUN_JSON = "run.json"
 LOCK_FILE = ".cxr-lung-risk.lock"
 
@@ -169,59 +168,9 @@ def _reason(p: Prepared) -> str:
     return p.reason
 
 
-def _record(p: Prepared) -> InputRecord:
-    return InputRecord(
-        input=_printable_path(p.file.path),
-        file=p.file.rel,
-        status=p.status,
-        reason=p.reason if p.status is not Status.OK else "",
-        warnings=list(p.warnings),
-        study_uid=p.uids.get("StudyInstanceUID", ""),
-        series_uid=p.uids.get("SeriesInstanceUID", ""),
-        sop_uid=p.uids.get("SOPInstanceUID", ""),
-    )
-
-
-def _printable_path(path: Path) -> str:
-    text = os.fsdecode(os.fspath(path))
-    return text.encode("utf-8", "backslashreplace").decode("utf-8") if any(0xDC80 <= ord(c) <= 0xDCFF for c in text) else text
-
-
 def load_models(keys: Sequence[str], options: PredictOptions) -> list[Model]:
     """Load the models ``keys`` (registry keys) with the run's options, in output order."""
     return [load_model(k, options.model_options(k)) for k in resolve_models(keys)]
-
-
-def _weights_label(models: Sequence[Model]) -> str:
-    kinds = []
-    for m in models:
-        ident = m.weights_identity or {}
-        kind = "SYNTHETIC" if ident.get("synthetic") else ("published" if ident.get("published") else "unverified")
-        kinds.append(f"{m.spec.key}={kind}")
-    return ";".join(kinds)
-
-
-class _SRWriter:
-    """One DICOM SR per scored DICOM image, named after the source SOP Instance UID."""
-
-    def __init__(self, out: Path, models: Sequence[Model], *, deterministic: bool, extra: dict[str, str], names: UniqueNames) -> None:
-        from .outputs import sr
-
-        self.sr = sr
-        self.out = out
-        self.models = list(models)
-        self.deterministic = deterministic
-        self.names = names
-        self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
-
-    def write(self, p: Prepared, row: dict[str, Any]) -> str:
-        measurements = []
-        for m in self.models:
-            measurements += m.measurements(row)
-        ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
-        rel = self.names.claim("sr/" + self.sr.sr_filename(p.uids.get("SOPInstanceUID", "")))
-        self.sr.write_sr(ds, output_path(self.out, rel))
-        return rel
 
 
 def _write_json_quietly(path: Path, data: dict[str, Any], summary: RunSummary, what: str) -> None:
@@ -277,104 +226,53 @@ def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model
     workers = default_workers() if opts.workers is None else opts.workers
     summary.timings["workers"] = workers
     prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
-    any_dicom = any(is_dicom_file(f.path) for f in files)
-    columns = ["File"] + (list(UID_COLUMNS) if any_dicom else [])
-    for m in models:
-        columns += m.columns
-    columns.append("Weights")
-    weights_label = _weights_label(models)
-    names = UniqueNames()
-    extra = {"im_version": opts.im_version}
-    writer = ResultWriter(out, columns, csv_out="csv" in opts.formats, json_out="json" in opts.formats)
-    manifest = ManifestWriter(out)
-    records = RecordWriter(out)
-    sr_writer = _SRWriter(out, models, deterministic=opts.deterministic, extra=extra, names=names) if "sr" in opts.formats else None
-    saliency = None
-    if opts.saliency:
-        from .saliency import SaliencyWriter
-
-        saliency = SaliencyWriter(out, models, method=opts.saliency_method, deterministic=opts.deterministic, names=names)
+    scorer = Scorer(models)
+    columns = scorer.columns(uid_columns=any(is_dicom_file(f.path) for f in files))
+    writer = OutputWriter(
+        out,
+        models,
+        columns,
+        formats=opts.formats,
+        deterministic=opts.deterministic,
+        saliency=opts.saliency_method if opts.saliency else None,
+        im_version=opts.im_version,
+    )
     _write_json_quietly(out / RUN_JSON, _run_info(opts, models, len(files)), summary, "the run description")
     progress = Progress(len(files), desc="scoring", enabled=opts.progress)
 
     def finish(rec: InputRecord, done: float) -> None:
-        manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else "; ".join(f"warning: {w}" for w in rec.warnings))
-        records.write(rec)
         summary.counts[str(rec.status)] = summary.counts.get(str(rec.status), 0) + 1
         progress.finish_input(rec.status, done)
         if rec.warnings and opts.progress:
             for w in rec.warnings:
                 say(f"warning: {rec.file}: {w}")
 
+    def score(batch: list[Prepared]) -> None:
+        t = time.perf_counter()
+        n = len(batch)
+        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n))
+        t = timer.add("infer", t)
+        for rec in writer.write_scored(batch, rows):
+            finish(rec, 1.0 - _STEP_WRITTEN)
+        timer.add("write", t)
+
     try:
         batch: list[Prepared] = []
         stream = timer.timed("prepare", iter_prepared(files, prep, workers=workers))
         for p in stream:
             if p.status is not Status.OK:
-                finish(_record(p), 0.0)
+                finish(writer.account(p), 0.0)
                 continue
             progress.advance(_STEP_PREPARED)
             batch.append(p)
             if len(batch) >= opts.batch_size:
-                _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out)
+                score(batch)
                 batch = []
         if batch:
-            _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out)
+            score(batch)
     finally:
         progress.close()
         writer.close()
-        manifest.close()
-        records.close()
-
-
-def _score_batch(batch, models, columns, weights_label, writer, sr_writer, saliency, finish, progress, timer, out) -> None:
-    t = time.perf_counter()
-    x = torch.from_numpy(np.stack([p.image for p in batch]))
-    results: dict[str, np.ndarray] = {}
-    n = len(batch)
-    share = _STEP_MODELS / max(1, len(models))
-    for m in models:
-        results.update(m.score(x, on_step=lambda f: progress.advance(f * share * n)))
-    t = timer.add("infer", t)
-    rows = []
-    for i, p in enumerate(batch):
-        row: dict[str, Any] = {"File": p.file.rel, **p.uids, "Weights": weights_label}
-        for k, v in results.items():
-            row[k] = float(v[i])
-        rows.append(row)
-    maps = None
-    if saliency is not None:
-        try:
-            maps = saliency.write_batch(batch, rows)
-        except Exception as e:  # noqa: BLE001 - per-item fallback below records the reason
-            maps = None
-            saliency_error = f"{type(e).__name__}: {str(e)[:160]}"
-        else:
-            saliency_error = ""
-    for i, p in enumerate(batch):
-        row = rows[i]
-        rec = _record(p)
-        rec.values = {k: row[k] for k in results}
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                if sr_writer is not None and p.dataset is not None:
-                    rec.add_output("sr", sr_writer.write(p, row))
-                if saliency is not None:
-                    if maps is None:
-                        raise RuntimeError(f"saliency maps could not be made ({saliency_error})")
-                    for kind, rel in maps[i]:
-                        rec.add_output(kind, rel)
-            for w in caught:
-                msg = " ".join(str(w.message).split())[:200]
-                if msg and msg not in rec.warnings:
-                    rec.warnings.append(msg)
-        except Exception as e:  # one object that cannot be written must not lose the others
-            rec.status = Status.FAILED
-            rec.reason = f"failed: scored but writing its DICOM output failed: {type(e).__name__}: {str(e)[:160]}"
-        writer.write(row)
-        finish(rec, 1.0 - _STEP_WRITTEN)
-    timer.add("write", t)
 
 
 def _run_info(opts: PredictOptions, models: Sequence[Model], n_inputs: int) -> dict[str, Any]:
@@ -430,7 +328,7 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
         progress = Progress(len(files), desc="preprocessing", enabled=opts.progress)
         try:
             for p in iter_prepared(files, prep, workers=workers):
-                rec = _record(p)
+                rec = record_for(p)
                 if p.status is Status.OK:
                     rel = names.claim(_png_name(p.file.rel))
                     try:

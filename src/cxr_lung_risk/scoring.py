@@ -1,0 +1,116 @@
+"""Models stage: score batches of prepared images with models loaded once.
+
+One job: prepared uint8 crops in, one result row per image out (``File``, the source UIDs, every
+model's columns, ``Weights``). A :class:`Scorer` holds its loaded models; it neither reads inputs
+nor writes files, so the same object serves ``predict``, the PACS node and a cluster actor.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .registry import Model, ModelOptions, load_model, resolve_models
+
+__all__ = ["UID_COLUMNS", "Scorer", "weights_label"]
+
+UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def weights_label(models: Sequence[Model]) -> str:
+    """The ``Weights`` column: ``lung-risk=published;age=SYNTHETIC`` (never passes synthetic
+    weights off as the published model)."""
+    kinds = []
+    for m in models:
+        ident = m.weights_identity or {}
+        kind = "SYNTHETIC" if ident.get("synthetic") else ("published" if ident.get("published") else "unverified")
+        kinds.append(f"{m.spec.key}={kind}")
+    return ";".join(kinds)
+
+
+class Scorer:
+    """Loaded models and how their results become rows.
+
+    >>> scorer = Scorer.load(["lung-risk"], device="cpu")          # doctest: +SKIP
+    >>> rows = scorer.score([prepared_a, prepared_b])               # doctest: +SKIP
+    >>> rows[0]["CXR_Lung_Risk"]                                     # doctest: +SKIP
+    """
+
+    def __init__(self, models: Sequence[Model]) -> None:
+        if not models:
+            raise ValueError("a Scorer needs at least one model")
+        self.models = list(models)
+        self.weights_label = weights_label(self.models)
+
+    @classmethod
+    def load(
+        cls,
+        models: str | Sequence[str] = ("lung-risk",),
+        *,
+        weights: dict[str, Any] | None = None,
+        options: ModelOptions | None = None,
+        options_for: Callable[[str], ModelOptions] | None = None,
+    ) -> "Scorer":
+        """Load ``models`` (registry keys or ``"all"``) once. ``weights``: a path per key (default:
+        the fetch-weights cache); ``options``: the device/precision/... every model gets;
+        ``options_for``: per-key options instead (what :class:`~cxr_lung_risk.options.PredictOptions`
+        provides)."""
+        from dataclasses import replace
+
+        keys = resolve_models(models)
+        base = options or ModelOptions()
+        out = []
+        for k in keys:
+            o = options_for(k) if options_for is not None else base
+            if weights and weights.get(k) is not None:
+                from pathlib import Path
+
+                o = replace(o, weights=Path(weights[k]))
+            out.append(load_model(k, o))
+        return cls(out)
+
+    @property
+    def keys(self) -> list[str]:
+        return [m.spec.key for m in self.models]
+
+    def columns(self, uid_columns: bool = True) -> list[str]:
+        """The result table's columns, in order."""
+        cols = ["File"] + (list(UID_COLUMNS) if uid_columns else [])
+        for m in self.models:
+            cols += m.columns
+        cols.append("Weights")
+        return cols
+
+    @property
+    def value_columns(self) -> list[str]:
+        return [c for m in self.models for c in m.columns]
+
+    def score_array(self, images_u8: np.ndarray | torch.Tensor, on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
+        """A uint8 N x 3 x 224 x 224 array -> {column: (N,) float64}. ``on_step(f)`` reports the
+        fraction ``f`` of the work done since the last call (progress)."""
+        x = images_u8 if isinstance(images_u8, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images_u8))
+        results: dict[str, np.ndarray] = {}
+        share = 1.0 / len(self.models)
+        for m in self.models:
+            results.update(m.score(x, on_step=None if on_step is None else (lambda f: on_step(f * share))))
+        return results
+
+    def score(self, prepared: Sequence[Any], on_step: Callable[[float], None] | None = None) -> list[dict[str, Any]]:
+        """Score prepared inputs (status ok, ``image`` set; see :func:`cxr_lung_risk.api.prepare_input`)
+        as one batch -> one row per input, in order."""
+        items = list(prepared)
+        if not items:
+            return []
+        bad = [p.file.rel for p in items if p.image is None]
+        if bad:
+            raise ValueError(f"not prepared for scoring (status not ok): {', '.join(bad[:5])}")
+        results = self.score_array(np.stack([p.image for p in items]), on_step)
+        rows = []
+        for i, p in enumerate(items):
+            row: dict[str, Any] = {"File": p.file.rel, **p.uids}
+            for k, v in results.items():
+                row[k] = float(v[i])
+            row["Weights"] = self.weights_label
+            rows.append(row)
+        return rows
