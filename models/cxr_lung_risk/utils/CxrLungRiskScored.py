@@ -15,4 +15,5 @@ from mhubio.modules.filter.FileFilter import FileFilter
 
 @IO.Config("requires", list, ["json:model=cxr_lung_risk"], the="data type queries an instance must match to be kept (default: has CXR-Lung-Risk results)")
 class CxrLungRiskScored(FileFilter):
-    pass
+
+    requires: list
