@@ -10,7 +10,8 @@
 #   * a Python >= 3.10 venv at /app/.venv (Debian's 3.11) with mhubio from PyPI (0.0.2: the only
 #     release there; the real base installs a newer mhubio from git) and the packages its
 #     importer/exporters need (pydicom < 3, thedicomsort, PyYAML, typing-extensions 4.5.0);
-#   * `mhub.run` on the PATH, running `python -m mhubio.run "$@"` in that venv;
+#   * `mhub.run` on the PATH, running `python -m mhubio.run "$@"` in that venv (activated, as
+#     `uv run` does in the real base);
 #   * PYTHONPATH=/app;
 #   * /app/buildutils/import_mhub_model.sh (tools/mhub_base/import_mhub_model.sh: our own script
 #     with the documented behaviour: git init; git fetch <repo> <branch>; git merge FETCH_HEAD;
@@ -67,7 +68,13 @@ trap 'rm -rf "$CTX"' EXIT
 cp "$CA" "$CTX/ca-certificates.crt"
 cp "$HERE/import_mhub_model.sh" "$CTX/import_mhub_model.sh"
 printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' > "$CTX/pip.conf"
-printf '#!/bin/sh\n# MHub entry point (stand-in): the mhubio runner of /app/.venv\nexec /app/.venv/bin/python -m mhubio.run "$@"\n' > "$CTX/mhub.run"
+cat > "$CTX/mhub.run" <<'SH'
+#!/bin/sh
+# MHub entry point (stand-in): like the real `uv run python -m mhubio.run`, with the /app/.venv
+# environment active (its bin/ first on PATH: mhubio runs tools such as dicomsort from there)
+export VIRTUAL_ENV=/app/.venv PATH="/app/.venv/bin:$PATH"
+exec python -m mhubio.run "$@"
+SH
 chmod 755 "$CTX/import_mhub_model.sh" "$CTX/mhub.run"
 cat > "$CTX/Dockerfile" <<DOCKERFILE
 FROM $ROOTFS_TAG
