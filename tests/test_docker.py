@@ -157,8 +157,8 @@ def mixed_inputs(tmp_path_factory, dicom_data) -> dict[str, Path]:
         "mr": shutil.copyfile(get_testdata_file("MR_small.dcm"), d / "mr.dcm"),
     }
     files["dx"] = _dx_from_cr(dicom_data / "RG1_UNCI.dcm", d / "chest_dx.dcm")
-    broken = d / "broken.dcm"  # a truncated DICOM file
-    broken.write_bytes((dicom_data / "RG1_UNCR.dcm").read_bytes()[:2000])
+    broken = d / "broken.dcm"  # a DICOM file cut inside its header: not readable as DICOM
+    broken.write_bytes(Path(get_testdata_file("CT_small.dcm")).read_bytes()[:400])
     files["broken"] = broken
     os.chmod(d, 0o755)
     return {"dir": d, **files}
