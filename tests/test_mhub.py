@@ -183,6 +183,7 @@ def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
     assert cr.SeriesInstanceUID in err and str(missing) in err
     assert "Traceback" not in proc.stdout + proc.stderr and "cxr-lung-risk: error:" not in proc.stderr  # logged, not printed
     assert not [p for p in out.rglob("*.csv") if p.name != "manifest.csv"] and not list(out.rglob("*.dcm"))
+    assert not list(out.rglob("report.json"))  # no report for an instance that was not scored
 
 
 def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):

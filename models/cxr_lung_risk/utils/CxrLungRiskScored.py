@@ -9,7 +9,9 @@ the others. Failures are not lost: the runner has already logged them and writte
 that ``CxrLungRiskStatus`` turns into the exit status.
 """
 
-from mhubio.core import IO
+from typing import List
+
+from mhubio.core import IO, Instance
 from mhubio.modules.filter.FileFilter import FileFilter
 
 
@@ -17,3 +19,8 @@ from mhubio.modules.filter.FileFilter import FileFilter
 class CxrLungRiskScored(FileFilter):
 
     requires: list
+
+    def filter(self, instances: List[Instance]) -> List[Instance]:
+        # only files really written count (FileFilter also counts data a module announced but did
+        # not write, as the runner's outputs of a failed instance)
+        return [i for i in instances if all(len(i.data.filter(q, confirmed_only=True)) > 0 for q in self.requires)]
