@@ -115,9 +115,12 @@ def build_wheel(dest: Path) -> Path:
     py = REPO / ".venv" / "bin" / "python"
     py = str(py) if py.exists() else "python3"
     base = [py, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), str(REPO)]
-    proc = subprocess.run([*base[:4], "--no-build-isolation", *base[4:]], capture_output=True, text=True)
+    # fixed zip entry times: the same sources give the same wheel, hence the same build argument
+    # (its sha256) and Docker's cached layers
+    env = dict(os.environ, SOURCE_DATE_EPOCH="315532800")
+    proc = subprocess.run([*base[:4], "--no-build-isolation", *base[4:]], capture_output=True, text=True, env=env)
     if proc.returncode != 0:  # no setuptools here: let pip fetch the build backend
-        subprocess.run(base, capture_output=True, text=True, check=True)
+        subprocess.run(base, capture_output=True, text=True, check=True, env=env)
     return next(dest.glob("cxr_lung_risk-*.whl"))
 
 

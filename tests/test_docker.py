@@ -253,9 +253,11 @@ def test_png_workflow_in_the_container(image, tmp_path):
     assert report["cxr_lung_risk"] == js[0]["CXR_Lung_Risk"] and report["unit"] == "a"
 
 
-def test_container_matches_a_reference_made_outside_it(image, weights_zip, tmp_path):
+def test_container_matches_a_reference_made_outside_it(image, tmp_path, monkeypatch):
     """MHub's test routine: the image's run on each workflow's sample equals the reference, here
-    made outside the container (mhubio 0.0.2 via scripts/mhub_local.sh, the same weights zip)."""
+    made outside the container (mhubio 0.0.2 via scripts/mhub_local.sh, this checkout's CLI) with
+    the weights as installed in the image (copied out of it: same files, same recorded source,
+    which the SR names)."""
     sys.path.insert(0, str(REPO / "tools"))
     import mhub_compare
     import mhub_testdata
@@ -263,10 +265,16 @@ def test_container_matches_a_reference_made_outside_it(image, weights_zip, tmp_p
     setup = subprocess.run(["bash", str(REPO / "scripts" / "mhub_local.sh"), "--setup-only"], capture_output=True, text=True)
     if setup.returncode == 69:
         pytest.skip("the mhubio venv cannot be installed here")
+    cid = docker("create", image).stdout.strip()
+    try:
+        docker("cp", f"{cid}:/app/weights", str(tmp_path / "weights"))
+    finally:
+        docker("rm", cid, check=False)
+    monkeypatch.setenv("CXR_LUNG_RISK_HOME", str(tmp_path / "weights"))
     for wf in mhub_testdata.workflows():
         sample = tmp_path / wf / "sample"
         mhub_testdata.samples(wf, sample)
-        ref = mhub_testdata.run_workflow(wf, sample, tmp_path / wf / "reference", None, str(weights_zip))
+        ref = mhub_testdata.run_workflow(wf, sample, tmp_path / wf / "reference", None, None)
         assert ref.returncode == 0, ref.stderr[-3000:]
         out = mhub_testdata.run_workflow(wf, sample, tmp_path / wf / "out", image, None)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
