@@ -16,7 +16,7 @@
 #
 # mhubio's entry point (`python -m mhubio.run`) only looks for model modules and workflows under
 # the hard-coded /app/models, so this script lays out a throw-away MHub tree instead
-# (<tmp>/models/cxr_lung_risk -> this repository, <tmp>/data/{input_data,output_data} -> your
+# (<tmp>/models/cxr_lung_risk -> this repository's models/cxr_lung_risk, <tmp>/data/{input_data,output_data} -> your
 # folders), points mhubio's own scan_local_modules/scan_configurations at it and calls
 # mhubio.run.run(), i.e. exactly what `mhub.run --workflow default` does in the container.
 # The tree (with mhubio's sorted copy of the input DICOM) is removed when the run ends, also
@@ -93,7 +93,7 @@ CLI="$(cd "$(dirname "$CLI")" && pwd)/$(basename "$CLI")"  # absolute: the run s
 mkdir -p "$OUTPUT"
 INPUT="$(cd "$INPUT" && pwd)"; OUTPUT="$(cd "$OUTPUT" && pwd)"; CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"
 
-# 3. a throw-away MHub tree: models/cxr_lung_risk -> repo, data/{input,output}_data -> folders
+# 3. a throw-away MHub tree: models/cxr_lung_risk -> the repo's MHub folder, data/{input,output}_data -> folders
 # It is removed on every exit: the run is a child (not exec'd) so that this trap still fires.
 WORK="" CHILD=""
 cleanup() { if [ -n "$WORK" ]; then rm -rf "$WORK"; fi; }
@@ -111,7 +111,7 @@ trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/cxr_mhub.XXXXXX")"
 mkdir -p "$WORK/models" "$WORK/data"
-ln -s "$REPO" "$WORK/models/cxr_lung_risk"
+ln -s "$REPO/models/cxr_lung_risk" "$WORK/models/cxr_lung_risk"
 ln -s "$INPUT" "$WORK/data/input_data"
 ln -s "$OUTPUT" "$WORK/data/output_data"
 

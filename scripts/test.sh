@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from the repository's own files, then run them.
 #   bash scripts/test.sh [pytest args...]
-# Installs Debian's dcmtk + ImageMagick when missing (needs root), the package with its test
+# Installs Debian's dcmtk + ImageMagick (and docker.io + debootstrap for the Docker tests, which
+# start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
 # .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2). Suites whose venv
 # could not be installed are skipped with a message; all others must pass.
@@ -11,6 +12,8 @@ need_apt=()
 command -v dcmj2pnm >/dev/null 2>&1 || need_apt+=(dcmtk)
 command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
 [ -x /usr/bin/mogrify-im6.q16 ] || need_apt+=(imagemagick)
+command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)      # the Docker tests (marker docker)
+command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build the MHub base stand-in
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing Debian packages: ${need_apt[*]}"

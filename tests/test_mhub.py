@@ -129,7 +129,7 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
         assert all(recs[0][k] == sorted_name for k in ("file", "File", "input") if k in recs[0]), recs
     inst = out / cr.SeriesInstanceUID
     assert sorted(p.relative_to(inst).as_posix() for p in inst.rglob("*") if p.is_file()) == sorted(
-        ["cxr_lung_risk.csv", "cxr_lung_risk.json", f"sr/{cr.SOPInstanceUID}.dcm"]
+        ["cxr_lung_risk.csv", "cxr_lung_risk.json", "report.json", f"sr/{cr.SOPInstanceUID}.dcm"]
     )
     for k in ("ct", "mr", "us"):
         assert not list(out.rglob(f"*{uid[k].SOPInstanceUID}*")), k
@@ -147,6 +147,11 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     js = json.loads((inst / "cxr_lung_risk.json").read_text())
     assert len(js) == 1 and js[0]["SOPInstanceUID"] == cr.SOPInstanceUID
     assert js[0]["CXR_Lung_Risk"] == value  # CSV text and JSON number are the same double
+    # mhubio's ReportExporter: the ValueOutput and its metadata
+    report = json.loads((inst / "report.json").read_text())
+    assert report["cxr_lung_risk"] == value and report["unit"] == "a"
+    assert report["description"].startswith("CXR-Lung-Risk: lung-disease mortality risk") and "in years" in report["description"]
+    assert report["series_instance_uid"] == cr.SeriesInstanceUID
 
     sr = pydicom.dcmread(inst / "sr" / f"{cr.SOPInstanceUID}.dcm")
     assert sr.Modality == "SR"
@@ -176,8 +181,9 @@ def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
     err = (out / "cxr_lung_risk_errors.txt").read_text()
     cr = pydicom.dcmread(inputs["cr"], stop_before_pixels=True)
     assert cr.SeriesInstanceUID in err and str(missing) in err
-    assert "cxr-lung-risk: error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and "cxr-lung-risk: error:" not in proc.stderr  # logged, not printed
     assert not [p for p in out.rglob("*.csv") if p.name != "manifest.csv"] and not list(out.rglob("*.dcm"))
+    assert not list(out.rglob("report.json"))  # no report for an instance that was not scored
 
 
 def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):
@@ -190,7 +196,7 @@ def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     sid = f"site1__{sample_pngs[0].stem}"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "records.jsonl") == [
-        "manifest.csv", f"{sid}/cxr_lung_risk.csv", f"{sid}/cxr_lung_risk.json"]
+        "manifest.csv", f"{sid}/cxr_lung_risk.csv", f"{sid}/cxr_lung_risk.json", f"{sid}/report.json"]
     with open(out / "manifest.csv", newline="") as f:
         manifest = list(csv.DictReader(f))
     assert manifest == [{"File": f"imported_instances/{sid}/{sample_pngs[0].name}", "status": "ok", "reason": ""}]
@@ -199,3 +205,34 @@ def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):
     js = json.loads((out / sid / "cxr_lung_risk.json").read_text())
     assert [r["File"] for r in rows] == [sample_pngs[0].name] == [r["File"] for r in js]
     assert math.isfinite(float(rows[0]["CXR_Lung_Risk"])) and float(rows[0]["CXR_Lung_Risk"]) == js[0]["CXR_Lung_Risk"]
+
+
+def test_repeated_and_malformed_sop_uids_are_mapped_from_the_records(mhub_venv, weights, inputs, tmp_path):
+    """Two series holding the same SOPInstanceUID, and one with a malformed SOPInstanceUID: the
+    runner takes the SR paths the CLI recorded (records.jsonl), so every radiograph gets its own
+    SR and no instance is reported as failed ("no SR written")."""
+    src = tmp_path / "in"
+    src.mkdir()
+    base = pydicom.dcmread(inputs["cr"])
+    made = []
+    for k, sop in enumerate([base.SOPInstanceUID, base.SOPInstanceUID, "1.2.826.0.1.3680043.8.498.0123.abc"]):
+        ds = pydicom.dcmread(inputs["cr"])
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.77{k}"
+        ds.SOPInstanceUID = sop
+        ds.file_meta.MediaStorageSOPInstanceUID = sop
+        ds.save_as(src / f"cr{k}.dcm")
+        made.append(ds)
+    out = tmp_path / "out"
+    proc = _run("--input", str(src), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not (out / "cxr_lung_risk_errors.txt").exists()
+    srs = []
+    for ds in made:
+        inst = out / ds.SeriesInstanceUID
+        found = sorted((inst / "sr").glob("*.dcm"))
+        assert len(found) == 1, (ds.SeriesInstanceUID, sorted(p.name for p in out.rglob("*")))
+        sr = pydicom.dcmread(found[0])
+        assert sr.Modality == "SR" and sr.StudyInstanceUID == ds.StudyInstanceUID
+        srs.append(sr)
+        assert json.loads((inst / "report.json").read_text())["cxr_lung_risk"] == json.loads((inst / "cxr_lung_risk.json").read_text())[0]["CXR_Lung_Risk"]
+    assert len({sr.SOPInstanceUID for sr in srs}) == 3  # three distinct SR documents

@@ -114,8 +114,9 @@ def mhub(tmp_path):
     repo = tmp_path / "repo"
     (repo / "scripts").mkdir(parents=True)
     shutil.copy2(MHUB_SCRIPT, repo / "scripts" / "mhub_local.sh")
-    (repo / "config").mkdir()
-    (repo / "config" / "default.yml").write_text("general: {}\n")
+    (repo / "models" / "cxr_lung_risk" / "config").mkdir(parents=True)
+    (repo / "models" / "cxr_lung_risk" / "config" / "default.yml").write_text("general: {}\n")
+    (repo / "config").symlink_to("models/cxr_lung_risk/config")
     venv = tmp_path / "mhubvenv"
     (tmp_path / "fake_runner.py").write_text(FAKE_RUNNER)
     _write_exe(venv / "bin" / "python", f"""

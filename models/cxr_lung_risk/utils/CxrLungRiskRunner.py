@@ -11,10 +11,12 @@ instance (symlinked into ``<staging>/<k>/`` so that each CLI result row maps bac
 instance through its ``File`` column), runs the CLI *once* (the networks are loaded once per
 workflow run, not once per image), and only then maps the results back to each instance with
 the per-instance ``@IO.Instance()`` method ``map_instance`` (SR files, a CSV and a JSON per
-instance, and a ``ValueOutput``).
+instance, and the ``ValueOutput`` ``cxr_lung_risk`` that mhubio's ``ReportExporter`` exports).
+Which files the CLI wrote for each input is read from its ``records.jsonl``, never re-derived.
+Nothing is printed: the CLI's own output is captured and logged (level EXTERNAL).
 
 Errors are surfaced, because mhubio itself logs exceptions and exits 0: a CLI crash or an
-instance without a result is logged at ERROR level, printed to stderr and appended to an error
+instance without a result is logged (mhubio's log, ERROR level) and appended to an error
 file (``error_file``, default ``output_data/cxr_lung_risk_errors.txt``); the final module
 ``CxrLungRiskStatus`` turns that file into a non-zero exit status after the DataOrganizer ran.
 Inputs the CLI refuses on purpose (not a frontal chest radiograph) are a WARNING, not an error.
@@ -27,7 +29,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from mhubio.core import IO, Instance, InstanceData, DataType, Meta, Module, ValueOutput
@@ -41,13 +42,19 @@ MANIFEST_NAME = "manifest.csv"
 RECORDS_NAME = "records.jsonl"
 
 
-@ValueOutput.Name("cxr-lung-risk")
-@ValueOutput.Meta(Meta(key="value"))
+RISK_DESCRIPTION = (
+    "CXR-Lung-Risk: lung-disease mortality risk estimated from a frontal chest radiograph, in years "
+    "(unit a); higher means higher risk (Weiss et al., Nat Commun 2023)"
+)
+
+
+@ValueOutput.Name("cxr_lung_risk")
+@ValueOutput.Meta(Meta(model="cxr_lung_risk", unit="a"))
 @ValueOutput.Label("CXR-Lung-Risk")
 @ValueOutput.Type(float)
-@ValueOutput.Description("CXR-Lung-Risk in years (lung-cancer mortality risk score, Weiss et al. 2023).")
+@ValueOutput.Description(RISK_DESCRIPTION)
 class CxrLungRiskOutput(ValueOutput):
-    pass
+    """The CXR-Lung-Risk value (years) of an instance, exported by mhubio's ReportExporter."""
 
 
 def resolve_cli(configured: str) -> str:
@@ -257,7 +264,7 @@ class CxrLungRiskRunner(Module):
     @IO.Input("in_data", lambda self: self.input_query, the="the chest radiograph(s) of this instance")
     @IO.Output("csv_out", CSV_NAME, "csv:model=cxr_lung_risk", data="in_data", bundle="cxr_lung_risk", the="CXR-Lung-Risk table (one row per scored image)")
     @IO.Output("json_out", JSON_NAME, "json:model=cxr_lung_risk", data="in_data", bundle="cxr_lung_risk", the="CXR-Lung-Risk rows as JSON")
-    @IO.OutputData("risk", CxrLungRiskOutput, data="in_data", the="CXR-Lung-Risk (years) of the first scored image")
+    @IO.OutputData("risk", CxrLungRiskOutput, data="in_data", the=RISK_DESCRIPTION)
     def map_instance(self, instance: Instance, in_data: InstanceData, csv_out: InstanceData, json_out: InstanceData, risk: CxrLungRiskOutput) -> None:
         res = self._results.get(instance.attr["id"])
         risk.value = None
@@ -292,4 +299,3 @@ class CxrLungRiskRunner(Module):
         self._results[instance.attr["id"]] = {"status": "failed", "reason": reason}
         self._errors.append(msg)
         self.log(msg, level="ERROR")
-        print(f"cxr-lung-risk: error: {msg}", file=sys.stderr)

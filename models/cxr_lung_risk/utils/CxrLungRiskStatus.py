@@ -4,7 +4,9 @@ MHub module: make a failed CXR-Lung-Risk run visible in the exit status.
 mhubio logs exceptions raised while processing an instance and still exits 0. The runner
 (``CxrLungRiskRunner``) therefore writes every failure to an error file; this module, placed
 last in the workflow (after the DataOrganizer, so the results of the other instances are
-exported first), prints that file to stderr and exits with status 1 when it is not empty.
+exported first), logs that file's lines at ERROR level (mhubio's log; nothing is printed) and
+ends the run with exit status 1 when it is not empty. The file itself stays in the output
+folder (``output_data/cxr_lung_risk_errors.txt``), one line per failed instance.
 """
 
 import os
@@ -27,11 +29,8 @@ class CxrLungRiskStatus(Module):
             return
         with open(path, encoding="utf-8") as f:
             lines = [line.rstrip("\n") for line in f if line.strip()]
+        self.log(f"CXR-Lung-Risk: {len(lines)} instance(s) failed, listed in {self.error_file}", level="ERROR")
         for line in lines:
             self.log(line, level="ERROR")
-        print(f"cxr-lung-risk: error: {len(lines)} instance(s) failed, listed in {self.error_file}:", file=sys.stderr)
-        for line in lines:
-            print(f"  {line}", file=sys.stderr)
-        sys.stderr.flush()
         # SystemExit is not caught by mhubio (it only catches Exception per instance)
         sys.exit(1)
