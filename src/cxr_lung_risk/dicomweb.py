@@ -43,6 +43,8 @@ __all__ = [
     "fetch_instance",
     "iter_remote_prepared",
     "stow",
+    "parse_stow_url",
+    "expand_sources",
 ]
 
 SCHEME_PREFIX = "dicomweb+"
@@ -292,6 +294,20 @@ def expand_sources(sources: Iterable[DicomwebSource], http: HttpOptions | None =
 
 
 # ----------------------------------------------------------------------------- STOW-RS
+def parse_stow_url(url: str) -> str:
+    """The DICOMweb base URL results are stored to (``http(s)://host:port/dicom-web``; a trailing
+    ``/studies`` is dropped, since STOW-RS appends it)."""
+    parts = urlsplit(str(url))
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise UsageError(f"--stow needs the http(s) base URL of a DICOMweb server, e.g. http://127.0.0.1:8042/dicom-web (got {url!r})")
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise UsageError(f"bad port in the --stow URL {url!r}") from None
+    base = str(url).rstrip("/")
+    return base[: -len("/studies")] if base.endswith("/studies") else base
+
+
 @dataclass
 class StowResult:
     """What the destination said about one file."""
@@ -337,10 +353,7 @@ def stow(
     import pydicom
 
     http = http or HttpOptions()
-    parsed = urlsplit(url)
-    if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
-        raise UsageError(f"--stow needs an http(s) DICOMweb URL (got {url!r})")
-    client = _client(url.rstrip("/"), http)
+    client = _client(parse_stow_url(url), http)
     results: list[StowResult] = []
     for start in range(0, len(files), max(1, batch_size)):
         chunk = [Path(f) for f in files[start:start + batch_size]]
