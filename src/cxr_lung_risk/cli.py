@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM/PNG/JPEG files or folders (recursive)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM/PNG/JPEG files or folders (recursive), or DICOMweb "
+                   "studies/series: dicomweb+http://HOST:PORT/dicom-web/studies/<StudyUID>[/series/<SeriesUID>]")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     _add_predict_args(p, model_choices())
 
@@ -200,8 +201,16 @@ def predict_options(args: argparse.Namespace):
         weights["lung-risk"] = Path(args.weights)
     if args.age_weights:
         weights["age"] = Path(args.age_weights)
+    from .dicomweb import is_dicomweb_input
+
+    remote = tuple(p for p in args.inputs if is_dicomweb_input(p))
     return PredictOptions(
-        inputs=tuple(Path(p) for p in args.inputs),
+        inputs=tuple(Path(p) for p in args.inputs if not is_dicomweb_input(p)),
+        dicomweb=remote,
+        stow=args.stow,
+        dicomweb_http=_http_options(args, args.dicomweb_token, "CXR_LUNG_RISK_DICOMWEB_TOKEN") if remote else None,
+        stow_http=_http_options(args, args.stow_token, "CXR_LUNG_RISK_STOW_TOKEN") if args.stow else None,
+        result_image=args.result_image,
         out=args.out,
         models=resolve_models(args.model),
         weights=weights,
@@ -220,6 +229,21 @@ def predict_options(args: argparse.Namespace):
         im_version=args.im_version,
         timings=args.timings,
         progress=not args.quiet,
+    )
+
+
+def _http_options(args: argparse.Namespace, token: str | None, token_env: str):
+    """DICOMweb request settings (bearer token from the option or the environment, TLS files)."""
+    import os
+
+    from .dicomweb import HttpOptions
+
+    return HttpOptions(
+        token=token or os.environ.get(token_env) or None,
+        ca_bundle=args.dicomweb_ca_bundle,
+        client_cert=args.dicomweb_client_cert,
+        client_key=args.dicomweb_client_key,
+        timeout=args.dicomweb_timeout,
     )
 
 
@@ -258,7 +282,7 @@ def _summary_line(summary, what: str = "scored") -> str:
 def _exit_code(summary) -> int:
     if summary.scored == 0:
         return EXIT_NONE
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.failed or getattr(summary, "stow_failed", 0) else EXIT_OK
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -267,6 +291,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     summary = run_predict(opts)
     print(_summary_line(summary), file=sys.stderr)
+    if opts.stow:
+        n, bad = len(summary.stow), summary.stow_failed
+        print(f"cxr-lung-risk: STOW-RS to {opts.stow}: stored {n - bad} of {n} DICOM objects" + (" (see stow.json)" if bad else ""), file=sys.stderr)
     if summary.synthetic:
         print("cxr-lung-risk: these scores come from SYNTHETIC weights and mean nothing", file=sys.stderr)
     return _exit_code(summary)
