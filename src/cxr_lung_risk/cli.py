@@ -35,6 +35,13 @@ inputs:
   Files or folders (searched recursively). DICOM files go through the authors' exact
   dcmj2pnm + ImageMagick recipe in memory; PNG/JPEG files are taken as already preprocessed
   (like the authors' sample images) and only centre-cropped to 224x224.
+  A DICOMweb study or series (extra [pacs]) is an INPUT too, the server's DICOMweb base URL
+  prefixed with "dicomweb+":
+    dicomweb+http://HOST:PORT/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]
+  Its instances are listed with QIDO-RS and fetched with WADO-RS (no local copy); each is one
+  input named <base>/studies/<uid>/series/<uid>/instances/<uid>. https:// works the same way
+  (--dicomweb-ca-bundle, --dicomweb-client-cert); a bearer token comes from --dicomweb-token or
+  $CXR_LUNG_RISK_DICOMWEB_TOKEN. --stow URL sends the SRs and result images back (STOW-RS).
 
 outputs (in --out DIR):
   cxr_lung_risk.csv   File, [StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,]
@@ -42,12 +49,16 @@ outputs (in --out DIR):
                       Weights (published / unverified / SYNTHETIC, per model)
   cxr_lung_risk.json  the same rows as JSON (with --format json)
   sr/<SOPInstanceUID>.dcm  one DICOM Structured Report (TID 1500) per scored DICOM image
+  result/<SOPInstanceUID>.dcm  with --result-image: a Secondary Capture any viewer shows (scores,
+                      model, weights, "research use only"; the saliency overlay with --saliency)
+  stow.json           with --stow: per DICOM object sent, whether the server stored it
   manifest.csv        every input: File,status,reason (status ok, skipped or failed)
   records.jsonl       every input: status, reason, UIDs, values and every file written for it
   run.json            the run: versions, device and precision per model, the weights' identity
 
-exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed;
-             1 nothing could be scored, or a usage/weights error; 130/143 interrupted.
+exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed
+             (or --stow could not deliver every object); 1 nothing could be scored, or a
+             usage/weights error; 130/143 interrupted.
 """
 
 
@@ -174,6 +185,19 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
         help="saliency: gradient of the final score w.r.t. the input (default, as the original), or Grad-CAM "
         "(only for networks with a body/head split, i.e. not the ensemble's Tiny members)",
     )
+    p.add_argument("--result-image", action="store_true",
+                   help="also write result/<SOPInstanceUID>.dcm per scored DICOM image: a Secondary Capture showing the "
+                   "score(s), model, weights and 'research use only' that any viewer displays (with the saliency overlay "
+                   "when --saliency is on)")
+    w = p.add_argument_group("DICOMweb (extra [pacs]; sources are INPUTs dicomweb+http(s)://...)")
+    w.add_argument("--stow", metavar="URL", help="after the run, send the SRs, result images and saliency SCs to this DICOMweb "
+                   "base URL with STOW-RS (e.g. http://127.0.0.1:8042/dicom-web); per-object results in stow.json")
+    w.add_argument("--stow-token", metavar="TOKEN", help="bearer token for --stow (default: $CXR_LUNG_RISK_STOW_TOKEN)")
+    w.add_argument("--dicomweb-token", metavar="TOKEN", help="bearer token for DICOMweb sources (default: $CXR_LUNG_RISK_DICOMWEB_TOKEN)")
+    w.add_argument("--dicomweb-ca-bundle", metavar="FILE", help="https: CA certificates (PEM) to verify the servers with (sources and --stow)")
+    w.add_argument("--dicomweb-client-cert", metavar="FILE", help="https: client certificate (PEM) to present (sources and --stow)")
+    w.add_argument("--dicomweb-client-key", metavar="FILE", help="https: the client certificate's private key (PEM), when not in the certificate file")
+    w.add_argument("--dicomweb-timeout", type=float, default=60.0, metavar="S", help="seconds one DICOMweb request may take (default 60)")
     _add_selection_args(p)
     _add_run_args(p)
 
