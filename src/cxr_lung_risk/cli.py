@@ -151,7 +151,57 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SHA-256 the mirror's file must have (default: the published checksum, if known)")
     f.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    _add_serve_parser(sub, model_choices())
     return parser
+
+
+SERVE_EPILOG = """\
+The node answers C-ECHO, accepts CR and DX instances (C-STORE) from the AE titles of --allow-ae,
+writes each durably into --spool before answering success, scores them in batches (a study when
+no new instance arrived for --quiet-time seconds, or when a batch fills) exactly like `predict`,
+and sends the SR and the result image to every --send-to (C-STORE) and --stow (STOW-RS), retrying
+with backoff until delivered (the outbox is in the spool and survives restarts).
+--config FILE: YAML with the long option names as keys (send-to and allow-ae take lists);
+the command line overrides the file. SIGTERM: finishes the batch in progress and exits 0.
+"""
+
+
+def _add_serve_parser(sub, models: Sequence[str]) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run a DICOM node: receive over C-STORE, score, send the results back (needs the [pacs] extra)",
+        description="A DICOM node (PACS companion): receive chest radiographs, score them, send SR + result image back.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = s.add_argument
+    a("--config", type=Path, metavar="FILE", help="YAML file with the options below (long names as keys)")
+    a("--port", type=int, metavar="N", help="DICOM port to listen on (default 11112)")
+    a("--ae-title", metavar="AET", help="this node's AE title (default CXR-LUNG-RISK)")
+    a("--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    a("--spool", type=Path, metavar="DIR", help="spool folder: received instances, results, outbox, audit.jsonl (required)")
+    a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
+    a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
+    a("--model", choices=list(models), help="which model(s) to run (default lung-risk)")
+    a("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    a("--precision", choices=["fp32", "tf32", "bf16", "fp16"], help="CXR-Lung-Risk arithmetic (default fp32)")
+    a("--send-to", action="append", metavar="AET@HOST:PORT", help="send results by C-STORE to this node (repeatable)")
+    a("--stow", action="append", metavar="URL", help="send results by DICOMweb STOW-RS to this base URL (repeatable)")
+    a("--stow-token", metavar="TOKEN", help="bearer token for --stow (or CXR_LUNG_RISK_STOW_TOKEN)")
+    a("--allow-ae", metavar="AET,...", help="accept associations only from these calling AE titles (default: any)")
+    a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
+    a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
+    a("--batch-size", type=int, metavar="N", help="images per batch; a full batch is scored at once (default 16)")
+    a("--retry-initial", type=float, metavar="S", help="first retry after a failed delivery, doubling (default 2)")
+    a("--retry-max", type=float, metavar="S", help="longest wait between delivery retries (default 300)")
+    a("--max-attempts", type=int, metavar="N", help="move a result the destination keeps refusing to outbox/failed after N attempts (default 0: never)")
+    a("--no-result-image", dest="result_image", action="store_const", const=False, help="send only the SR (no result image)")
+    a("--tls-cert", type=Path, metavar="FILE", help="DICOM TLS: this node's certificate (PEM)")
+    a("--tls-key", type=Path, metavar="FILE", help="DICOM TLS: its private key (PEM)")
+    a("--tls-ca", type=Path, metavar="FILE", help="DICOM TLS: CA bundle; given, peers must present a certificate it signed")
+    a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
+    a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
+    a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
 
 
 def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
@@ -362,7 +412,40 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch}
+_SERVE_KEYS = (
+    "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
+    "stow_token", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
+    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version",
+)
+
+
+def serve_config(args: argparse.Namespace):
+    """The :class:`~cxr_lung_risk.serve.config.ServeConfig` of a ``serve`` command line (+ --config)."""
+    import os
+
+    from .serve.config import build_config, load_config_file, merge
+
+    file_values = load_config_file(args.config) if args.config else {}
+    cli_values = {k: getattr(args, k) for k in _SERVE_KEYS}
+    if cli_values["stow_token"] is None and os.environ.get("CXR_LUNG_RISK_STOW_TOKEN"):
+        cli_values["stow_token"] = os.environ["CXR_LUNG_RISK_STOW_TOKEN"]
+    return build_config(merge(file_values, cli_values))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import pynetdicom  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        _err(f"serve needs the [pacs] extra ({e.name} is missing): pip install 'cxr-lung-risk[pacs]'")
+        return EXIT_NONE
+    cfg = serve_config(args)
+    from .serve import run_serve  # torch is imported only now
+
+    return run_serve(cfg)
+
+
+_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
 
 
 class _Terminated(BaseException):
