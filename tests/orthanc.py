@@ -66,6 +66,16 @@ class OrthancError(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Linux: SIGKILL this Orthanc when the test process dies (no server outlives a killed run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class Orthanc:
     """One Orthanc server under ``workdir`` (storage, index, configuration, log).
 
@@ -197,6 +207,7 @@ class Orthanc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if os.name == "posix" else None,
             )
         finally:
             log.close()
