@@ -179,18 +179,18 @@ def build_result_image(
     weights: Sequence[WeightsLine],
     *,
     software_version: str = "",
-    overlay: np.ndarray | None = None,
-    overlay_title: str = "",
     deterministic: bool = False,
     series_number: int = SERIES_NUMBER,
+    **render: Any,
 ) -> Dataset:
     """The result image of one scored ``source`` (its dataset) and ``image`` (the uint8 3 x 224 x
-    224 crop the networks saw) as a DICOM SC Image dataset."""
+    224 crop the networks saw) as a DICOM SC Image dataset; ``render``: ``overlay``,
+    ``overlay_title`` (see :func:`render_result`)."""
     from .sr.content import coding_scheme_item
 
     if not values:
         raise ValueError("a result image needs at least one score")
-    rgb = render_result(image, values, weights, software_version=software_version, overlay=overlay, overlay_title=overlay_title)
+    rgb = render_result(image, values, weights, software_version=software_version, **render)
     lines = result_lines(values, weights, software_version)
     titles = " + ".join(v.title for v in values)
     scores = "; ".join(v.text for v in values)

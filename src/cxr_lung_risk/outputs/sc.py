@@ -21,6 +21,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,11 @@ def build_secondary_capture(
     model_title: str,
     method: str = "gradient",
     software_version: str = "",
-    manufacturer: str = "cxr-lung-risk open implementation",
-    series_number: int = 9101,
-    instance_number: int = 1,
-    deterministic: bool = False,
+    **options: Any,
 ) -> Dataset:
-    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``.
+    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``. ``options``:
+    ``manufacturer``, ``series_number`` (default 9101), ``instance_number``, ``deterministic``
+    (see :func:`derived_secondary_capture`).
 
     Raises:
         ValueError: the source lacks the UIDs a derived image must reference, or ``rgb`` is not
@@ -117,10 +117,7 @@ def build_secondary_capture(
         namespace=_NS,
         texts=[model_title],
         software_version=software_version,
-        manufacturer=manufacturer,
-        series_number=series_number,
-        instance_number=instance_number,
-        deterministic=deterministic,
+        **options,
     )
 
 
