@@ -32,7 +32,7 @@ def free_port() -> int:
 def uid(*parts: object) -> str:
     from pydicom.uid import generate_uid
 
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    return generate_uid(entropy_srcs=[str(p) for p in parts])  # deterministic in ``parts``
 
 
 def make_instances(dest: Path, n: int, *, studies: int = 1, source: Path = SAMPLE_CR, tag: str = "t",
@@ -67,8 +67,9 @@ def push(port: int, files: Sequence[Path], *, calling: str = "TESTSCU", called: 
     Raises RuntimeError when the association is not accepted."""
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
 
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the file's bytes as they are (no decode/re-encode)
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 60
     seen: dict[str, list[str]] = {}
@@ -79,7 +80,8 @@ def push(port: int, files: Sequence[Path], *, calling: str = "TESTSCU", called: 
             if t not in ts:
                 ts.append(t)
     for k, ts in seen.items():
-        ae.add_requested_context(k, ts)
+        for t in ts:  # one context per transfer syntax (as PACS do): the file's own is always available
+            ae.add_requested_context(k, [t])
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError(f"association not accepted (rejected={assoc.is_rejected}, aborted={assoc.is_aborted})")

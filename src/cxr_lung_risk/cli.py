@@ -188,6 +188,7 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--send-to", action="append", metavar="AET@HOST:PORT", help="send results by C-STORE to this node (repeatable)")
     a("--stow", action="append", metavar="URL", help="send results by DICOMweb STOW-RS to this base URL (repeatable)")
     a("--stow-token", metavar="TOKEN", help="bearer token for --stow (or CXR_LUNG_RISK_STOW_TOKEN)")
+    a("--stow-ca", type=Path, metavar="FILE", help="CA bundle to verify an https --stow server (default: the system's)")
     a("--allow-ae", metavar="AET,...", help="accept associations only from these calling AE titles (default: any)")
     a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
     a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
@@ -414,7 +415,7 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
 
 _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
-    "stow_token", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
+    "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
     "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version",
 )
 

@@ -76,6 +76,7 @@ class ServeConfig:
     send_to: tuple[Destination, ...] = ()
     stow: tuple[str, ...] = ()
     stow_token: str | None = None
+    stow_ca: Path | None = None  # CA bundle for an https --stow URL (default: the system's)
     allow_ae: tuple[str, ...] = ()  # empty: any calling AE title
     metrics_port: int | None = None  # None: no HTTP endpoint
     metrics_bind: str = "127.0.0.1"
@@ -96,7 +97,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spool", Path(self.spool))
-        for k in ("weights", "age_weights", "tls_cert", "tls_key", "tls_ca", "audit_log"):
+        for k in ("weights", "age_weights", "tls_cert", "tls_key", "tls_ca", "stow_ca", "audit_log"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, k, Path(v))
@@ -149,7 +150,7 @@ class ServeConfig:
             raise UsageError("--tls-cert and --tls-key go together")
         if self.send_tls and self.tls_ca is None:
             raise UsageError("--send-tls needs --tls-ca (the CA that signed the destinations' certificates)")
-        for k in ("tls_cert", "tls_key", "tls_ca", "weights", "age_weights"):
+        for k in ("tls_cert", "tls_key", "tls_ca", "stow_ca", "weights", "age_weights"):
             v = getattr(self, k)
             if v is not None and not v.exists():
                 raise UsageError(f"--{k.replace('_', '-')} {v} does not exist")

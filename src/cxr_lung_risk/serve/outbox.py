@@ -50,8 +50,10 @@ def client_ssl_context(cfg: ServeConfig) -> ssl.SSLContext | None:
 def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> dict[Path, str]:
     """C-STORE ``files`` over one association -> {file: error} for the objects not stored
     (empty: all stored). Raises :class:`DeliveryError` when no association could be made."""
-    from pynetdicom import AE
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True  # our files' bytes as written (no decode/re-encode)
 
     ae = AE(ae_title=cfg.ae_title)
     ae.acse_timeout = ae.network_timeout = 30
@@ -64,7 +66,8 @@ def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> di
             if t not in ts:
                 ts.append(t)
     for sop_class, ts in syntaxes.items():
-        ae.add_requested_context(sop_class, ts)
+        for t in ts:  # one context per transfer syntax: the file's own is always one the peer may accept
+            ae.add_requested_context(sop_class, [t])
     ctx = client_ssl_context(cfg)
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.aet, tls_args=(ctx, "") if ctx else None)
@@ -91,14 +94,17 @@ def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> di
 
 
 def send_stow(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> dict[Path, str]:
-    """STOW-RS ``files`` to ``dest.url`` with the DICOMweb module's sender."""
-    from .. import dicomweb
+    """STOW-RS ``files`` to ``dest.url`` with the DICOMweb module's sender -> {file: error}.
+    Raises :class:`DeliveryError` when the server could not be reached or failed as a whole
+    (connection error, 5xx, 401/403/404/408/429): nothing of this round was stored."""
+    from ..dicomweb import HttpOptions, stow
 
-    try:
-        failed = dicomweb.stow_files(dest.url, list(files), token=dest.token)
-    except Exception as e:  # noqa: BLE001 - any transport error: the destination is down for now
-        raise DeliveryError(f"STOW-RS to {dest.url} failed: {type(e).__name__}: {str(e)[:200]}") from None
-    return {Path(k): str(v) for k, v in (failed or {}).items()}
+    http = HttpOptions(token=dest.token, ca_bundle=str(cfg.stow_ca) if cfg.stow_ca else None)
+    results = stow(dest.url, [str(f) for f in files], http=http)
+    down = [r for r in results if not r.ok and (r.status is None or r.status >= 500 or r.status in (401, 403, 404, 408, 429))]
+    if results and len(down) == len(results):
+        raise DeliveryError(f"STOW-RS to {dest.url}: {down[0].reason}"[:300])
+    return {Path(r.path): r.reason or "refused" for r in results if not r.ok}
 
 
 class Sender(threading.Thread):

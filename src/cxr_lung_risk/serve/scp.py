@@ -82,9 +82,8 @@ class StoreSCP:
         self.on_received = on_received
         ae = self.ae = AE(ae_title=cfg.ae_title)
         ae.add_supported_context(Verification)
-        for cx in AllStoragePresentationContexts:
-            uid = str(cx.abstract_syntax)
-            ae.add_supported_context(uid, PREFERRED_SYNTAXES if uid in ACCEPTED_SOP_CLASSES else cx.transfer_syntax)
+        for cx in AllStoragePresentationContexts:  # every transfer syntax: refusals are explained per C-STORE
+            ae.add_supported_context(cx.abstract_syntax, PREFERRED_SYNTAXES)
         if cfg.allow_ae:
             ae.require_calling_aet = list(cfg.allow_ae)
         ae.maximum_associations = 16
