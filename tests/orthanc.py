@@ -25,7 +25,9 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -64,6 +66,118 @@ def free_port() -> int:
 
 class OrthancError(RuntimeError):
     pass
+
+
+def make_test_pki(folder: str | os.PathLike) -> dict[str, Path]:
+    """A throw-away CA with a server certificate for 127.0.0.1/localhost and a client certificate,
+    made with the ``openssl`` command (PEM files in ``folder``): ``ca``, ``server_cert``,
+    ``server_key``, ``client_cert``, ``client_key``."""
+    exe = shutil.which("openssl")
+    if exe is None:
+        raise OrthancError("openssl is not installed (apt-get install openssl)")
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    f = {k: d / f"{k}.pem" for k in ("ca", "ca_key", "server_cert", "server_key", "client_cert", "client_key")}
+
+    def run(*args: str) -> None:
+        subprocess.run([exe, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=cxr-lung-risk test CA",
+        "-keyout", str(f["ca_key"]), "-out", str(f["ca"]),
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for who, cn, ext in (("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+                         ("client", "cxr-lung-risk test client", "extendedKeyUsage=clientAuth")):
+        csr, extfile = d / f"{who}.csr", d / f"{who}.ext"
+        extfile.write_text(ext + "\n")
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", str(f[f"{who}_key"]), "-out", str(csr))
+        run("x509", "-req", "-in", str(csr), "-CA", str(f["ca"]), "-CAkey", str(f["ca_key"]), "-CAcreateserial",
+            "-days", "2", "-out", str(f[f"{who}_cert"]), "-extfile", str(extfile))
+    return f
+
+
+class TlsFront:
+    """An HTTPS front for a plain-HTTP Orthanc: terminates TLS on a free 127.0.0.1 port (server
+    certificate ``cert``/``key``; with ``client_ca``, a client certificate signed by it is required)
+    and pipes the bytes to ``127.0.0.1:target_port``.
+
+    Why: Debian's Orthanc 1.10.1 crashes (SIGSEGV) on its first HTTPS connection when its own
+    ``SslEnabled`` is on, so TLS towards Orthanc is tested the way sites usually deploy it: a TLS
+    reverse proxy in front. ``url`` is ``https://127.0.0.1:PORT``.
+    """
+
+    def __init__(self, target_port: int, cert: str | os.PathLike, key: str | os.PathLike, client_ca: str | os.PathLike | None = None) -> None:
+        self.target_port = target_port
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        if client_ca:
+            self.ctx.verify_mode = ssl.CERT_REQUIRED
+            self.ctx.load_verify_locations(str(client_ca))
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.handshake_failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw,), daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        try:
+            raw.settimeout(30)
+            conn = self.ctx.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.handshake_failures += 1
+            raw.close()
+            return
+        try:
+            up = socket.create_connection(("127.0.0.1", self.target_port), timeout=30)
+        except OSError:
+            conn.close()
+            return
+
+        def pipe(src, dst) -> None:
+            try:
+                while True:
+                    data = src.recv(65536)
+                    if not data:
+                        break
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (src, dst):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        t = threading.Thread(target=pipe, args=(up, conn), daemon=True)
+        t.start()
+        pipe(conn, up)
+        t.join(30)
+        conn.close()
+        up.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.sock.close()
+        self._thread.join(5)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 
 from conftest import dciodvfy
+from orthanc import OrthancError, TlsFront, make_test_pki
 from cxr_lung_risk import __version__, api
 from cxr_lung_risk.dicomweb import (
     DicomwebSource,
@@ -291,3 +292,41 @@ def test_fetch_failures_are_recorded(orthanc_factory, tmp_path):
     o.start()
     assert stow(o.dicomweb_url, [SAMPLE])[0].ok
     assert [i["ID"] for i in o.study_instances(STUDY)]
+
+
+@pytest.mark.pacs
+def test_dicomweb_over_tls_with_ca_bundle_and_client_certificate(orthanc_factory, tmp_path):
+    """https sources and STOW through a TLS front (mutual TLS) to a real Orthanc: the CA bundle and
+    the client certificate are what make it work; without either the request fails, recorded."""
+    try:
+        pki = make_test_pki(tmp_path / "pki")
+    except OrthancError as e:
+        pytest.skip(str(e))
+    o = orthanc_factory(aet="TLS")
+    o.upload(SAMPLE)
+    front = TlsFront(o.http_port, pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    try:
+        base = front.url + "/dicom-web"
+        src = parse_source(f"dicomweb+{base}/studies/{STUDY}")
+        client = {"client_cert": str(pki["client_cert"]), "client_key": str(pki["client_key"])}
+        good = HttpOptions(ca_bundle=str(pki["ca"]), timeout=10, **client).validate()
+        [p] = list(iter_remote_prepared([src], http=good))
+        assert p.status is api.Status.OK and p.file.rel.startswith("https://127.0.0.1:")
+        assert p.uids["SOPInstanceUID"] == SOP
+        [p] = list(iter_remote_prepared([src], http=HttpOptions(timeout=10, **client)))  # server not verifiable
+        assert p.status is api.Status.FAILED and "SSL" in p.reason
+        failures = front.handshake_failures
+        [p] = list(iter_remote_prepared([src], http=HttpOptions(ca_bundle=str(pki["ca"]), timeout=10)))  # no client cert
+        assert p.status is api.Status.FAILED and front.handshake_failures > failures
+
+        prepared = api.prepare_input(SAMPLE)
+        ds = build_result_image(prepared.dataset, prepared.image, [ResultValue("CXR-Lung-Risk", 50.0, "a")],
+                                [WeightsLine("CXR-Lung-Risk", "SYNTHETIC")], deterministic=True)
+        path = write_dataset(ds, tmp_path / "result.dcm")
+        assert not stow(base, [path], http=HttpOptions(ca_bundle=str(pki["ca"]), timeout=10))[0].ok
+        [r] = stow(base, [path], http=good)
+        assert r.ok and r.sop_uid == ds.SOPInstanceUID
+        assert ds.SOPInstanceUID in {o.tags(i["ID"])["SOPInstanceUID"] for i in o.study_instances(STUDY)}
+    finally:
+        front.close()
+    assert HttpOptions(token="abc").session().headers["Authorization"] == "Bearer abc"

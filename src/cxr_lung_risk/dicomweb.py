@@ -73,11 +73,20 @@ class HttpOptions:
             import requests
         except ImportError as e:  # pragma: no cover - requests comes with dicomweb-client
             raise UsageError(_MISSING_EXTRA.format(e)) from None
-        s = requests.Session()
+        ca_bundle = str(self.ca_bundle) if self.ca_bundle else None
+
+        class _Session(requests.Session):
+            def merge_environment_settings(self, url, proxies, stream, verify, cert):  # noqa: ANN001
+                settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+                if ca_bundle:  # requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE beat session.verify: not ours
+                    settings["verify"] = ca_bundle
+                return settings
+
+        s = _Session()
         if self.token:
             s.headers["Authorization"] = f"Bearer {self.token}"
-        if self.ca_bundle:
-            s.verify = str(self.ca_bundle)
+        if ca_bundle:
+            s.verify = ca_bundle
         if self.client_cert:
             s.cert = (str(self.client_cert), str(self.client_key)) if self.client_key else str(self.client_cert)
         return s
