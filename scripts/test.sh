@@ -15,6 +15,7 @@ command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
 # servers on free 127.0.0.1 ports; the package's system service is never used)
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing Debian packages: ${need_apt[*]}"
