@@ -70,7 +70,7 @@ def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> di
             ae.add_requested_context(sop_class, [t])
     ctx = client_ssl_context(cfg)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.aet, tls_args=(ctx, "") if ctx else None)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.aet, tls_args=(ctx, dest.host) if ctx else None)
     except OSError as e:
         raise DeliveryError(f"cannot connect: {e}") from None
     if not assoc.is_established:
