@@ -259,11 +259,13 @@ def malformed_file(dest: Path, source: Path = SAMPLE_CR) -> Path:
     return dest
 
 
-def sent_by_source(spool: Path) -> dict[str, int]:
-    """Source SOP Instance UID -> how many ``sent`` events (one per destination per delivery)."""
+def sent_by_source(spool: Path, destination: str | None = None) -> dict[str, int]:
+    """Source SOP Instance UID -> how many ``sent`` events (deliveries; to ``destination`` only
+    when given, else to any)."""
     out: dict[str, int] = {}
     for e in events(spool, "sent"):
-        out[e["source_sop_uid"]] = out.get(e["source_sop_uid"], 0) + 1
+        if destination is None or e["destination"] == destination:
+            out[e["source_sop_uid"]] = out.get(e["source_sop_uid"], 0) + 1
     return out
 
 

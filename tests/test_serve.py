@@ -34,7 +34,7 @@ def node(orthanc, synthetic_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     n = ServeProcess(
         root / "spool", synthetic_weights,
-        extra=["--send-to", orthanc.dicom_address, "--allow-ae", "ORTHANC,TESTSCU", "--quiet-time", "1",
+        extra=["--send-to", orthanc.dicom_address, "--stow", orthanc.dicomweb_url, "--allow-ae", "ORTHANC,TESTSCU", "--quiet-time", "1",
                "--batch-size", "8", "--retry-initial", "0.5", "--retry-max", "2"],
     )
     orthanc.set_modality("node", n.ae_title, "127.0.0.1", n.port)
@@ -70,9 +70,25 @@ def _numeric_values(ds) -> dict[str, float]:
     return out
 
 
-def _wait_delivered(node, sops, timeout=DELIVERY_TIMEOUT):
-    return wait_for(lambda: all(sent_by_source(node.spool).get(s) for s in sops) or (node.proc.poll() is not None and
-                    pytest.fail(f"serve exited:\n{node.log_tail()}")), timeout, f"{len(sops)} result(s) delivered")
+def _destinations(orthanc) -> list[str]:
+    """The node's two ways back into the same Orthanc: C-STORE and STOW-RS."""
+    return [orthanc.dicom_address, orthanc.dicomweb_url]
+
+
+def _delivered_once(node, orthanc, sops) -> None:
+    """Every result went to each destination exactly once (the audit log's ``sent`` events)."""
+    for d in _destinations(orthanc):
+        by_source = sent_by_source(node.spool, d)
+        assert [by_source.get(s, 0) for s in sops] == [1] * len(sops), d
+
+
+def _wait_delivered(node, orthanc, sops, timeout=DELIVERY_TIMEOUT):
+    def done():
+        if node.proc.poll() is not None:
+            pytest.fail(f"serve exited:\n{node.log_tail()}")
+        return all(all(sent_by_source(node.spool, d).get(s) for s in sops) for d in _destinations(orthanc))
+
+    return wait_for(done, timeout, f"{len(sops)} result(s) delivered to both destinations")
 
 
 # ------------------------------------------------------------------------------------------ tests
@@ -121,7 +137,8 @@ def test_orthanc_sends_cr_and_receives_sr_and_result_image_equal_to_predict(node
     # the audit log saw the association from Orthanc, the instance and the result, no patient names
     audit = read_audit(node.spool)
     assert any(e["event"] == "association" and e.get("calling_ae") == "ORTHANC" and e["result"] == "accepted" for e in audit)
-    assert sent_by_source(node.spool)[src_sop := sop_of(src)] == 1
+    _wait_delivered(node, orthanc, [src_sop := sop_of(src)])
+    _delivered_once(node, orthanc, [src_sop])
     assert any(e["event"] == "received" and e["sop_uid"] == src_sop for e in audit)
     raw = (node.spool / "audit.jsonl").read_text()
     assert str(pydicom.dcmread(src, stop_before_pixels=True).PatientName) not in raw
@@ -163,13 +180,14 @@ def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_
         wait_for(lambda: {e["sop_uid"] for e in events(node.spool, "scored")} >= set(sops), DELIVERY_TIMEOUT, "scoring")
         wait_for(lambda: events(node.spool, "send_failed"), 60, "a failed delivery attempt")
         assert not any(sent_by_source(node.spool).get(s) for s in sops)
+        # (the STOW-RS client retries a refused connection itself for a while: its own
+        # send_failed may come later or never, when Orthanc is back in time)
         assert node.metric("cxr_serve_queue_depth", 'stage="outbox"') >= 4
     finally:
         orthanc.start()
-    _wait_delivered(node, sops)
+    _wait_delivered(node, orthanc, sops)
     time.sleep(3)  # a duplicate delivery, if any, would land now
-    by_source = sent_by_source(node.spool)
-    assert [by_source[s] for s in sops] == [1] * 4
+    _delivered_once(node, orthanc, sops)
     import pydicom
 
     for f in files[:2]:  # two studies, two instances each: 2 SR + 2 result images per study
@@ -179,7 +197,7 @@ def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_
     assert node.metric("cxr_serve_send_errors_total") >= 1
 
 
-def test_load_four_concurrent_associations_all_accounted_for(node, tmp_path):
+def test_load_four_concurrent_associations_all_accounted_for(node, orthanc, tmp_path):
     n = int(__import__("os").environ.get("CXR_SERVE_LOAD_N", "40"))
     files = make_instances(tmp_path / "in", n, studies=8, tag="load")
     chunks = [files[i::4] for i in range(4)]
@@ -199,9 +217,8 @@ def test_load_four_concurrent_associations_all_accounted_for(node, tmp_path):
     received = [e for e in events(node.spool, "received") if e["sop_uid"] in sops]
     assert len(received) == n and {e["sop_uid"] for e in received} == sops  # every acknowledged instance logged once
     assert len({e["assoc"] for e in received}) == 4
-    _wait_delivered(node, sops)
-    by_source = sent_by_source(node.spool)
-    assert all(by_source[s] == 1 for s in sops)
+    _wait_delivered(node, orthanc, sops)
+    _delivered_once(node, orthanc, sorted(sops))
     assert {e["sop_uid"] for e in events(node.spool, "scored")} >= sops
     print(f"load: {n} instances over 4 associations, all delivered in {time.monotonic() - t0:.0f} s")
 
@@ -219,12 +236,11 @@ def test_sigkill_mid_batch_then_restart_scores_and_delivers_exactly_once(node, o
     node.start()
     start = [e for e in events(node.spool, "start")][-1]
     assert start["requeued"] >= 8
-    _wait_delivered(node, sops)
+    _wait_delivered(node, orthanc, sops)
     time.sleep(3)
     scored = [e["sop_uid"] for e in events(node.spool, "scored") if e["sop_uid"] in sops]
     assert sorted(scored) == sorted(sops)  # each scored exactly once
-    by_source = sent_by_source(node.spool)
-    assert [by_source[s] for s in sops] == [1] * 8
+    _delivered_once(node, orthanc, sops)
     import pydicom
 
     for f in files[:2]:

@@ -212,3 +212,24 @@ def test_outbox_retries_with_backoff_until_the_destination_is_up(tmp_path):
             rx.stop()
         audit.close()
         spool.close()
+
+
+def test_an_instance_in_flight_at_three_crashes_is_quarantined(tmp_path):
+    """A poison pill (an input that kills the node while it is scored) must not crash it for ever."""
+    data = SAMPLE_CR.read_bytes()
+    for start in range(1, 5):
+        s = Spool(tmp_path / "spool").open()
+        quarantined = s.recover_inflight(max_crashes=3)
+        if start == 1:
+            p = s.store(data, "1.2.3", "1.2.3.4")
+            other = s.store(data, "1.2.3", "1.2.3.5")
+        assert quarantined == ([("1.2.3/1.2.3.4.dcm", 3)] if start == 4 else [])
+        if start < 4:
+            s.begin_batch([p])  # ... and the node dies here (no end_batch): crash number `start`
+            s.close()
+    assert [x.sop for x in s.pending()] == [other.sop]
+    assert (s.root / "quarantine" / "1.2.3" / "1.2.3.4.dcm").read_bytes() == data
+    s.begin_batch(s.pending())
+    s.end_batch()  # a batch that finished is no crash
+    assert s.recover_inflight(max_crashes=1) == []
+    s.close()

@@ -41,6 +41,14 @@ def parse_formats(text: str | Sequence[str]) -> frozenset[str]:
     return frozenset(fmts)
 
 
+def check_compute(device: str, precision: str) -> None:
+    """``--device`` and ``--precision`` (predict, serve)."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda (got {device!r})")
+    if precision not in PRECISION_CHOICES:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+
+
 def _check_inputs(inputs: Sequence[Path]) -> None:
     if not inputs:
         raise UsageError("no INPUT given")
@@ -109,10 +117,7 @@ class PredictOptions:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         _check_common(self)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.precision not in PRECISION_CHOICES:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+        check_compute(self.device, self.precision)
         if self.saliency_method not in SALIENCY_METHODS:
             raise UsageError(f"--saliency-method must be one of {', '.join(SALIENCY_METHODS)}")
         if self.dicomweb or self.stow:

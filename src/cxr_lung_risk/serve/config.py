@@ -120,7 +120,7 @@ class ServeConfig:
         return w
 
     def validate(self) -> "ServeConfig":
-        from ..options import IM_VERSIONS, PRECISION_CHOICES
+        from ..options import IM_VERSIONS, check_compute
         from ..registry import resolve_models
 
         resolve_models(self.model)
@@ -137,10 +137,7 @@ class ServeConfig:
             raise UsageError("--quiet-time must be 0 or more seconds")
         if self.retry_initial <= 0 or self.retry_max < self.retry_initial:
             raise UsageError("--retry-initial must be > 0 and --retry-max at least --retry-initial")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.precision not in PRECISION_CHOICES:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+        check_compute(self.device, self.precision)
         if self.im_version not in IM_VERSIONS:
             raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
         for u in self.stow:

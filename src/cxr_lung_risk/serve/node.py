@@ -27,6 +27,7 @@ from .worker import Worker
 __all__ = ["Node", "run_serve"]
 
 LOG = logging.getLogger("cxr_lung_risk.serve")
+MAX_CRASHES = 3  # an instance in flight at this many crashes is quarantined (a poison pill)
 
 
 def _say(msg: str) -> None:
@@ -67,6 +68,10 @@ class Node:
         cfg = self.cfg
         self.spool = Spool(cfg.spool).open()
         self.audit = AuditLog(cfg.audit_path)
+        for rel, n in self.spool.recover_inflight(MAX_CRASHES):
+            _say(f"quarantined {rel}: it was being scored at {n} crashes of the node")
+            self.metrics.failed.inc()
+            self.audit.write("failed", spool=rel, reason=f"failed: the node died {n} times while scoring it; moved to quarantine/")
         requeued = self.spool.pending()
         outbox = self.spool.outbox_depth()
         self.metrics.queue_depth.labels(stage="incoming").set(len(requeued))

@@ -13,6 +13,8 @@
       outbox/<destination>/pending/<entry>/    meta.json + the DICOM objects to deliver
       outbox/<destination>/delivered/<entry>/  delivered (kept as a receipt)
       outbox/<destination>/failed/<entry>/     refused by the destination --max-attempts times
+      inflight.json                     the batch being scored (crash accounting)
+      quarantine/<study>/<sop>.dcm      instances that were in flight at 3 crashes: never scored again
       audit.jsonl                       the audit log
       node.lock                         one node per spool
 
@@ -170,6 +172,50 @@ class Spool:
             p.path.parent.rmdir()
         except OSError:
             pass
+
+    # ------------------------------------------------------------------ poison pills
+    def begin_batch(self, batch: Iterable[Pending]) -> None:
+        """Record the batch being scored (``inflight.json``): if the node dies while scoring it,
+        the next start knows which instances were in flight."""
+        rel = [f"{p.study}/{p.path.name}" for p in batch]
+        _write_durable(self.root / ".inflight.tmp", json.dumps(rel).encode())
+        os.replace(self.root / ".inflight.tmp", self.root / "inflight.json")
+
+    def end_batch(self) -> None:
+        (self.root / "inflight.json").unlink(missing_ok=True)
+
+    def recover_inflight(self, max_crashes: int) -> list[tuple[str, int]]:
+        """At start: count one crash for each instance that was in flight when the node died;
+        an instance that was in flight ``max_crashes`` times (it kills the node: a decoder bug,
+        a memory bomb) moves to ``quarantine/`` instead of being scored again. Returns the
+        quarantined ``(path, crashes)``."""
+        f = self.root / "inflight.json"
+        if not f.exists():
+            return []
+        try:
+            rel = [str(x) for x in json.loads(f.read_text())]
+        except (OSError, ValueError):
+            rel = []
+        counts_file = self.root / "crashes.json"
+        try:
+            counts = json.loads(counts_file.read_text()) if counts_file.exists() else {}
+        except (OSError, ValueError):
+            counts = {}
+        out = []
+        for r in rel:
+            src = self.incoming / r
+            if not src.exists():
+                continue
+            counts[r] = n = int(counts.get(r, 0)) + 1
+            if n >= max_crashes:
+                dest = self.root / "quarantine" / r
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                out.append((r, n))
+        _write_durable(self.root / ".crashes.tmp", json.dumps(counts).encode())
+        os.replace(self.root / ".crashes.tmp", counts_file)
+        f.unlink(missing_ok=True)
+        return out
 
     # ------------------------------------------------------------------ batches
     def new_batch_dir(self) -> Path:

@@ -72,10 +72,12 @@ class Worker(threading.Thread):
                 batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size)
                 if batch:
                     self.busy = True
+                    self.spool.begin_batch(batch)
                     try:
                         self.process(batch)
                     finally:
                         self.busy = False
+                        self.spool.end_batch()
                     continue
             except Exception as e:  # noqa: BLE001 - the worker must survive; the batch stays queued
                 self.error = f"{type(e).__name__}: {e}"
