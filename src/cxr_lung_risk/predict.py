@@ -206,7 +206,7 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     with _OutputLock(out):
         if opts.progress:
             titles = ", ".join(_title(k) for k in keys)
-            say(f"{summary.inputs} input(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
+            say(f"{summary.inputs} input file(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
         t = time.perf_counter()
         models = load_models(keys, opts)
         timer.add("load", t)
