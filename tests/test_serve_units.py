@@ -197,11 +197,11 @@ def test_outbox_retries_with_backoff_until_the_destination_is_up(tmp_path):
     try:
         wait_for(lambda: sum(1 for e in read_audit(cfg.spool) if e["event"] == "send_failed") >= 2, 30, "two failed attempts")
         assert json.loads((spool.entries(dest.key)[0] / "meta.json").read_text())["attempts"] >= 2
-        assert metrics.retrying._value.get() == 1
+        assert metrics.retrying.labels(destination=str(dest))._value.get() == 1
         rx = Receiver(port=port).start()
         wait_for(lambda: spool.entries(dest.key, "delivered"), 30, "delivery")
         assert sorted(s for _, s in rx.received) == sorted(sop_of(f) for f in files)
-        assert not spool.entries(dest.key, "pending") and metrics.retrying._value.get() == 0
+        assert not spool.entries(dest.key, "pending") and metrics.retrying.labels(destination=str(dest))._value.get() == 0
         sent = [e for e in read_audit(cfg.spool) if e["event"] == "sent"]
         assert len(sent) == 1 and sent[0]["attempts"] >= 3 and len(sent[0]["objects"]) == 2
     finally:

@@ -2,7 +2,7 @@
 
 Metric names (all prefixed ``cxr_serve_``): ``received_total``, ``refused_total{reason}``,
 ``scored_total``, ``skipped_total``, ``failed_total``, ``sent_total{destination}``,
-``send_errors_total{destination}``, ``associations_total{result}``, gauges ``retrying``,
+``send_errors_total{destination}``, ``associations_total{result}``, gauges ``retrying{destination}``,
 ``queue_depth{stage}`` (``incoming``: received, not yet scored; ``outbox``: results not yet
 delivered) and the histogram ``stage_seconds{stage}`` (``receive``: writing one instance durably;
 ``queue``: receipt to scoring; ``score``: one batch's preparation, models and outputs per
@@ -34,7 +34,7 @@ class Metrics:
         self.sent = Counter(p + "sent", "Result objects delivered", ["destination"], registry=r)
         self.send_errors = Counter(p + "send_errors", "Failed delivery attempts", ["destination"], registry=r)
         self.associations = Counter(p + "associations", "Associations by outcome", ["result"], registry=r)
-        self.retrying = Gauge(p + "retrying", "Outbox entries waiting for a retry after a failed attempt", registry=r)
+        self.retrying = Gauge(p + "retrying", "Outbox entries waiting for a retry after a failed attempt", ["destination"], registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Work waiting, by stage", ["stage"], registry=r)
         self.stage = Histogram(p + "stage_seconds", "Latency per stage", ["stage"], buckets=_BUCKETS, registry=r)
 

@@ -162,7 +162,7 @@ class Sender(threading.Thread):
                 meta["last_error"] = str(e)[:300]
                 self.spool.update_meta(entry, meta)
                 self.retrying.add(entry.name)
-            self.metrics.retrying.set(self._retrying_total())
+            self.metrics.retrying.labels(destination=self.label).set(len(self.retrying))
             LOG.warning("delivery to %s failed (%s); retrying in %.1f s", self.label, e, wait)
             self.audit.write("send_failed", destination=self.label, error=str(e)[:300], entries=len(due), retry_in_s=round(wait, 2))
             return False
@@ -173,11 +173,8 @@ class Sender(threading.Thread):
                 self._entry_failed(entry, meta, bad)
             else:
                 self._delivered(entry, meta)
-        self.metrics.retrying.set(self._retrying_total())
+        self.metrics.retrying.labels(destination=self.label).set(len(self.retrying))
         return True
-
-    def _retrying_total(self) -> int:
-        return len(self.retrying)
 
     def _entry_failed(self, entry: Path, meta: dict[str, Any], bad: dict[str, str]) -> None:
         meta["attempts"] = n = int(meta.get("attempts", 0)) + 1
