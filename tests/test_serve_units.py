@@ -233,3 +233,24 @@ def test_an_instance_in_flight_at_three_crashes_is_quarantined(tmp_path):
     s.end_batch()  # a batch that finished is no crash
     assert s.recover_inflight(max_crashes=1) == []
     s.close()
+
+
+def test_serve_help_names_the_contract_options():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "cxr_lung_risk.cli", "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "usage: cxr-lung-risk serve" in p.stdout
+    for opt in ("--port", "--ae-title", "--spool", "--weights", "--send-to", "--stow", "--allow-ae", "--metrics-port", "--config",
+                "--quiet-time", "--batch-size", "--tls-cert", "--no-result-image"):
+        assert opt in p.stdout, opt
+
+
+def test_a_bad_serve_option_is_refused_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from cxr_lung_risk import cli; rc = cli.main(['serve', '--spool', 's', '--send-to', 'bad']); "
+            "print(rc, 'torch' in sys.modules, 'pynetdicom' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.stdout.split() == ["1", "False", "True"] and "AET@HOST:PORT" in p.stderr
