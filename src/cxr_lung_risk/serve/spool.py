@@ -125,13 +125,17 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
             d = self.incoming / study
-            new_dir = not d.is_dir()
-            d.mkdir(exist_ok=True)
             dest = d / f"{sop}.dcm"
-            os.replace(tmp, dest)
+            for attempt in range(5):  # the worker removes a study folder it emptied: make it again
+                d.mkdir(exist_ok=True)
+                try:
+                    os.replace(tmp, dest)
+                    break
+                except FileNotFoundError:
+                    if attempt == 4:
+                        raise
             fsync_dir(d)
-            if new_dir:
-                fsync_dir(self.incoming)
+            fsync_dir(self.incoming)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
