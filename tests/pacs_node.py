@@ -211,11 +211,12 @@ class Receiver:
     """A pynetdicom storage SCP on 127.0.0.1 that keeps what it receives (a stand-in destination
     for the unit-level tests; the PACS tests use a real Orthanc)."""
 
-    def __init__(self, aet: str = "RECEIVER", port: int | None = None) -> None:
+    def __init__(self, aet: str = "RECEIVER", port: int | None = None, ssl_context=None) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES, evt
 
         self.port = port or free_port()
         self.received: list[tuple[str, str]] = []  # (SOP Class UID, SOP Instance UID)
+        self.ssl_context = ssl_context
         self._lock = threading.Lock()
         ae = self.ae = AE(ae_title=aet)
         for cx in AllStoragePresentationContexts:
@@ -231,7 +232,8 @@ class Receiver:
         self.server = None
 
     def start(self) -> "Receiver":
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=self._handlers)
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=self._handlers,
+                                           ssl_context=self.ssl_context)
         return self
 
     def stop(self) -> None:

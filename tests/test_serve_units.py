@@ -254,3 +254,31 @@ def test_a_bad_serve_option_is_refused_before_torch_is_imported(tmp_path):
             "print(rc, 'torch' in sys.modules, 'pynetdicom' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.stdout.split() == ["1", "False", "True"] and "AET@HOST:PORT" in p.stderr
+
+
+def test_send_tls_delivers_to_a_tls_destination_and_verifies_it(tmp_path):
+    from orthanc import make_test_pki
+
+    from cxr_lung_risk.serve.outbox import DeliveryError, send_dicom
+
+    pki = make_test_pki(tmp_path / "pki")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(pki["server_cert"]), str(pki["server_key"]))
+    server.load_verify_locations(str(pki["ca"]))
+    server.verify_mode = ssl.CERT_REQUIRED  # the destination wants our client certificate
+    rx = Receiver(ssl_context=server).start()
+    try:
+        files = make_instances(tmp_path / "res", 1, tag="tls")
+        dest = parse_destination(f"RECEIVER@127.0.0.1:{rx.port}")
+        cfg = ServeConfig(spool=tmp_path / "spool", send_to=(dest,), send_tls=True, tls_ca=pki["ca"],
+                          tls_cert=pki["client_cert"], tls_key=pki["client_key"]).validate()
+        assert send_dicom(cfg, dest, files) == {}
+        assert [s for _, s in rx.received] == [sop_of(files[0])]
+        other = make_test_pki(tmp_path / "other")  # a destination our CA did not sign is refused
+        wrong = cfg.with_(tls_ca=other["ca"])
+        with pytest.raises(DeliveryError):
+            send_dicom(wrong, dest, files)
+        with pytest.raises(DeliveryError):  # and plain DICOM to a TLS port gets nowhere
+            send_dicom(cfg.with_(send_tls=False), dest, files)
+    finally:
+        rx.stop()
