@@ -59,6 +59,35 @@ def _synthetic(scratch: Path) -> Path:
     return d
 
 
+def report(audit: list[dict], metrics: str = "", params: dict | None = None) -> dict:
+    """The numbers, from the node's audit log (and its final ``/metrics`` text when given)."""
+    recv = {e["sop_uid"]: _parse_time(e["time"]) for e in audit if e["event"] == "received"}
+    sent = {e["source_sop_uid"]: _parse_time(e["time"]) for e in audit if e["event"] == "sent"}
+    lat = [sent[s] - recv[s] for s in sent if s in recv]
+    span = max(sent.values()) - min(recv.values()) if sent and recv else float("nan")
+    stages: dict[str, dict[str, float]] = {}
+    for line in metrics.splitlines():
+        if line.startswith("cxr_serve_stage_seconds_sum") or line.startswith("cxr_serve_stage_seconds_count"):
+            name, value = line.rsplit(" ", 1)
+            stage = name.split('stage="', 1)[1].split('"', 1)[0]
+            stages.setdefault(stage, {})["sum" if "_sum" in name else "count"] = float(value)
+    return {
+        "benchmark": "bench_pacs",
+        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_at_end": os.getloadavg()},
+        "weights": "SYNTHETIC (timing only)",
+        "params": params or {},
+        "acknowledged": len(recv),
+        "delivered": len(sent),
+        "first_receipt_to_last_delivery_s": round(span, 2),
+        "throughput_instances_per_s": round(len(sent) / span, 3) if sent else 0.0,
+        "latency_receipt_to_delivered_s": {"p50": round(_pct(lat, 0.5), 2), "p95": round(_pct(lat, 0.95), 2),
+                                           "max": round(max(lat), 2), "min": round(min(lat), 2)} if lat else {},
+        "stage_mean_s": {k: round(v["sum"] / v["count"], 3) for k, v in stages.items() if v.get("count")},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", type=Path, help="CXR-Lung-Risk weights folder (default: synthetic, generated)")
@@ -68,10 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--quiet-time", type=float, default=2.0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--timeout", type=float, default=7200, help="seconds to wait for every result (default 7200)")
+    ap.add_argument("--timeout", type=float, default=7200,
+                    help="seconds to wait for every result (default 7200); then the node is stopped and what was delivered is reported (complete: false)")
+    ap.add_argument("--analyze", type=Path, metavar="SPOOL", help="only report from an existing node spool's audit log (e.g. a run cut short)")
     ap.add_argument("--scratch", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "pacs_cpu_2core.json")
     a = ap.parse_args(argv)
+    if a.analyze:
+        result = report(read_audit(a.analyze), params={"analyzed_spool": str(a.analyze)})
+        result["complete"] = result["delivered"] >= result["acknowledged"]
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return 0
 
     scratch = a.scratch or Path(tempfile.mkdtemp(prefix="bench-pacs-"))
     weights = a.weights or _synthetic(scratch)
@@ -114,42 +152,20 @@ def main(argv: list[str] | None = None) -> int:
         last[0] = d
         return d >= ok
 
-    wait_for(progress, a.timeout, "every result delivered", interval=1.0)
+    try:
+        wait_for(progress, a.timeout, "every result delivered", interval=1.0)
+        complete = True
+    except AssertionError:
+        complete = False
     metrics = node.metrics()
     rc = node.terminate()
     rx.stop()
 
-    audit = read_audit(node.spool)
-    recv = {e["sop_uid"]: _parse_time(e["time"]) for e in audit if e["event"] == "received"}
-    sent = {e["source_sop_uid"]: _parse_time(e["time"]) for e in audit if e["event"] == "sent"}
-    lat = [sent[s] - recv[s] for s in sent if s in recv]
-    span = max(sent.values()) - min(recv.values())
-    stages = {}
-    for line in metrics.splitlines():
-        if line.startswith("cxr_serve_stage_seconds_sum") or line.startswith("cxr_serve_stage_seconds_count"):
-            name, value = line.rsplit(" ", 1)
-            stage = name.split('stage="', 1)[1].split('"', 1)[0]
-            stages.setdefault(stage, {})["sum" if "_sum" in name else "count"] = float(value)
-    result = {
-        "benchmark": "bench_pacs",
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_at_end": os.getloadavg()},
-        "weights": "SYNTHETIC (timing only)",
-        "params": {"n": a.n, "associations": a.associations, "studies": a.studies, "batch_size": a.batch_size,
-                   "quiet_time_s": a.quiet_time, "device": a.device},
-        "node_ready_s": round(load_s, 2),
-        "acknowledged": ok,
-        "delivered": len(sent),
-        "push_s": round(push_s, 2),
-        "push_instances_per_s": round(ok / push_s, 2),
-        "first_receipt_to_last_delivery_s": round(span, 2),
-        "throughput_instances_per_s": round(len(sent) / span, 3),
-        "latency_receipt_to_delivered_s": {"p50": round(_pct(lat, 0.5), 2), "p95": round(_pct(lat, 0.95), 2),
-                                           "max": round(max(lat), 2), "min": round(min(lat), 2)},
-        "stage_mean_s": {k: round(v["sum"] / v["count"], 3) for k, v in stages.items() if v.get("count")},
-        "serve_exit_code": rc,
-    }
+    result = report(read_audit(node.spool), metrics, params={
+        "n": a.n, "associations": a.associations, "studies": a.studies, "batch_size": a.batch_size,
+        "quiet_time_s": a.quiet_time, "device": a.device})
+    result.update({"node_ready_s": round(load_s, 2), "push_s": round(push_s, 2), "push_instances_per_s": round(ok / push_s, 2),
+                   "serve_exit_code": rc, "complete": complete})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
