@@ -166,7 +166,8 @@ def test_result_image_of_a_real_cr(tmp_path):
 @pytest.fixture(scope="module")
 def pulled(orthanc, synthetic_weights, tmp_path_factory):
     """Orthanc holds the CR + a CT of the same study; ``predict`` pulls the study over DICOMweb,
-    STOWs the results back, and ``predict`` scores the same CR from the local file."""
+    STOWs the results back, and ``predict`` scores the same CR from the local file (with
+    ``--saliency``: its result image shows the overlay)."""
     from cxr_lung_risk import cli
 
     tmp = tmp_path_factory.mktemp("dicomweb")
@@ -178,7 +179,7 @@ def pulled(orthanc, synthetic_weights, tmp_path_factory):
     remote, local = tmp / "remote", tmp / "local"
     source = f"dicomweb+{orthanc.dicomweb_url}/studies/{STUDY}"
     rc_remote = cli.main(["predict", source, "--out", str(remote), "--stow", orthanc.dicomweb_url, *common])
-    rc_local = cli.main(["predict", str(SAMPLE), "--out", str(local), *common])
+    rc_local = cli.main(["predict", str(SAMPLE), "--out", str(local), "--saliency", *common])
     return {"orthanc": orthanc, "remote": remote, "local": local, "rc": (rc_remote, rc_local), "ct": ct}
 
 
@@ -213,6 +214,21 @@ def test_values_equal_predict_on_the_local_file(pulled):
         [l] = _records(pulled["local"])[0]["outputs"][kind]
         a, b = pydicom.dcmread(pulled["remote"] / r), pydicom.dcmread(pulled["local"] / l)
         assert a.SOPInstanceUID == b.SOPInstanceUID
+
+
+@pytest.mark.pacs
+def test_result_image_shows_the_saliency_overlay(pulled):
+    [rec] = _records(pulled["local"])
+    assert set(rec["outputs"]) == {"sr", "sc", "saliency", "result_image"}
+    [r] = [x for x in _records(pulled["remote"]) if x["status"] == "ok"][0]["outputs"]["result_image"]
+    [l] = rec["outputs"]["result_image"]
+    top = 14 + 84 + 16 + 24  # banner (2 lines: synthetic weights), gap, caption
+    second_tile = (slice(top, top + 448), slice(16 + 448 + 16, 16 + 448 + 16 + 448))
+    with_overlay = pydicom.dcmread(pulled["local"] / l).pixel_array[second_tile]
+    without = pydicom.dcmread(pulled["remote"] / r).pixel_array[second_tile]
+    assert with_overlay.std() > 20 and with_overlay[..., 0].mean() > with_overlay[..., 2].mean() + 10  # 'hot' colours
+    assert not without.any()
+    assert dciodvfy(pulled["local"] / l)[0] == []
 
 
 @pytest.mark.pacs
@@ -270,6 +286,11 @@ def test_fetch_failures_are_recorded(orthanc_factory, tmp_path):
     src = parse_source(f"dicomweb+{o.dicomweb_url}/studies/{STUDY}/series/{SERIES}")
     items = expand_sources([src])
     assert [i.sop_uid for i in items] == [SOP]
+    from cxr_lung_risk.dicomweb import fetch_instance
+
+    assert fetch_instance(items[0]) == SAMPLE.read_bytes()  # the stored file itself, nothing re-encoded
+    with pytest.raises(ValueError, match="larger than"):
+        fetch_instance(items[0], max_bytes=100_000)
     unknown = parse_source(f"dicomweb+{o.dicomweb_url}/studies/1.2.3.4")
     [p] = list(iter_remote_prepared([unknown]))
     assert p.status is api.Status.FAILED and "lists no instances" in p.reason and p.file.rel == unknown.url

@@ -215,18 +215,57 @@ def list_instances(source: DicomwebSource, http: HttpOptions | None = None, *, c
     return out
 
 
-def fetch_instance(inst: RemoteInstance, http: HttpOptions | None = None, *, client: Any = None) -> bytes:
-    """WADO-RS: one instance as a DICOM Part 10 file (bytes), in the transfer syntax the server
-    stored it in (the pixel data is passed through unchanged)."""
-    import io
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
-    import pydicom
 
-    c = client or _client(inst.source.base_url, http or HttpOptions())
-    ds = c.retrieve_instance(inst.study_uid, inst.series_uid, inst.sop_uid, media_types=(("application/dicom", "*"),))
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=False)
-    return buf.getvalue()
+def _multipart_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The bodies of a ``multipart/related`` message (RFC 2046)."""
+    boundary = ""
+    for param in content_type.split(";")[1:]:
+        k, _, v = param.strip().partition("=")
+        if k.strip().lower() == "boundary":
+            boundary = v.strip().strip('"')
+    if not boundary:
+        raise ValueError(f"multipart answer without a boundary ({content_type[:80]})")
+    parts = []
+    for chunk in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if chunk.startswith(b"--"):  # the closing delimiter
+            break
+        _, sep, content = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        parts.append(content[:-2] if content.endswith(b"\r\n") else content)
+    return parts
+
+
+def fetch_instance(inst: RemoteInstance, http: HttpOptions | None = None, *, session: Any = None, max_bytes: int | None = None) -> bytes:
+    """WADO-RS: one instance's DICOM Part 10 file exactly as the server holds it (transfer syntax
+    ``*``: nothing transcoded, nothing parsed here; the bounded reader of
+    :func:`cxr_lung_risk.api.prepare_input` reads it). Raises ``requests`` errors (HTTP status,
+    connection) and ``ValueError`` for an answer larger than ``max_bytes`` (default
+    :data:`cxr_lung_risk.api.MAX_STREAM_BYTES`) or not holding exactly one instance."""
+    from .api import MAX_STREAM_BYTES
+
+    http = http or HttpOptions()
+    limit = MAX_STREAM_BYTES if max_bytes is None else max_bytes
+    s = session or http.session()
+    with s.get(inst.url, headers={"Accept": WADO_ACCEPT}, stream=True, timeout=http.timeout) as r:
+        r.raise_for_status()
+        declared = r.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ValueError(f"the instance is larger than {limit} bytes ({declared})")
+        buf = bytearray()
+        for chunk in r.iter_content(1 << 20):
+            buf += chunk
+            if len(buf) > limit:
+                raise ValueError(f"the instance is larger than {limit} bytes")
+        ctype = r.headers.get("Content-Type", "")
+    if ctype.lower().startswith("application/dicom"):  # a server that sends the part bare
+        return bytes(buf)
+    parts = _multipart_parts(bytes(buf), ctype)
+    if len(parts) != 1:
+        raise ValueError(f"WADO-RS answered {len(parts)} parts for one instance")
+    return parts[0]
 
 
 def _error_text(e: BaseException) -> str:
@@ -256,6 +295,7 @@ def iter_remote_prepared(
 
     http = http or HttpOptions()
     clients: dict[str, Any] = {}
+    session = http.session()
     for src in sources:
         base = src.base_url if isinstance(src, DicomwebSource) else src.source.base_url
         c = clients.get(base)
@@ -275,7 +315,7 @@ def iter_remote_prepared(
             items = [src]
         for inst in items:
             try:
-                data = fetch_instance(inst, client=c)
+                data = fetch_instance(inst, http, session=session)
             except Exception as e:  # noqa: BLE001 - recorded as this instance's failure
                 yield _failed(inst.url, f"failed: could not fetch the instance (WADO-RS): {_error_text(e)}", inst.uids)
                 continue
