@@ -14,10 +14,19 @@ command -v dsrdump >/dev/null 2>&1 || need_apt+=(dcmtk)
 [ -x /usr/bin/mogrify-im6.q16 ] || need_apt+=(imagemagick)
 command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)      # the Docker tests (marker docker)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build the MHub base stand-in
+# the PACS suites (marker pacs): a real Orthanc with its DICOMweb plugin (the tests start their own
+# servers on free 127.0.0.1 ports; the package's system service is never used)
+command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing Debian packages: ${need_apt[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    # the orthanc package may start its system service: the tests never use it (own ports, own storage)
+    if [[ " ${need_apt[*]} " == *" orthanc"* ]] && command -v service >/dev/null 2>&1; then
+      service orthanc stop >/dev/null 2>&1 || true
+    fi
   else
     echo "warning: ${need_apt[*]} missing and cannot be installed here; the live-tool tests will skip" >&2
   fi

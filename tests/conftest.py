@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pacs_fixtures import orthanc, orthanc_factory  # noqa: F401  (a real Orthanc; marker pacs)
+
 REPO = Path(__file__).resolve().parents[1]
 # The authors' reference files the tests compare against, copied verbatim into the repository
 # (origin and sha256 of each: tests/data/reference/PROVENANCE.md).

@@ -35,6 +35,13 @@ inputs:
   Files or folders (searched recursively). DICOM files go through the authors' exact
   dcmj2pnm + ImageMagick recipe in memory; PNG/JPEG files are taken as already preprocessed
   (like the authors' sample images) and only centre-cropped to 224x224.
+  A DICOMweb study or series (extra [pacs]) is an INPUT too, the server's DICOMweb base URL
+  prefixed with "dicomweb+":
+    dicomweb+http://HOST:PORT/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesInstanceUID>]
+  Its instances are listed with QIDO-RS and fetched with WADO-RS (no local copy); each is one
+  input named <base>/studies/<uid>/series/<uid>/instances/<uid>. https:// works the same way
+  (--dicomweb-ca-bundle, --dicomweb-client-cert); a bearer token comes from --dicomweb-token or
+  $CXR_LUNG_RISK_DICOMWEB_TOKEN. --stow URL sends the SRs and result images back (STOW-RS).
 
 outputs (in --out DIR):
   cxr_lung_risk.csv   File, [StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID,]
@@ -42,12 +49,16 @@ outputs (in --out DIR):
                       Weights (published / unverified / SYNTHETIC, per model)
   cxr_lung_risk.json  the same rows as JSON (with --format json)
   sr/<SOPInstanceUID>.dcm  one DICOM Structured Report (TID 1500) per scored DICOM image
+  result/<SOPInstanceUID>.dcm  with --result-image: a Secondary Capture any viewer shows (scores,
+                      model, weights, "research use only"; the saliency overlay with --saliency)
+  stow.json           with --stow: per DICOM object sent, whether the server stored it
   manifest.csv        every input: File,status,reason (status ok, skipped or failed)
   records.jsonl       every input: status, reason, UIDs, values and every file written for it
   run.json            the run: versions, device and precision per model, the weights' identity
 
-exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed;
-             1 nothing could be scored, or a usage/weights error; 130/143 interrupted.
+exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed
+             (or --stow could not deliver every object); 1 nothing could be scored, or a
+             usage/weights error; 130/143 interrupted.
 """
 
 
@@ -91,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=PREDICT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM/PNG/JPEG files or folders (recursive)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM/PNG/JPEG files or folders (recursive), or DICOMweb "
+                   "studies/series: dicomweb+http://HOST:PORT/dicom-web/studies/<StudyUID>[/series/<SeriesUID>]")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if needed)")
     _add_predict_args(p, model_choices())
 
@@ -139,7 +151,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SHA-256 the mirror's file must have (default: the published checksum, if known)")
     f.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
+    _add_serve_parser(sub, model_choices())
     return parser
+
+
+SERVE_EPILOG = """\
+The node answers C-ECHO, accepts CR and DX instances (C-STORE) from the AE titles of --allow-ae,
+writes each durably into --spool before answering success, scores them in batches (a study when
+no new instance arrived for --quiet-time seconds, or when a batch fills) exactly like `predict`,
+and sends the SR and the result image to every --send-to (C-STORE) and --stow (STOW-RS), retrying
+with backoff until delivered (the outbox is in the spool and survives restarts).
+--config FILE: YAML with the long option names as keys (send-to and allow-ae take lists);
+the command line overrides the file. SIGTERM: finishes the batch in progress and exits 0.
+"""
+
+
+def _add_serve_parser(sub, models: Sequence[str]) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run a DICOM node: receive over C-STORE, score, send the results back (needs the [pacs] extra)",
+        description="A DICOM node (PACS companion): receive chest radiographs, score them, send SR + result image back.",
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = s.add_argument
+    a("--config", type=Path, metavar="FILE", help="YAML file with the options below (long names as keys)")
+    a("--port", type=int, metavar="N", help="DICOM port to listen on (default 11112)")
+    a("--ae-title", metavar="AET", help="this node's AE title (default CXR-LUNG-RISK)")
+    a("--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    a("--spool", type=Path, metavar="DIR", help="spool folder: received instances, results, outbox, audit.jsonl (required)")
+    a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
+    a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
+    a("--model", choices=list(models), help="which model(s) to run (default lung-risk)")
+    a("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    a("--precision", choices=["fp32", "tf32", "bf16", "fp16"], help="CXR-Lung-Risk arithmetic (default fp32)")
+    a("--send-to", action="append", metavar="AET@HOST:PORT", help="send results by C-STORE to this node (repeatable)")
+    a("--stow", action="append", metavar="URL", help="send results by DICOMweb STOW-RS to this base URL (repeatable)")
+    a("--stow-token", metavar="TOKEN", help="bearer token for --stow (or CXR_LUNG_RISK_STOW_TOKEN)")
+    a("--stow-ca", type=Path, metavar="FILE", help="CA bundle to verify an https --stow server (default: the system's)")
+    a("--allow-ae", metavar="AET,...", help="accept associations only from these calling AE titles (default: any)")
+    a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
+    a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
+    a("--batch-size", type=int, metavar="N", help="images per batch; a full batch is scored at once (default 16)")
+    a("--retry-initial", type=float, metavar="S", help="first retry after a failed delivery, doubling (default 2)")
+    a("--retry-max", type=float, metavar="S", help="longest wait between delivery retries (default 300)")
+    a("--max-attempts", type=int, metavar="N", help="move a result the destination keeps refusing to outbox/failed after N attempts (default 0: never)")
+    a("--no-result-image", dest="result_image", action="store_const", const=False, help="send only the SR (no result image)")
+    a("--tls-cert", type=Path, metavar="FILE", help="DICOM TLS: this node's certificate (PEM)")
+    a("--tls-key", type=Path, metavar="FILE", help="DICOM TLS: its private key (PEM)")
+    a("--tls-ca", type=Path, metavar="FILE", help="DICOM TLS: CA bundle; given, peers must present a certificate it signed")
+    a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
+    a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
+    a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
 
 
 def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
@@ -173,6 +236,19 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
         help="saliency: gradient of the final score w.r.t. the input (default, as the original), or Grad-CAM "
         "(only for networks with a body/head split, i.e. not the ensemble's Tiny members)",
     )
+    p.add_argument("--result-image", action="store_true",
+                   help="also write result/<SOPInstanceUID>.dcm per scored DICOM image: a Secondary Capture showing the "
+                   "score(s), model, weights and 'research use only' that any viewer displays (with the saliency overlay "
+                   "when --saliency is on)")
+    w = p.add_argument_group("DICOMweb (extra [pacs]; sources are INPUTs dicomweb+http(s)://...)")
+    w.add_argument("--stow", metavar="URL", help="after the run, send the SRs, result images and saliency SCs to this DICOMweb "
+                   "base URL with STOW-RS (e.g. http://127.0.0.1:8042/dicom-web); per-object results in stow.json")
+    w.add_argument("--stow-token", metavar="TOKEN", help="bearer token for --stow (default: $CXR_LUNG_RISK_STOW_TOKEN)")
+    w.add_argument("--dicomweb-token", metavar="TOKEN", help="bearer token for DICOMweb sources (default: $CXR_LUNG_RISK_DICOMWEB_TOKEN)")
+    w.add_argument("--dicomweb-ca-bundle", metavar="FILE", help="https: CA certificates (PEM) to verify the servers with (sources and --stow)")
+    w.add_argument("--dicomweb-client-cert", metavar="FILE", help="https: client certificate (PEM) to present (sources and --stow)")
+    w.add_argument("--dicomweb-client-key", metavar="FILE", help="https: the client certificate's private key (PEM), when not in the certificate file")
+    w.add_argument("--dicomweb-timeout", type=float, default=60.0, metavar="S", help="seconds one DICOMweb request may take (default 60)")
     _add_selection_args(p)
     _add_run_args(p)
 
@@ -200,8 +276,16 @@ def predict_options(args: argparse.Namespace):
         weights["lung-risk"] = Path(args.weights)
     if args.age_weights:
         weights["age"] = Path(args.age_weights)
+    from .dicomweb import is_dicomweb_input
+
+    remote = tuple(p for p in args.inputs if is_dicomweb_input(p))
     return PredictOptions(
-        inputs=tuple(Path(p) for p in args.inputs),
+        inputs=tuple(Path(p) for p in args.inputs if not is_dicomweb_input(p)),
+        dicomweb=remote,
+        stow=args.stow,
+        dicomweb_http=_http_options(args, args.dicomweb_token, "CXR_LUNG_RISK_DICOMWEB_TOKEN") if remote else None,
+        stow_http=_http_options(args, args.stow_token, "CXR_LUNG_RISK_STOW_TOKEN") if args.stow else None,
+        result_image=args.result_image,
         out=args.out,
         models=resolve_models(args.model),
         weights=weights,
@@ -220,6 +304,21 @@ def predict_options(args: argparse.Namespace):
         im_version=args.im_version,
         timings=args.timings,
         progress=not args.quiet,
+    )
+
+
+def _http_options(args: argparse.Namespace, token: str | None, token_env: str):
+    """DICOMweb request settings (bearer token from the option or the environment, TLS files)."""
+    import os
+
+    from .dicomweb import HttpOptions
+
+    return HttpOptions(
+        token=token or os.environ.get(token_env) or None,
+        ca_bundle=args.dicomweb_ca_bundle,
+        client_cert=args.dicomweb_client_cert,
+        client_key=args.dicomweb_client_key,
+        timeout=args.dicomweb_timeout,
     )
 
 
@@ -258,7 +357,7 @@ def _summary_line(summary, what: str = "scored") -> str:
 def _exit_code(summary) -> int:
     if summary.scored == 0:
         return EXIT_NONE
-    return EXIT_SOME_FAILED if summary.failed else EXIT_OK
+    return EXIT_SOME_FAILED if summary.failed or getattr(summary, "stow_failed", 0) else EXIT_OK
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -267,6 +366,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     summary = run_predict(opts)
     print(_summary_line(summary), file=sys.stderr)
+    if opts.stow:
+        n, bad = len(summary.stow), summary.stow_failed
+        print(f"cxr-lung-risk: STOW-RS to {opts.stow}: stored {n - bad} of {n} DICOM objects" + (" (see stow.json)" if bad else ""), file=sys.stderr)
     if summary.synthetic:
         print("cxr-lung-risk: these scores come from SYNTHETIC weights and mean nothing", file=sys.stderr)
     return _exit_code(summary)
@@ -311,7 +413,40 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch}
+_SERVE_KEYS = (
+    "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
+    "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
+    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version",
+)
+
+
+def serve_config(args: argparse.Namespace):
+    """The :class:`~cxr_lung_risk.serve.config.ServeConfig` of a ``serve`` command line (+ --config)."""
+    import os
+
+    from .serve.config import build_config, load_config_file, merge
+
+    file_values = load_config_file(args.config) if args.config else {}
+    cli_values = {k: getattr(args, k) for k in _SERVE_KEYS}
+    if cli_values["stow_token"] is None and os.environ.get("CXR_LUNG_RISK_STOW_TOKEN"):
+        cli_values["stow_token"] = os.environ["CXR_LUNG_RISK_STOW_TOKEN"]
+    return build_config(merge(file_values, cli_values))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import pynetdicom  # noqa: F401
+        import prometheus_client  # noqa: F401
+    except ImportError as e:
+        _err(f"serve needs the [pacs] extra ({e.name} is missing): pip install 'cxr-lung-risk[pacs]'")
+        return EXIT_NONE
+    cfg = serve_config(args)
+    from .serve import run_serve  # torch is imported only now
+
+    return run_serve(cfg)
+
+
+_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
 
 
 class _Terminated(BaseException):

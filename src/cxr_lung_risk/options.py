@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .errors import InputNotFoundError, UsageError
 
@@ -41,6 +41,14 @@ def parse_formats(text: str | Sequence[str]) -> frozenset[str]:
     return frozenset(fmts)
 
 
+def check_compute(device: str, precision: str) -> None:
+    """``--device`` and ``--precision`` (predict, serve)."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda (got {device!r})")
+    if precision not in PRECISION_CHOICES:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+
+
 def _check_inputs(inputs: Sequence[Path]) -> None:
     if not inputs:
         raise UsageError("no INPUT given")
@@ -55,7 +63,8 @@ def _check_common(opts) -> None:
         raise UsageError("--workers must be 0 (decode in process) or more")
     if opts.im_version not in IM_VERSIONS:
         raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
-    _check_inputs(opts.inputs)
+    if opts.inputs or not getattr(opts, "dicomweb", ()):  # DICOMweb sources alone are enough
+        _check_inputs(opts.inputs)
     if opts.out.exists() and not opts.out.is_dir():
         raise UsageError(f"--out {opts.out} exists and is not a folder")
 
@@ -83,11 +92,19 @@ class PredictOptions:
     im_version: str = "6.8.9-9"
     timings: Path | None = None
     progress: bool = True  # per-image progress on stderr (a bar on a terminal, log lines otherwise)
+    result_image: bool = False  # a Secondary Capture showing the scores per scored DICOM image
+    # DICOMweb (cxr_lung_risk.dicomweb, extra [pacs]): sources "dicomweb+http(s)://.../studies/<uid>[/series/<uid>]",
+    # the STOW-RS URL results are sent to after the run, and each side's HttpOptions (token, TLS)
+    dicomweb: tuple[str, ...] = ()
+    stow: str | None = None
+    dicomweb_http: Any = None
+    stow_http: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(Path(p) for p in self.inputs))
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "weights", {k: Path(v) for k, v in dict(self.weights).items() if v is not None})
+        object.__setattr__(self, "dicomweb", tuple(str(s) for s in self.dicomweb))
         if isinstance(self.formats, str):
             object.__setattr__(self, "formats", parse_formats(self.formats))
 
@@ -100,13 +117,27 @@ class PredictOptions:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         _check_common(self)
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise UsageError(f"--device must be auto, cpu or cuda (got {self.device!r})")
-        if self.precision not in PRECISION_CHOICES:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
+        check_compute(self.device, self.precision)
         if self.saliency_method not in SALIENCY_METHODS:
             raise UsageError(f"--saliency-method must be one of {', '.join(SALIENCY_METHODS)}")
+        if self.dicomweb or self.stow:
+            self._validate_dicomweb()
         return self
+
+    def _validate_dicomweb(self) -> None:
+        from .dicomweb import parse_source, parse_stow_url  # standard library only until used
+
+        import importlib.util
+
+        if importlib.util.find_spec("dicomweb_client") is None:
+            raise UsageError("DICOMweb sources and --stow need the optional packages: pip install 'cxr-lung-risk[pacs]'")
+        for s in self.dicomweb:
+            parse_source(s)
+        if self.stow:
+            parse_stow_url(self.stow)
+        for h in (self.dicomweb_http, self.stow_http):
+            if h is not None:
+                h.validate()
 
     def model_options(self, key: str) -> "ModelOptions":
         """The options model ``key``'s loader takes."""

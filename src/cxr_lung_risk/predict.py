@@ -51,6 +51,11 @@ class RunSummary:
     timings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # about the run itself (e.g. an unwritable --timings)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stow: list[dict[str, Any]] = field(default_factory=list)  # --stow: one result per file sent (see dicomweb.StowResult)
+
+    @property
+    def stow_failed(self) -> int:
+        return sum(1 for r in self.stow if not r.get("ok"))
 
     @property
     def scored(self) -> int:
@@ -191,24 +196,29 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     opts.validate()
     timer = PhaseTimer()
     keys = resolve_models(opts.models)
-    files = _discover(opts.inputs, opts.out)
-    if not files:
+    files = _discover(opts.inputs, opts.out) if opts.inputs or not opts.dicomweb else []
+    remote = _remote_items(opts)
+    if not files and not remote:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
     out = opts.out
     _prepare_out(out)
-    summary = RunSummary(out=out, inputs=len(files))
+    summary = RunSummary(out=out, inputs=len(files) + len(remote))
     with _OutputLock(out):
         if opts.progress:
             titles = ", ".join(_title(k) for k in keys)
-            say(f"{len(files)} input file(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
+            say(f"{summary.inputs} input file(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
         t = time.perf_counter()
         models = load_models(keys, opts)
         timer.add("load", t)
         summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
         if summary.synthetic:
             say("WARNING: running on SYNTHETIC weights: the scores are meaningless (see `cxr-lung-risk fetch-weights`)")
-        _run_models(opts, files, models, timer, summary)
-    tm = timer.as_dict(inputs=len(files), scored=summary.scored, workers=summary.timings.get("workers"), batch_size=opts.batch_size)
+        _run_models(opts, files, models, timer, summary, remote)
+        if opts.stow:
+            t = time.perf_counter()
+            summary.stow = _stow_outputs(opts, summary)
+            timer.phases["send"] = time.perf_counter() - t
+    tm = timer.as_dict(inputs=summary.inputs, scored=summary.scored, workers=summary.timings.get("workers"), batch_size=opts.batch_size)
     summary.timings = tm
     if opts.timings is not None:
         _write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
@@ -221,13 +231,37 @@ def _title(key: str) -> str:
     return spec_for(key).title
 
 
-def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model], timer: PhaseTimer, summary: RunSummary) -> None:
+def _remote_items(opts: PredictOptions) -> list:
+    """The DICOMweb sources' instances (QIDO-RS), listed before the run so it knows its size."""
+    if not opts.dicomweb:
+        return []
+    from .dicomweb import expand_sources, parse_source
+
+    return expand_sources([parse_source(s) for s in opts.dicomweb], opts.dicomweb_http)
+
+
+def _stow_outputs(opts: PredictOptions, summary: RunSummary) -> list[dict[str, Any]]:
+    """--stow: send this run's DICOM outputs (SR, SC, result image) with STOW-RS; ``stow.json``."""
+    from .dicomweb import stow
+    from .records import read_records
+
+    rels = [rel for rec in read_records(opts.out) for kind in ("sr", "result_image", "sc") for rel in rec.outputs.get(kind, [])]
+    if opts.progress:
+        say(f"sending {len(rels)} DICOM object(s) to {opts.stow} (STOW-RS) ...")
+    results = [r.to_json() for r in stow(opts.stow, [opts.out / r for r in rels], http=opts.stow_http)]
+    for r, rel in zip(results, rels):
+        r["path"] = rel
+    _write_json_quietly(opts.out / "stow.json", {"url": opts.stow, "results": results}, summary, "the STOW-RS results")
+    return results
+
+
+def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model], timer: PhaseTimer, summary: RunSummary, remote: Sequence = ()) -> None:
     out = opts.out
     workers = default_workers() if opts.workers is None else opts.workers
     summary.timings["workers"] = workers
     prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
     scorer = Scorer(models)
-    columns = scorer.columns(uid_columns=any(is_dicom_file(f.path) for f in files))
+    columns = scorer.columns(uid_columns=bool(remote) or any(is_dicom_file(f.path) for f in files))
     writer = OutputWriter(
         out,
         models,
@@ -236,9 +270,10 @@ def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model
         deterministic=opts.deterministic,
         saliency=opts.saliency_method if opts.saliency else None,
         im_version=opts.im_version,
+        result_image=opts.result_image,
     )
-    _write_json_quietly(out / RUN_JSON, _run_info(opts, models, len(files)), summary, "the run description")
-    progress = Progress(len(files), desc="scoring", enabled=opts.progress)
+    _write_json_quietly(out / RUN_JSON, _run_info(opts, models, summary.inputs), summary, "the run description")
+    progress = Progress(summary.inputs, desc="scoring", enabled=opts.progress)
 
     def finish(rec: InputRecord, done: float) -> None:
         summary.counts[str(rec.status)] = summary.counts.get(str(rec.status), 0) + 1
@@ -258,7 +293,7 @@ def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model
 
     try:
         batch: list[Prepared] = []
-        stream = timer.timed("prepare", iter_prepared(files, prep, workers=workers))
+        stream = timer.timed("prepare", _iter_inputs(files, remote, prep, workers, opts.dicomweb_http))
         for p in stream:
             if p.status is not Status.OK:
                 finish(writer.account(p), 0.0)
@@ -275,10 +310,19 @@ def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model
         writer.close()
 
 
+def _iter_inputs(files: list[InputFile], remote: Sequence, prep: PrepareOptions, workers: int, http: Any) -> Iterator[Prepared]:
+    """Local files (worker pool), then the DICOMweb instances (fetched and prepared in turn)."""
+    yield from iter_prepared(files, prep, workers=workers) if files else ()
+    if remote:
+        from .dicomweb import iter_remote_prepared
+
+        yield from iter_remote_prepared(remote, prep, http)
+
+
 def _run_info(opts: PredictOptions, models: Sequence[Model], n_inputs: int) -> dict[str, Any]:
     return {
         "software": {"name": "cxr-lung-risk", "version": __version__, "torch": torch.__version__},
-        "inputs": [str(p) for p in opts.inputs],
+        "inputs": [str(p) for p in opts.inputs] + list(opts.dicomweb),
         "n_inputs": n_inputs,
         "models": {
             m.spec.key: {
@@ -298,6 +342,8 @@ def _run_info(opts: PredictOptions, models: Sequence[Model], n_inputs: int) -> d
             "tta": opts.tta,
             "saliency": opts.saliency_method if opts.saliency else None,
             "im_version": opts.im_version,
+            "result_image": opts.result_image,
+            "stow": opts.stow,
         },
     }
 

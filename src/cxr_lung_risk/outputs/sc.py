@@ -21,6 +21,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from .base import (
     write_dataset,
 )
 
-__all__ = ["SaliencyMethod", "METHODS", "build_secondary_capture", "write_sc", "sc_filename", "SECONDARY_CAPTURE_STORAGE"]
+__all__ = ["SaliencyMethod", "METHODS", "build_secondary_capture", "derived_secondary_capture", "write_sc", "sc_filename", "SECONDARY_CAPTURE_STORAGE"]
 
 SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 _NS = "sc"
@@ -91,39 +92,82 @@ def build_secondary_capture(
     model_title: str,
     method: str = "gradient",
     software_version: str = "",
-    manufacturer: str = "cxr-lung-risk open implementation",
-    series_number: int = 9101,
-    instance_number: int = 1,
-    deterministic: bool = False,
+    **options: Any,
 ) -> Dataset:
-    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``.
+    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``. ``options``:
+    ``manufacturer``, ``series_number`` (default 9101), ``instance_number``, ``deterministic``
+    (see :func:`derived_secondary_capture`).
 
     Raises:
         ValueError: the source lacks the UIDs a derived image must reference, or ``rgb`` is not
         an H x W x 3 uint8 array, or ``method`` is unknown.
     """
-    import highdicom as hd
-
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; known: {', '.join(METHODS)}")
     m = METHODS[method]
+    return derived_secondary_capture(
+        source,
+        rgb,
+        what="a saliency overlay",
+        series_description=f"{model_title} {m.title}",
+        derivation=f"{model_title} {m.title} ({m.description}); research use only, not for diagnosis",
+        derivation_code=(m.code_value, m.coding_scheme, m.code_meaning),
+        image_comments="Saliency overlay of a research model; not for diagnostic use",
+        uid_key=[model_title, method, software_version],
+        namespace=_NS,
+        texts=[model_title],
+        software_version=software_version,
+        **options,
+    )
+
+
+def derived_secondary_capture(
+    source: Dataset,
+    rgb: np.ndarray,
+    *,
+    what: str,
+    series_description: str,
+    derivation: str,
+    derivation_code: tuple[str, str, str],
+    image_comments: str,
+    uid_key: list,
+    namespace: str,
+    texts: list[str] = (),
+    software_version: str = "",
+    manufacturer: str = "cxr-lung-risk open implementation",
+    series_number: int = 9101,
+    instance_number: int = 1,
+    deterministic: bool = False,
+) -> Dataset:
+    """The one SC Image builder of this package (saliency overlays, result images): ``rgb``
+    (H x W x 3 uint8) derived from ``source``: same patient and study (the source's modules
+    copied), its own series, ``DERIVED\\SECONDARY``, a Derivation Code Sequence
+    (``derivation_code`` = value, scheme, meaning) and a Source Image Sequence.
+
+    With ``deterministic`` the series UID is derived from the study + ``uid_key`` and the
+    instance UID from the source SOP Instance UID + ``uid_key`` (``namespace`` keeps the kinds of
+    object apart), and the dates come from the source.
+
+    Raises:
+        ValueError: the source lacks the UIDs a derived image must reference, or ``rgb`` is not
+        an H x W x 3 uint8 array (``what`` names it in the message).
+    """
+    import highdicom as hd
+
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"a saliency overlay must be an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
+        raise ValueError(f"{what} must be an H x W x 3 uint8 array, got {rgb.shape} {rgb.dtype}")
     for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
         if not str(source.get(kw, "")).strip():
             raise ValueError(f"the source has no {kw}, so a derived image cannot reference it")
 
-    series_description = f"{model_title} {m.title}"[:64]
-    derivation = (
-        f"{model_title} {m.title} ({m.description}); research use only, not for diagnosis"
-    )[:1024]
-    scs = decide_character_set(source, [series_description, derivation, manufacturer, model_title])
+    series_description = series_description[:64]
+    derivation = derivation[:1024]
+    scs = decide_character_set(source, [series_description, derivation, manufacturer, image_comments, *texts])
 
-    src_uid = str(source.SOPInstanceUID)
-    key = f"{src_uid}|{model_title}|{method}|{software_version}"
-    series_uid = new_uid(["series", str(source.StudyInstanceUID), model_title, method, software_version] if deterministic else None, namespace=_NS)
-    sop_uid = new_uid(["instance", key] if deterministic else None, namespace=_NS)
+    key = "|".join([str(source.SOPInstanceUID), *map(str, uid_key)])
+    series_uid = new_uid(["series", str(source.StudyInstanceUID), *uid_key] if deterministic else None, namespace=namespace)
+    sop_uid = new_uid(["instance", key] if deterministic else None, namespace=namespace)
 
     orientation = source.get("PatientOrientation")
     use_orientation = ("L", "F")  # placeholder for highdicom; replaced by the source's value below
@@ -160,7 +204,7 @@ def build_secondary_capture(
     sc.SeriesDescription = series_description
     sc.DerivationDescription = derivation
     code = Dataset()
-    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = m.code_value, m.coding_scheme, m.code_meaning
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = derivation_code
     sc.DerivationCodeSequence = [code]
     ref = Dataset()
     ref.ReferencedSOPClassUID = source.SOPClassUID
@@ -173,7 +217,7 @@ def build_secondary_capture(
     sc.BurnedInAnnotation = "NO"
     sc.LossyImageCompression = "00"
     sc.SoftwareVersions = software_version or "unknown"
-    sc.ImageComments = "Saliency overlay of a research model; not for diagnostic use"
+    sc.ImageComments = image_comments
     if deterministic:
         when = fixed_datetime(source)
         sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())

@@ -71,7 +71,9 @@ class OutputWriter:
 
     ``models``: the loaded models (a :class:`~cxr_lung_risk.scoring.Scorer`'s ``models``);
     ``columns``: the result table's columns (``Scorer.columns()``); ``formats``: among ``csv``,
-    ``json``, ``sr``; ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``.
+    ``json``, ``sr``; ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``; ``result_image``: also a
+    Secondary Capture showing the scores per scored DICOM image (record kind ``result_image``,
+    ``result/<SOPInstanceUID>.dcm``; :mod:`cxr_lung_risk.outputs.result_image`).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class OutputWriter:
         deterministic: bool = True,
         saliency: str | None = None,
         im_version: str = "6.8.9-9",
+        result_image: bool = False,
     ) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,11 @@ class OutputWriter:
             from ..saliency import SaliencyWriter
 
             self.saliency = SaliencyWriter(self.out, models, method=saliency, deterministic=deterministic, names=self.names)
+        self.result_image = None
+        if result_image:
+            from .result_image import ResultImageWriter
+
+            self.result_image = ResultImageWriter(self.out, models, deterministic=deterministic, names=self.names)
 
     # ------------------------------------------------------------------ one input, not scored
     def account(self, p: Any) -> InputRecord:
@@ -135,6 +143,9 @@ class OutputWriter:
                         raise RuntimeError(f"saliency maps could not be made ({saliency_error})")
                     for kind, rel in maps:
                         rec.add_output(kind, rel)
+                if self.result_image is not None and p.dataset is not None:
+                    overlay = rec.outputs.get("saliency", [None])[0]
+                    rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
             for w in caught:
                 msg = " ".join(str(w.message).split())[:200]
                 if msg and msg not in rec.warnings:

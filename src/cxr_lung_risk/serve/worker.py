@@ -1,0 +1,154 @@
+"""The scoring worker: spooled instances -> batches -> the same selection, preprocessing, models
+and outputs as ``predict`` (:mod:`cxr_lung_risk.api`) -> outbox entries.
+
+A study is scored when no instance of it arrived for ``quiet_time`` seconds, or earlier when the
+instances waiting fill a batch (oldest first). A batch's outputs are written into ``work/``,
+committed into ``results/`` by one rename, then each instance gets its outbox entries (one per
+destination) and moves ``incoming -> scored``; see :mod:`.spool` for why a crash at any point
+loses nothing and queues nothing twice.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .. import api
+from ..dicom_io import SelectionOptions
+from ..pipeline import PrepareOptions
+from .audit import AuditLog
+from .config import ServeConfig
+from .metrics import Metrics
+from .spool import Pending, Spool
+
+__all__ = ["Worker", "next_batch"]
+
+LOG = logging.getLogger("cxr_lung_risk.serve")
+
+FORMATS = ("csv", "json", "sr")
+
+
+def next_batch(pending: Sequence[Pending], now: float, quiet_time: float, batch_size: int) -> list[Pending]:
+    """The instances to score now: a full batch of the oldest when enough wait, else every
+    instance of the studies that have been quiet for ``quiet_time`` (at most a batch)."""
+    if len(pending) >= batch_size:
+        return list(pending[:batch_size])
+    last: dict[str, float] = {}
+    for p in pending:
+        last[p.study] = max(last.get(p.study, 0.0), p.received)
+    ready = {s for s, t in last.items() if now - t >= quiet_time}
+    return [p for p in pending if p.study in ready][:batch_size]
+
+
+class Worker(threading.Thread):
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        spool: Spool,
+        scorer: Any,
+        audit: AuditLog,
+        metrics: Metrics,
+        stop: threading.Event,
+        on_queued: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(name="serve-worker", daemon=True)
+        self.cfg, self.spool, self.scorer, self.audit, self.metrics = cfg, spool, scorer, audit, metrics
+        self.stop_event = stop
+        self.wake = threading.Event()
+        self.on_queued = on_queued
+        self.prepare_options = PrepareOptions(selection=SelectionOptions(), im_version=cfg.im_version)
+        self.busy = False
+        self.error: str = ""
+        self.batches = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                pending = self.spool.pending()
+                self.metrics.queue_depth.labels(stage="incoming").set(len(pending))
+                batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size)
+                if batch:
+                    self.busy = True
+                    self.spool.begin_batch(batch)
+                    try:
+                        self.process(batch)
+                    finally:
+                        self.busy = False
+                        self.spool.end_batch()
+                    continue
+            except Exception as e:  # noqa: BLE001 - the worker must survive; the batch stays queued
+                self.error = f"{type(e).__name__}: {e}"
+                LOG.exception("scoring batch failed; it stays in the spool and is retried")
+                self.audit.write("worker_error", error=self.error[:300])
+                self.stop_event.wait(max(1.0, self.cfg.poll * 4))
+            self.wake.wait(self.cfg.poll)
+            self.wake.clear()
+
+    # ------------------------------------------------------------------ one batch
+    def _writer(self, out: Path):
+        kw: dict[str, Any] = {"result_image": True} if self.cfg.result_image else {}
+        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=FORMATS, deterministic=True,
+                                im_version=self.cfg.im_version, **kw)
+
+    def process(self, batch: Sequence[Pending]) -> None:
+        t0 = time.time()
+        for p in batch:
+            self.metrics.observe("queue", t0 - p.received)
+        work = self.spool.new_batch_dir()
+        try:
+            prepared = [api.prepare_input(p.path, name=f"{p.study}/{p.sop}.dcm", options=self.prepare_options) for p in batch]
+            ok_idx = [i for i, x in enumerate(prepared) if x.status is api.Status.OK]
+            rows: list[dict[str, Any]] = []
+            score_error = ""
+            if ok_idx:
+                try:
+                    rows = self.scorer.score([prepared[i] for i in ok_idx])
+                except Exception as e:  # noqa: BLE001 - recorded per input
+                    score_error = f"failed: scoring failed: {type(e).__name__}: {str(e)[:160]}"
+                    LOG.exception("scoring failed")
+            records: dict[int, Any] = {}
+            with self._writer(work) as w:
+                if ok_idx and not score_error:
+                    for i, rec in zip(ok_idx, w.write_scored([prepared[i] for i in ok_idx], rows)):
+                        records[i] = rec
+                for i, x in enumerate(prepared):
+                    if i in records:
+                        continue
+                    if score_error and x.status is api.Status.OK:
+                        x.status, x.reason = api.Status.FAILED, score_error
+                    records[i] = w.account(x)
+            t_scored = time.time()
+            results = self.spool.commit_batch(work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        self.batches += 1
+        per = (t_scored - t0)
+        for i, p in enumerate(batch):
+            self._finish(p, records[i], results, t_scored, per)
+        self.on_queued()
+
+    def _finish(self, p: Pending, rec: Any, results: Path, t_scored: float, batch_s: float) -> None:
+        status = str(rec.status)
+        base = {"sop_uid": rec.sop_uid or p.sop, "study_uid": rec.study_uid or p.study, "batch": results.name}
+        if rec.status is api.Status.OK:
+            files = [results / rel for rels in rec.outputs.values() for rel in rels if rel.lower().endswith(".dcm")]
+            for dest in self.cfg.destinations:
+                meta = {
+                    "destination": str(dest), "source_sop_uid": base["sop_uid"], "study_uid": base["study_uid"],
+                    "received": p.received, "scored": t_scored, "batch": results.name,
+                }
+                if self.spool.enqueue(dest.key, p.entry_id, files, meta):
+                    self.metrics.queue_depth.labels(stage="outbox").inc()
+            self.metrics.scored.inc()
+            self.metrics.observe("score", batch_s)
+            self.audit.write("scored", **base, values=rec.values, outputs=sorted(r for rels in rec.outputs.values() for r in rels),
+                             warnings=rec.warnings or None)
+        else:
+            (self.metrics.skipped if rec.status is api.Status.SKIPPED else self.metrics.failed).inc()
+            LOG.info("%s %s: %s", status, p.sop, rec.reason)
+            self.audit.write(status, **base, reason=rec.reason)
+        self.spool.mark_scored(p)

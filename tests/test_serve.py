@@ -1,0 +1,255 @@
+"""``cxr-lung-risk serve`` against a real Orthanc (marker ``pacs``): the node runs as a real
+subprocess on 127.0.0.1 with synthetic weights, started once for the module (loading the
+ensemble takes 10-20 s); Orthanc is Debian's, started by ``tests/pacs_fixtures.py``.
+
+Order matters (pytest runs a module's tests in file order): the crash/restart test and the
+SIGTERM test come last, because they stop the module's node.
+"""
+from __future__ import annotations
+
+import csv
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+
+from pacs_node import (  # noqa: E402
+    SAMPLE_CR, ServeProcess, echo, events, make_instances, malformed_file, push, read_audit, sent_by_source, sop_of, wait_for,
+)
+
+pytestmark = pytest.mark.pacs
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+DELIVERY_TIMEOUT = 600  # seconds: scoring on a loaded 2-core CI machine is slow, but bounded
+
+
+@pytest.fixture(scope="module")
+def node(orthanc, synthetic_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    n = ServeProcess(
+        root / "spool", synthetic_weights,
+        extra=["--send-to", orthanc.dicom_address, "--stow", orthanc.dicomweb_url, "--allow-ae", "ORTHANC,TESTSCU", "--quiet-time", "1",
+               "--batch-size", "8", "--retry-initial", "0.5", "--retry-max", "2"],
+    )
+    orthanc.set_modality("node", n.ae_title, "127.0.0.1", n.port)
+    n.start()
+    yield n
+    try:
+        n.terminate()
+    finally:
+        n.kill()
+
+
+def _orthanc_objects(orthanc, study_uid: str) -> dict[str, list[str]]:
+    """SOP Class UID -> Orthanc instance IDs of that class in the study."""
+    out: dict[str, list[str]] = {}
+    for inst in orthanc.study_instances(study_uid):
+        cls = orthanc.get(f"/instances/{inst['ID']}/metadata/SopClassUid", raw=True).decode()
+        out.setdefault(cls, []).append(inst["ID"])
+    return out
+
+
+def _numeric_values(ds) -> dict[str, float]:
+    """Concept name meaning -> value of every NUM content item of an SR (recursively)."""
+    out: dict[str, float] = {}
+
+    def walk(items):
+        for it in items:
+            if it.get("ValueType") == "NUM" and "MeasuredValueSequence" in it:
+                out[str(it.ConceptNameCodeSequence[0].CodeMeaning)] = float(it.MeasuredValueSequence[0].NumericValue)
+            if "ContentSequence" in it:
+                walk(it.ContentSequence)
+
+    walk(ds.ContentSequence)
+    return out
+
+
+def _destinations(orthanc) -> list[str]:
+    """The node's two ways back into the same Orthanc: C-STORE and STOW-RS."""
+    return [orthanc.dicom_address, orthanc.dicomweb_url]
+
+
+def _delivered_once(node, orthanc, sops) -> None:
+    """Every result went to each destination exactly once (the audit log's ``sent`` events)."""
+    for d in _destinations(orthanc):
+        by_source = sent_by_source(node.spool, d)
+        assert [by_source.get(s, 0) for s in sops] == [1] * len(sops), d
+
+
+def _wait_delivered(node, orthanc, sops, timeout=DELIVERY_TIMEOUT):
+    def done():
+        if node.proc.poll() is not None:
+            pytest.fail(f"serve exited:\n{node.log_tail()}")
+        return all(all(sent_by_source(node.spool, d).get(s) for s in sops) for d in _destinations(orthanc))
+
+    return wait_for(done, timeout, f"{len(sops)} result(s) delivered to both destinations")
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_echo_health_and_metrics(node):
+    assert echo(node.port) == 0x0000
+    h = node.health()
+    assert h["status"] == "ok" and h["ae_title"] == "CXR-LUNG-RISK"
+    text = node.metrics()
+    for name in ("cxr_serve_received_total", "cxr_serve_refused_total", "cxr_serve_scored_total", "cxr_serve_failed_total",
+                 "cxr_serve_sent_total", "cxr_serve_retrying", "cxr_serve_queue_depth", "cxr_serve_stage_seconds"):
+        assert name in text, name
+
+
+def test_orthanc_sends_cr_and_receives_sr_and_result_image_equal_to_predict(node, orthanc, synthetic_weights, tmp_path):
+    """Orthanc C-STOREs a chest CR to the node; the SR and the result image arrive in Orthanc's
+    study, and the SR's value and UID are those of ``predict`` on the same file."""
+    src = make_instances(tmp_path / "in", 1, tag="roundtrip")[0]
+    study_uid = __import__("pydicom").dcmread(src, stop_before_pixels=True).StudyInstanceUID
+    orthanc.upload(src)
+    orthanc.send_study(study_uid, "node")
+    objs = wait_for(lambda: (o := _orthanc_objects(orthanc, study_uid)) and SR_CLASS in o and SC_CLASS in o and o,
+                    DELIVERY_TIMEOUT, "the SR and the result image in Orthanc")
+    assert {k: len(v) for k, v in objs.items()} == {"1.2.840.10008.5.1.4.1.1.1": 1, SR_CLASS: 1, SC_CLASS: 1}
+
+    out = tmp_path / "predict"
+    r = subprocess.run(["cxr-lung-risk", "predict", str(src), "--out", str(out), "--weights", str(synthetic_weights),
+                        "--deterministic", "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    row = next(csv.DictReader((out / "cxr_lung_risk.csv").open()))
+    predict_sr = next((out / "sr").glob("*.dcm"))
+
+    import io
+
+    import pydicom
+
+    sr = pydicom.dcmread(io.BytesIO(orthanc.file(objs[SR_CLASS][0])))
+    assert sr.SOPInstanceUID == sop_of(predict_sr)  # deterministic UIDs: the same object as predict's
+    ours = _numeric_values(sr)
+    theirs = _numeric_values(pydicom.dcmread(predict_sr))
+    assert ours.keys() == theirs.keys() and ours
+    for k in ours:
+        assert ours[k] == pytest.approx(theirs[k], rel=1e-6, abs=1e-6), k
+    assert any(v == pytest.approx(float(row["CXR_Lung_Risk"]), abs=0.01) for v in ours.values()), (ours, row)
+    sc = pydicom.dcmread(io.BytesIO(orthanc.file(objs[SC_CLASS][0])))
+    assert sc.StudyInstanceUID == study_uid and sc.SeriesInstanceUID != sr.SeriesInstanceUID
+    # the audit log saw the association from Orthanc, the instance and the result, no patient names
+    audit = read_audit(node.spool)
+    assert any(e["event"] == "association" and e.get("calling_ae") == "ORTHANC" and e["result"] == "accepted" for e in audit)
+    _wait_delivered(node, orthanc, [src_sop := sop_of(src)])
+    _delivered_once(node, orthanc, [src_sop])
+    assert any(e["event"] == "received" and e["sop_uid"] == src_sop for e in audit)
+    raw = (node.spool / "audit.jsonl").read_text()
+    assert str(pydicom.dcmread(src, stop_before_pixels=True).PatientName) not in raw
+
+
+def test_bad_input_over_the_wire(node, orthanc, tmp_path):
+    """A CT is refused with a logged reason and gets no result; a malformed dataset gets a failure
+    status and the node stays up; an unknown calling AE title is rejected at association."""
+    ct = make_instances(tmp_path / "ct", 1, tag="ct", modality="CT", sop_class=CT_CLASS)[0]
+    assert push(node.port, [ct]) == [0x0122]
+    bad = malformed_file(tmp_path / "malformed.dcm")
+    assert push(node.port, [bad]) == [0xC210]
+    with pytest.raises(RuntimeError, match="rejected=True"):
+        push(node.port, make_instances(tmp_path / "intruder", 1, tag="intruder"), calling="INTRUDER")
+    # ... and through Orthanc too: Orthanc's C-STORE of a CT to the node fails
+    orthanc.upload(ct)
+    ct_study = __import__("pydicom").dcmread(ct, stop_before_pixels=True).StudyInstanceUID
+    with pytest.raises(Exception):
+        orthanc.send_study(ct_study, "node")
+    assert echo(node.port) == 0x0000 and node.health()["status"] == "ok"  # still up
+    audit = read_audit(node.spool)
+    refused = [e for e in audit if e["event"] == "refused"]
+    ct_sop, bad_sop = sop_of(ct), sop_of(bad)
+    assert any(e.get("sop_uid") == ct_sop and e["status"] == "0x0122" and "CT Image Storage" in e["reason"] for e in refused)
+    assert any(e.get("sop_uid") == bad_sop and e["status"] == "0xC210" and "malformed" in e["reason"] for e in refused)
+    assert any(e["event"] == "association" and e["result"] == "rejected" and e["calling_ae"] == "INTRUDER" for e in audit)
+    assert not any(e["event"] == "received" and e["sop_uid"] in (ct_sop, bad_sop) for e in audit)
+    assert "C-STORE from TESTSCU refused (0x0122)" in node.log_tail(400)
+    assert node.metric("cxr_serve_refused_total") >= 3
+    assert not list((node.spool / "incoming").rglob(f"{ct_sop}.dcm")) and not list((node.spool / "scored").rglob(f"{ct_sop}.dcm"))
+
+
+def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_path):
+    files = make_instances(tmp_path / "in", 4, studies=2, tag="down")
+    sops = [sop_of(f) for f in files]
+    orthanc.stop()
+    try:
+        assert push(node.port, files) == [0] * 4
+        wait_for(lambda: {e["sop_uid"] for e in events(node.spool, "scored")} >= set(sops), DELIVERY_TIMEOUT, "scoring")
+        wait_for(lambda: events(node.spool, "send_failed"), 60, "a failed delivery attempt")
+        assert not any(sent_by_source(node.spool).get(s) for s in sops)
+        # (the STOW-RS client retries a refused connection itself for a while: its own
+        # send_failed may come later or never, when Orthanc is back in time)
+        assert node.metric("cxr_serve_queue_depth", 'stage="outbox"') >= 4
+    finally:
+        orthanc.start()
+    _wait_delivered(node, orthanc, sops)
+    time.sleep(3)  # a duplicate delivery, if any, would land now
+    _delivered_once(node, orthanc, sops)
+    import pydicom
+
+    for f in files[:2]:  # two studies, two instances each: 2 SR + 2 result images per study
+        study = pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
+        counts = {k: len(v) for k, v in _orthanc_objects(orthanc, study).items()}
+        assert counts == {SR_CLASS: 2, SC_CLASS: 2}
+    assert node.metric("cxr_serve_send_errors_total") >= 1
+
+
+def test_load_four_concurrent_associations_all_accounted_for(node, orthanc, tmp_path):
+    n = int(__import__("os").environ.get("CXR_SERVE_LOAD_N", "40"))
+    files = make_instances(tmp_path / "in", n, studies=8, tag="load")
+    chunks = [files[i::4] for i in range(4)]
+    statuses: list[list] = [[] for _ in chunks]
+
+    def run(i):
+        statuses[i] = push(node.port, chunks[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert all(s == [0] * len(c) for s, c in zip(statuses, chunks)), statuses
+    sops = {sop_of(f) for f in files}
+    received = [e for e in events(node.spool, "received") if e["sop_uid"] in sops]
+    assert len(received) == n and {e["sop_uid"] for e in received} == sops  # every acknowledged instance logged once
+    assert len({e["assoc"] for e in received}) == 4
+    _wait_delivered(node, orthanc, sops)
+    _delivered_once(node, orthanc, sorted(sops))
+    assert {e["sop_uid"] for e in events(node.spool, "scored")} >= sops
+    print(f"load: {n} instances over 4 associations, all delivered in {time.monotonic() - t0:.0f} s")
+
+
+def test_sigkill_mid_batch_then_restart_scores_and_delivers_exactly_once(node, orthanc, tmp_path):
+    files = make_instances(tmp_path / "in", 8, studies=2, tag="crash")
+    sops = [sop_of(f) for f in files]
+    assert push(node.port, files) == [0] * 8  # acknowledged: the node must not lose any of them
+    # the batch (8 = --batch-size) starts at once; kill the node while it is being scored
+    wait_for(lambda: any((node.spool / "work").iterdir()), 60, "the batch to start")
+    assert not any(e["sop_uid"] in sops for e in events(node.spool, "scored"))
+    node.kill()
+    assert node.proc.returncode == -9
+    assert len(list((node.spool / "incoming").rglob("*.dcm"))) >= 8
+    node.start()
+    start = [e for e in events(node.spool, "start")][-1]
+    assert start["requeued"] >= 8
+    _wait_delivered(node, orthanc, sops)
+    time.sleep(3)
+    scored = [e["sop_uid"] for e in events(node.spool, "scored") if e["sop_uid"] in sops]
+    assert sorted(scored) == sorted(sops)  # each scored exactly once
+    _delivered_once(node, orthanc, sops)
+    import pydicom
+
+    for f in files[:2]:
+        study = pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID
+        assert {k: len(v) for k, v in _orthanc_objects(orthanc, study).items()} == {SR_CLASS: 4, SC_CLASS: 4}
+
+
+def test_sigterm_is_a_clean_shutdown(node):
+    assert node.terminate() == 0
+    stop = events(node.spool, "stop")
+    assert stop and stop[-1]["queued"] == 0
+    assert "stopped;" in node.log_tail()
