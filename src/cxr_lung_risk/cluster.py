@@ -191,11 +191,15 @@ def prepare_chunk(items: list[tuple[int, Any]], prep: PrepareOptions, fault: str
 class ScoreActor:
     """Loads the models once; scores batches and builds their SRs (as bytes)."""
 
-    def __init__(self, opts: PredictOptions) -> None:
+    def __init__(self, opts: PredictOptions, threads: int | None = None) -> None:
+        import torch
+
         from .outputs.writer import ObjectBuilder
         from .predict import models_info
         from .scoring import Scorer
 
+        if threads:  # Ray gives a worker OMP_NUM_THREADS=1: use the local engine's thread count
+            torch.set_num_threads(threads)  # (the same arithmetic, so the same scores to the last bit)
         t = time.perf_counter()
         self.scorer = Scorer.load(opts.models, options_for=opts.model_options, linkage=opts.linkage)
         self.builder = ObjectBuilder(self.scorer.models, formats=opts.formats, deterministic=opts.deterministic, im_version=opts.im_version)
@@ -276,7 +280,10 @@ def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_wri
     if opts.progress:
         say(f"Ray: {cpus} CPU(s), {gpus} GPU(s); {n_actors} scoring actor(s) loading the models ...")
     t = time.perf_counter()
-    actors = [actor_cls.remote(opts) for _ in range(n_actors)]
+    import torch
+
+    threads = None if gpus else torch.get_num_threads()
+    actors = [actor_cls.remote(opts, threads) for _ in range(n_actors)]
     info = ray.get(actors[0].info.remote())
     timer.add("load", t)
     summary.weights = info["weights"]
@@ -329,7 +336,7 @@ def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_wri
                     break
                 rows, built = x.result
                 for p, row, b in zip(x.items, rows, built):
-                    acc.finish(writer.write_built(p, row, b), 0.9)
+                    acc.finish(writer.write_built(p, row, b), 0.1)
                 wrote = True
             events.popleft()
         if wrote:
