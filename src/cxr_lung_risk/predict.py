@@ -311,7 +311,7 @@ def run_predict(opts: PredictOptions) -> RunSummary:
             _warn_synthetic(summary)
             _run_models(opts, plan, models, timer, summary)
     extra = {k: v for k, v in summary.timings.items() if k not in timer.phases and k != "workers"}
-    tm = timer.as_dict(inputs=plan.n_inputs, scored=summary.scored, resumed=summary.resumed, workers=summary.timings.get("workers"),
+    tm = timer.as_dict(inputs=plan.n_inputs, scored=summary.scored, resumed=summary.resumed, done_now=len(plan.todo), workers=summary.timings.get("workers"),
                        batch_size=opts.batch_size, engine=opts.engine, **extra)
     summary.timings = tm
     if opts.timings is not None:
@@ -396,7 +396,7 @@ def _run_models(opts: PredictOptions, plan: Plan, models: list[Model], timer: Ph
     def score(batch: list[Prepared]) -> None:
         t = time.perf_counter()
         n = len(batch)
-        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n))
+        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n), pad_to=opts.batch_size)
         t = timer.add("infer", t)
         for rec in writer.write_scored(batch, rows):
             acc.finish(rec, 1.0 - _STEP_WRITTEN)
