@@ -73,7 +73,9 @@ def main() -> int:
     }
     t = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=400 << 20, include_dashboard=False, _node_ip_address="127.0.0.1",
+    from cxr_lung_risk.cluster import LOCAL_NODE_IP
+
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=400 << 20, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP,
              _temp_dir=tmp, logging_level="WARNING", log_to_driver=False)
     result["ray_start_s"] = time.perf_counter() - t
     try:

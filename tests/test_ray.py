@@ -36,7 +36,9 @@ def ray_cluster():
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=400 << 20, include_dashboard=False, _node_ip_address="127.0.0.1",
+    from cxr_lung_risk.cluster import LOCAL_NODE_IP  # loopback (Ray would replace 127.0.0.1 by the machine's address)
+
+    ray.init(num_cpus=2, num_gpus=0, object_store_memory=400 << 20, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP,
              _temp_dir=tmp, logging_level="WARNING", log_to_driver=False)
     try:
         nodes = ray.nodes()

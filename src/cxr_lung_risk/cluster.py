@@ -41,6 +41,10 @@ __all__ = ["RemoteFile", "list_inputs", "open_fs", "run_on_ray", "FAULT_ENV"]
 #: in this run's order) exit abruptly, once (the MARKER file records that it happened).
 FAULT_ENV = "CXR_LUNG_RISK_TEST_PREPARE_EXIT"
 RAY_HINT = "the ray engine needs Ray: pip install 'cxr-lung-risk[ray]'"
+#: The address of a Ray started for one run. Ray replaces 127.0.0.1 (and "localhost") with the
+#: machine's network address; 127.0.0.2 is loopback too (all of 127.0.0.0/8 is, on Linux) and Ray
+#: keeps it, so a run's Ray talks over loopback only.
+LOCAL_NODE_IP = "127.0.0.2"
 
 
 class RayError(CxrLungRiskError):
@@ -244,7 +248,11 @@ def _connect(ray, address: str | None) -> bool:
         except Exception as e:  # noqa: BLE001
             raise RayError(f"cannot connect to the Ray cluster at {address}: {e}") from None
     else:
-        ray.init(_node_ip_address="127.0.0.1", **kw)
+        import sys
+
+        if sys.platform.startswith("linux"):
+            kw["_node_ip_address"] = LOCAL_NODE_IP
+        ray.init(**kw)
     return True
 
 
@@ -297,7 +305,8 @@ def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_wri
     stage = {"read_s": 0.0, "prepare_s": 0.0, "infer_s": 0.0, "build_s": 0.0}
 
     chunk = max(1, opts.batch_size)
-    chunks = [list(enumerate(plan.todo))[i:i + chunk] for i in range(0, len(plan.todo), chunk)]
+    indexed = list(enumerate(plan.todo))
+    chunks = [indexed[i:i + chunk] for i in range(0, len(indexed), chunk)]
     max_prep = max(2, 2 * cpus)  # prepare tasks in flight
     max_batches = 2 * n_actors  # scoring batches in flight
     pending_prep: dict[Any, tuple[int, int | None]] = {}  # ref -> (chunk index, position when retried alone)
