@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def ray_cluster():
     import tempfile
 
     tmp = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    old_path = os.environ.get("PYTHONPATH")  # the workers import tests/s3_standin.py by name
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent)] + ([old_path] if old_path else []))
     from cxr_lung_risk.cluster import LOCAL_NODE_IP  # loopback (Ray would replace 127.0.0.1 by the machine's address)
 
     ray.init(num_cpus=2, num_gpus=0, object_store_memory=400 << 20, include_dashboard=False, _node_ip_address=LOCAL_NODE_IP,
@@ -47,6 +50,10 @@ def ray_cluster():
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +118,6 @@ def test_ray_equals_the_single_process_run(ray_cluster, tmp_path, cohort, local_
 def test_a_worker_killed_mid_run_loses_nothing(ray_cluster, tmp_path, monkeypatch, cohort, local_run, synthetic_weights):
     from cxr_lung_risk.cluster import FAULT_ENV
 
-    import os
-
     marker = tmp_path / "killed"
     monkeypatch.setenv(FAULT_ENV, f"5:{marker}")  # the worker preparing input 5 (cr_005, of 40) exits abruptly, once
     out = tmp_path / "ray"
@@ -128,37 +133,20 @@ def test_a_worker_killed_mid_run_loses_nothing(ray_cluster, tmp_path, monkeypatc
         assert (out / name).read_bytes() == (local_run / name).read_bytes(), name
 
 
-def _standin_class(root: Path):
-    """An ``s3`` file system over a local folder (fsspec's DirFileSystem): what an object store
-    would serve, with no network. Registered under the ``s3`` protocol for this test."""
-    from fsspec.implementations.dirfs import DirFileSystem
-    from fsspec.implementations.local import LocalFileSystem
-
-    class LocalBucketFS(DirFileSystem):
-        protocol = "s3"
-        ROOT = str(root)
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(path=self.ROOT, fs=LocalFileSystem())
-
-    return LocalBucketFS
-
-
 def test_object_store_url_through_a_local_standin(ray_cluster, tmp_path, cohort, local_run, synthetic_weights):
     import fsspec
-    import ray.cloudpickle
+    from s3_standin import ROOT_ENV, LocalBucketFS
 
     store = tmp_path / "store"
     arch = store / "bucket" / "archive"
     for rel in ("cr/cr_000.dcm", "cr/cr_003.dcm", "png0/B.png", "other/ct.dcm"):
         (arch / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cohort / rel, arch / rel)
-    cls = _standin_class(store)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     from fsspec.registry import _registry
 
     old = _registry.get("s3")
-    fsspec.register_implementation("s3", cls, clobber=True)  # pickled by value: Ray's workers rebuild it
+    os.environ[ROOT_ENV] = str(store)
+    fsspec.register_implementation("s3", LocalBucketFS, clobber=True)
     try:
         out = tmp_path / "out"
         s = run_predict(_opts(["s3://bucket/archive"], out, synthetic_weights, engine="ray"))
@@ -183,4 +171,4 @@ def test_object_store_url_through_a_local_standin(ray_cluster, tmp_path, cohort,
             _registry["s3"] = old
         else:
             _registry.pop("s3", None)
-        ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        os.environ.pop(ROOT_ENV, None)

@@ -205,7 +205,6 @@ class ScoreActor:
         if threads:  # Ray gives a worker OMP_NUM_THREADS=1: use the local engine's thread count
             torch.set_num_threads(threads)  # (the same arithmetic, so the same scores to the last bit)
         t = time.perf_counter()
-        self.batch_size = opts.batch_size
         self.scorer = Scorer.load(opts.models, options_for=opts.model_options, linkage=opts.linkage)
         self.builder = ObjectBuilder(self.scorer.models, formats=opts.formats, deterministic=opts.deterministic, im_version=opts.im_version)
         self.info_ = {
@@ -222,7 +221,7 @@ class ScoreActor:
 
     def score(self, batch: list[Prepared]) -> tuple[list[dict[str, Any]], list[Any], dict[str, float]]:
         t0 = time.perf_counter()
-        rows = self.scorer.score(batch, pad_to=self.batch_size)
+        rows = self.scorer.score(batch)
         t1 = time.perf_counter()
         built = [self.builder.build(p, r) for p, r in zip(batch, rows)]
         return rows, built, {"infer_s": t1 - t0, "build_s": time.perf_counter() - t1}

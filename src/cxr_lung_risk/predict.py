@@ -396,7 +396,7 @@ def _run_models(opts: PredictOptions, plan: Plan, models: list[Model], timer: Ph
     def score(batch: list[Prepared]) -> None:
         t = time.perf_counter()
         n = len(batch)
-        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n), pad_to=opts.batch_size)
+        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n))
         t = timer.add("infer", t)
         for rec in writer.write_scored(batch, rows):
             acc.finish(rec, 1.0 - _STEP_WRITTEN)

@@ -116,24 +116,16 @@ class Scorer:
             results.update(m.score(x, on_step=None if on_step is None else (lambda f: on_step(f * share))))
         return results
 
-    def score(self, prepared: Sequence[Any], on_step: Callable[[float], None] | None = None, *, pad_to: int | None = None) -> list[dict[str, Any]]:
+    def score(self, prepared: Sequence[Any], on_step: Callable[[float], None] | None = None) -> list[dict[str, Any]]:
         """Score prepared inputs (status ok, ``image`` set; see :func:`cxr_lung_risk.api.prepare_input`)
-        as one batch -> one row per input, in order.
-
-        ``pad_to``: run a smaller batch padded with blank images to this size. The CPU kernels'
-        arithmetic depends on the batch size (last bits), not on the other images in the batch, so
-        with a fixed size an image gets the same score whichever batch it lands in: a resumed
-        run, a shard, a cluster run equal one full run to the last bit."""
+        as one batch -> one row per input, in order."""
         items = list(prepared)
         if not items:
             return []
         bad = [p.file.rel for p in items if p.image is None]
         if bad:
             raise ValueError(f"not prepared for scoring (status not ok): {', '.join(bad[:5])}")
-        images = np.stack([p.image for p in items])
-        if pad_to and len(items) < pad_to:
-            images = np.concatenate([images, np.zeros((pad_to - len(items),) + images.shape[1:], images.dtype)])
-        results = self.score_array(images, on_step)
+        results = self.score_array(np.stack([p.image for p in items]), on_step)
         rows = []
         for i, p in enumerate(items):
             row: dict[str, Any] = {"File": p.file.rel, **p.uids}
