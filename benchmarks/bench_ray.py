@@ -105,7 +105,6 @@ def main() -> int:
         vals = [(x["timings"][key] if sub else x[key]) for x in result["runs"][engine] if (key in x["timings"] if sub else True)]
         return statistics.median(vals) if vals else None
 
-    loc, ry = result["runs"]["local"], result["runs"]["ray"]
     summary = {
         "local_images_per_s": med("local", "images_per_s"),
         "ray_images_per_s": med("ray", "images_per_s"),

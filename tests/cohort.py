@@ -46,3 +46,22 @@ def make_cohort(dst: Path, sample_pngs, n_cr: int = 20, png_copies: int = 3) -> 
     (dst / "other" / "broken.dcm").write_bytes(CHEST_CR.read_bytes()[:3000])
     (dst / "other" / "notes.txt").write_text("not an image\n")
     return dst
+
+
+def predict_opts(inputs, out, weights, **kw):
+    """The options the scale tests run with: CPU, deterministic SRs, linkage columns, CSV+SR+JSON."""
+    from cxr_lung_risk.options import PredictOptions
+
+    base = dict(weights={"lung-risk": weights}, device="cpu", deterministic=True, batch_size=2, progress=False,
+                formats="csv,sr,json", linkage=True)
+    base.update(kw)
+    return PredictOptions(inputs=tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,), out=out, **base)
+
+
+def scored_run(out, inputs, weights, counts, **kw):
+    """Run predict into ``out`` and check (scored, skipped, failed) == ``counts``; returns ``out``."""
+    from cxr_lung_risk.predict import run_predict
+
+    s = run_predict(predict_opts(inputs, out, weights, **kw))
+    assert (s.scored, s.skipped, s.failed) == counts, (s.scored, s.skipped, s.failed)
+    return out

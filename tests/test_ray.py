@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cohort import make_cohort  # noqa: E402
+from cohort import make_cohort, predict_opts, scored_run  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -24,7 +24,6 @@ try:
 except ImportError:  # pragma: no cover - scripts/test.sh installs the [ray] extra where it can
     pytest.skip("Ray is not installed (pip install 'cxr-lung-risk[ray]'); the ray suite cannot run", allow_module_level=True)
 
-from cxr_lung_risk.options import PredictOptions  # noqa: E402
 from cxr_lung_risk.predict import run_predict  # noqa: E402
 from cxr_lung_risk.records import read_records  # noqa: E402
 
@@ -71,19 +70,13 @@ def cohort(tmp_path_factory, sample_pngs) -> Path:
     return d
 
 
-def _opts(inputs, out, weights, **kw) -> PredictOptions:
-    base = dict(weights={"lung-risk": weights}, device="cpu", deterministic=True, batch_size=BATCH, progress=False,
-                formats="csv,sr,json", linkage=True)
-    base.update(kw)
-    return PredictOptions(inputs=tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,), out=out, **base)
+def _opts(inputs, out, weights, **kw):
+    return predict_opts(inputs, out, weights, **{"batch_size": BATCH, **kw})
 
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, cohort, synthetic_weights) -> Path:
-    out = tmp_path_factory.mktemp("local") / "out"
-    s = run_predict(_opts(cohort, out, synthetic_weights))
-    assert (s.scored, s.failed, s.inputs) == (11, 1, 40)
-    return out
+    return scored_run(tmp_path_factory.mktemp("local") / "out", cohort, synthetic_weights, (11, 28, 1), batch_size=BATCH)
 
 
 def _files(out: Path, sub: str) -> dict[str, bytes]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cohort import cr_copy  # noqa: E402
+from cohort import cr_copy, predict_opts, scored_run  # noqa: E402
 
 from cxr_lung_risk.options import PredictOptions  # noqa: E402
 from cxr_lung_risk.predict import STOP_AFTER_ENV, run_predict  # noqa: E402
@@ -74,19 +74,13 @@ def small_cohort(tmp_path_factory, sample_pngs) -> Path:
     return d
 
 
-def _opts(inputs, out, weights, **kw) -> PredictOptions:
-    base = dict(weights={"lung-risk": weights}, device="cpu", deterministic=True, batch_size=2, workers=0, progress=False,
-                linkage=True, formats="csv,sr,json")
-    base.update(kw)
-    return PredictOptions(inputs=tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,), out=out, **base)
+def _opts(inputs, out, weights, **kw):
+    return predict_opts(inputs, out, weights, **{"workers": 0, **kw})
 
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, small_cohort, synthetic_weights) -> Path:
-    out = tmp_path_factory.mktemp("full") / "out"
-    s = run_predict(_opts(small_cohort, out, synthetic_weights))
-    assert (s.scored, s.skipped, s.failed) == (5, 1, 1)
-    return out
+    return scored_run(tmp_path_factory.mktemp("full") / "out", small_cohort, synthetic_weights, (5, 1, 1), workers=0)
 
 
 def test_linkage_columns_come_from_the_headers(full_run, small_cohort):

@@ -310,7 +310,6 @@ def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_wri
     max_batches = 2 * n_actors  # scoring batches in flight
     pending_prep: dict[Any, tuple[int, int | None]] = {}  # ref -> (chunk index, position when retried alone)
     ready_chunks: dict[int, list[Prepared]] = {}
-    retry_single: deque = deque()  # (chunk index, position, item) of a chunk whose task failed for good
     split: dict[int, list[Any]] = {}  # chunk index -> per-item results while retried one by one
     next_submit = next_consume = 0
     events: deque = deque()  # in input order: ("account", Prepared) | ("batch", _Batch)

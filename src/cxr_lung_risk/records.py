@@ -21,9 +21,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records"]
+__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records", "json_lines"]
 
 RECORDS_JSONL = "records.jsonl"
 
@@ -79,3 +79,20 @@ def read_records(out_dir: str | Path) -> Iterator[InputRecord]:
             line = line.strip()
             if line:
                 yield InputRecord.from_json(json.loads(line))
+
+
+def json_lines(path: str | Path, clean: Callable[[str], str] = str.strip) -> Iterator[Any]:
+    """The JSON values of a file with one per line (none when it cannot be opened); a line that
+    does not parse (cut by an interruption) is passed over. ``clean`` prepares each line."""
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    with f:
+        for line in f:
+            line = clean(line)
+            if line:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue

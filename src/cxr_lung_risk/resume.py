@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .errors import UsageError
-from .records import RECORDS_JSONL, InputRecord, Status
+from .records import RECORDS_JSONL, InputRecord, Status, json_lines
 
 __all__ = [
     "IDENTITY_KEYS",
@@ -111,18 +110,12 @@ def resume_key(opts: Any) -> dict[str, Any]:
 
 def read_records_tolerant(out: Path) -> list[InputRecord]:
     """The records in ``out`` (none when there is no file); a line cut by an interruption is ignored."""
-    path = Path(out) / RECORDS_JSONL
     recs: list[InputRecord] = []
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError:
-        return recs
-    with f:
-        for line in f:
-            try:
-                recs.append(InputRecord.from_json(json.loads(line)))
-            except (ValueError, KeyError, TypeError):
-                continue
+    for d in json_lines(Path(out) / RECORDS_JSONL):
+        try:
+            recs.append(InputRecord.from_json(d))
+        except (KeyError, TypeError, ValueError):
+            continue
     return recs
 
 

@@ -75,20 +75,10 @@ def _kept_csv_rows(path: Path, keep: set[str], header: Sequence[str] | None = No
 def read_json_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a ``cxr_lung_risk.json`` written by :class:`ResultWriter`, also one cut short by
     an interruption (one object per line)."""
-    rows = []
-    try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except OSError:
-        return rows
-    with f:
-        for line in f:
-            line = line.strip().lstrip("[").rstrip("]").strip().rstrip(",")
-            if line.startswith("{"):
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-    return rows
+    from ..records import json_lines
+
+    clean = lambda line: line.strip().lstrip("[").rstrip("]").strip().rstrip(",")  # noqa: E731
+    return [r for r in json_lines(path, clean) if isinstance(r, dict)]
 
 
 def _parquet_parts(out_dir: Path) -> list[Path]:
