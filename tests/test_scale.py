@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cohort import cr_copy, predict_opts, scored_run  # noqa: E402
+from cohort import assert_same_rows, cr_copy, predict_opts, scored_run  # noqa: E402
 
 from cxr_lung_risk.options import PredictOptions  # noqa: E402
 from cxr_lung_risk.predict import STOP_AFTER_ENV, run_predict  # noqa: E402
@@ -29,24 +29,6 @@ def read_csv(path: Path) -> list[dict]:
 
 def sr_files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "sr").glob("*.dcm"))}
-
-
-VALUE_COLUMNS = ("CXR_Lung_Risk",)
-
-
-def assert_same_rows(got: list[dict], want: list[dict]) -> None:
-    """The same inputs and columns, every text cell equal; scores equal to float32 batch noise.
-
-    A resumed run or a shard batches images differently from a full run, and the CPU kernels'
-    last bits depend on the batch size and an image's place in it (README, "Outputs")."""
-    key = lambda r: r["File"]  # noqa: E731
-    got, want = sorted(got, key=key), sorted(want, key=key)
-    assert [list(r) for r in got] == [list(r) for r in want]
-    for g, w in zip(got, want):
-        assert {k: v for k, v in g.items() if k not in VALUE_COLUMNS} == {k: v for k, v in w.items() if k not in VALUE_COLUMNS}
-        for k in VALUE_COLUMNS:
-            if w.get(k) not in (None, ""):
-                assert float(g[k]) == pytest.approx(float(w[k]), rel=1e-6, abs=0), (g["File"], k)
 
 
 def records_view(out: Path) -> list[dict]:
