@@ -69,7 +69,7 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads(), "ray": ray.__version__, "loadavg_start": _loadavg()},
         "inputs": {"n_inputs": n_inputs, "n_images": n_images, "n_cr_j2k": a.n_cr, "n_png": 5 * a.png_copies,
                    "batch_size": a.batch_size, "dicom_bytes": dicom_bytes, "prepared_pickle_bytes": prepared_bytes},
-        "runs": {"local": [], "ray": []},
+        "runs": {"local": [], "ray": [], "ray_url": []},
     }
     t = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="cxr-ray-", dir="/tmp")
@@ -80,11 +80,13 @@ def main() -> int:
     result["ray_start_s"] = time.perf_counter() - t
     try:
         for r in range(a.rounds):
-            for engine in ("local", "ray"):  # interleaved: both see the same machine load
+            for engine in ("local", "ray", "ray_url"):  # interleaved: all see the same machine load
                 out = work / f"{engine}{r}"
                 tm = work / f"{engine}{r}.json"
-                opts = PredictOptions(inputs=(cohort,), out=out, weights={"lung-risk": a.weights}, device="cpu",
-                                      deterministic=True, batch_size=a.batch_size, progress=False, engine=engine,
+                # ray_url: the same files as a file:// URL, read as bytes through fsspec (as from an object store)
+                inputs = (f"file://{cohort}",) if engine == "ray_url" else (cohort,)
+                opts = PredictOptions(inputs=inputs, out=out, weights={"lung-risk": a.weights}, device="cpu",
+                                      deterministic=True, batch_size=a.batch_size, progress=False, engine=engine.split("_")[0],
                                       timings=tm, resume=False)
                 t0 = time.perf_counter()
                 s = run_predict(opts)
@@ -96,6 +98,7 @@ def main() -> int:
                 print(f"{engine} round {r}: {wall:.1f} s, {entry['images_per_s']:.3f} images/s", file=sys.stderr)
             same = all((work / f"local{r}" / f).read_bytes() == (work / f"ray{r}" / f).read_bytes()
                        for f in ("cxr_lung_risk.csv", "manifest.csv", "records.jsonl"))
+            same = same and (work / f"local{r}" / "cxr_lung_risk.csv").read_bytes() == (work / f"ray_url{r}" / "cxr_lung_risk.csv").read_bytes()
             result.setdefault("outputs_equal", []).append(same)
     finally:
         ray.shutdown()
@@ -108,11 +111,13 @@ def main() -> int:
     summary = {
         "local_images_per_s": med("local", "images_per_s"),
         "ray_images_per_s": med("ray", "images_per_s"),
+        "ray_url_images_per_s": med("ray_url", "images_per_s"),
         "overhead_ratio_wall": med("ray", "wall_s") / med("local", "wall_s"),
         "overhead_ratio_after_load": med("local", "images_per_s_after_load") / med("ray", "images_per_s_after_load"),
         "per_image_s": {
             "local": {k: med("local", k + "_s", True) / n_images for k in ("prepare", "infer", "write")},
             "ray": {k: (med("ray", k + "_s", True) or 0.0) / n_images for k in ("read", "prepare", "infer", "build", "write")},
+            "ray_url": {k: (med("ray_url", k + "_s", True) or 0.0) / n_images for k in ("read", "prepare", "infer", "build", "write")},
         },
         "load_s": {"local": med("local", "load_s", True), "ray_actor_ready": med("ray", "load_s", True)},
     }
