@@ -4,8 +4,9 @@
 # Installs Debian's dcmtk + ImageMagick (and docker.io + debootstrap for the Docker tests, which
 # start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
-# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2). Suites whose venv
-# could not be installed are skipped with a message; all others must pass.
+# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), and the [ray] extra
+# (the ray suite starts a local Ray on loopback). Suites whose dependencies could not be
+# installed are skipped with a message; all others must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need_apt=()
@@ -34,6 +35,10 @@ fi
 echo "== installing the package and test extras into .venv"
 bash scripts/install.sh --test .venv
 export PATH="$PWD/.venv/bin:$PATH"
+echo "== ray extra (Ray, pyarrow, fsspec) into .venv"
+if ! .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[ray]"; then
+  echo "warning: the [ray] extra could not be installed; the ray suite (marker: ray) will skip" >&2
+fi
 if [ -f tools/oracle/setup_venv.sh ]; then
   echo "== oracle venv (.venvs/oracle)"
   if bash tools/oracle/setup_venv.sh .venvs/oracle; then

@@ -25,7 +25,9 @@ them; their ``name`` is what the tables and records show.
 
 Stable names (semantic versioning applies to them): :func:`prepare_input`, :func:`load_scorer`,
 :class:`Scorer`, :class:`OutputWriter`, :class:`Prepared`, :class:`PrepareOptions`,
-:class:`SelectionOptions`, :class:`InputRecord`, :class:`Status`, :func:`read_records`.
+:class:`SelectionOptions`, :class:`InputRecord`, :class:`Status`, :func:`read_records`,
+:func:`input_identity` (what a rerun compares to skip a finished input), :func:`shard_of` (which
+``--shard`` an input belongs to).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .dicom_io import InputFile, SelectionOptions
 from .outputs.writer import OutputWriter
 from .pipeline import PrepareOptions, Prepared, prepare
 from .records import InputRecord, Status, read_records
+from .resume import input_identity, shard_of
 
 __all__ = [
     "prepare_input",
@@ -51,6 +54,8 @@ __all__ = [
     "InputRecord",
     "Status",
     "read_records",
+    "input_identity",
+    "shard_of",
     "MAX_STREAM_BYTES",
 ]
 
@@ -103,24 +108,27 @@ def prepare_input(
     name: str | None = None,
     options: PrepareOptions | None = None,
     max_bytes: int = MAX_STREAM_BYTES,
+    rel: str | None = None,
 ) -> Prepared:
     """One input -> :class:`Prepared` (selection + the published preprocessing), never raising for
     bad input.
 
     ``source``: a path, ``bytes``, or a binary file object (read to its end; not closed).
     ``name``: what the outputs call it (``File`` column, record ``input``/``file``); default: the
-    path, or the file object's base name. ``options``: selection rules and ImageMagick version
+    path, or the file object's base name. ``rel``: the ``File`` column alone, when it should differ
+    from ``name`` (the cluster runner: ``name`` the full URL, ``rel`` the path under the archive
+    root). The result's ``identity["sha256"]`` is the SHA-256 of the bytes read. ``options``: selection rules and ImageMagick version
     (default: ``predict``'s). Runs in this process: for many untrusted local files prefer
     :func:`cxr_lung_risk.pipeline.iter_prepared`, which fences each decode in a worker process.
     """
     opts = options or PrepareOptions()
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return prepare(InputFile(path, name or path.name, source=path), opts)
+        return prepare(InputFile(path, rel or name or path.name, source=path), opts)
     if not isinstance(source, (bytes, bytearray, memoryview)) and not hasattr(source, "read"):
         raise TypeError(f"prepare_input takes a path, bytes or a binary file object, not {type(source).__name__}")
     label = name or _default_name(source)
-    shown = InputFile(Path(label), label)
+    shown = InputFile(Path(label), rel or label)
     tmpdir = tempfile.mkdtemp(prefix="cxr-lung-risk-in-")
     try:
         tmp = Path(tmpdir) / ("input" + (PurePosixPath(label).suffix[:16] or ""))
@@ -146,15 +154,17 @@ def load_scorer(
     all_members: bool = False,
     per_model: bool = False,
     tta: bool = True,
+    linkage: bool = False,
 ):
     """Load ``models`` (``"lung-risk"``, ``"age"`` or ``"all"``) once -> :class:`Scorer`.
 
     ``weights``: a path per model key (a folder, zip or file as ``--weights`` takes); default:
     the ``fetch-weights`` cache. Raises :class:`~cxr_lung_risk.errors.WeightsNotFoundError` when
-    they are missing.
+    they are missing. ``linkage``: rows carry PatientID, StudyDate, AccessionNumber and
+    ViewPosition (identifying data).
     """
     from .registry import ModelOptions
     from .scoring import Scorer
 
     opts = ModelOptions(device=device, precision=precision, all_members=all_members, per_model=per_model, tta=tta)
-    return Scorer.load(models, weights=weights, options=opts)
+    return Scorer.load(models, weights=weights, options=opts, linkage=linkage)

@@ -1,4 +1,4 @@
-"""Command-line interface: ``cxr-lung-risk predict | preprocess | demo | fetch-weights``.
+"""Command-line interface: ``cxr-lung-risk predict | preprocess | demo | fetch-weights | merge``.
 
 The only place that knows argparse, messages and exit codes. It turns arguments into typed
 options (:mod:`cxr_lung_risk.options`), validates them before torch is imported (a typo costs no
@@ -55,6 +55,18 @@ outputs (in --out DIR):
   manifest.csv        every input: File,status,reason (status ok, skipped or failed)
   records.jsonl       every input: status, reason, UIDs, values and every file written for it
   run.json            the run: versions, device and precision per model, the weights' identity
+  parquet/part-*.parquet  the result rows as Parquet (with --format parquet; always with --engine ray)
+
+resume and shards:
+  Rerunning with the same --out keeps every input the earlier run finished (same path, size and
+  modification time, all its files present) and does the rest: an interrupted run is resumed, a
+  partly written input is done again (--no-resume starts afresh). --shard K/N scores only the
+  inputs whose File name hashes to K of N (0 <= K < N): give each array job (SLURM) its own --out
+  and join them with `cxr-lung-risk merge`.
+
+cluster (--engine ray, needs pip install 'cxr-lung-risk[ray]'):
+  INPUTs may also be object-store URLs (s3://bucket/prefix, gs://..., file://...) read through
+  pyarrow/fsspec; local paths must be visible at the same path on every node.
 
 exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs failed
              (or --stow could not deliver every object); 1 nothing could be scored, or a
@@ -131,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     d.add_argument("--cache", type=Path, default=None, metavar="DIR", help="where the synthetic weights go (default: the weights cache)")
     _add_run_args(d)
+
+    m = sub.add_parser(
+        "merge",
+        help="join the output folders of --shard runs into one",
+        description="Join the --out folders of `predict --shard K/N` runs (same options) into DIR: the tables "
+        "(CSV, JSON, Parquet, manifest, records) are concatenated shard by shard and the SR/result files copied. "
+        "The union equals one full run (rows in shard order).",
+    )
+    m.add_argument("shards", nargs="+", metavar="SHARD_DIR", help="output folders of the shard runs")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder of the merged run (new or empty)")
+    _add_run_args(m)
 
     f = sub.add_parser(
         "fetch-weights",
@@ -230,6 +253,25 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="CXR-Age: plain single pass")
     p.add_argument("--saliency", action="store_true", help="write saliency maps (PNG under saliency/, DICOM SC under sc/)")
     p.add_argument(
+        "--linkage-columns",
+        action="store_true",
+        help="add PatientID, StudyDate, AccessionNumber and ViewPosition from each DICOM header to the result table "
+        "(to link scores per patient and study). These are IDENTIFYING data: the table then needs the protection "
+        "of the source images",
+    )
+    c = p.add_argument_group("scale: engines, resume, shards")
+    c.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this process (default); ray: a Ray cluster (pip install 'cxr-lung-risk[ray]'); "
+                   "reading/preprocessing run as Ray tasks, scoring in actors that load the models once (a GPU each where there are GPUs)")
+    c.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (e.g. auto, or HEAD:6379 of `ray start --head`); default: a local Ray started for the run")
+    c.add_argument("--ray-actors", type=int, default=None, metavar="N", help="scoring actors (default: one per GPU, else one)")
+    c.add_argument("--shard", default=None, metavar="K/N",
+                   help="score only shard K of N (0 <= K < N; by a stable hash of each input's File name), e.g. "
+                   "--shard $SLURM_ARRAY_TASK_ID/$N; join the shards' --out folders with `cxr-lung-risk merge`")
+    c.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="redo every input even when --out holds a finished or interrupted run of the same options")
+    p.add_argument(
         "--saliency-method",
         choices=["gradient", "gradcam"],
         default="gradient",
@@ -277,10 +319,12 @@ def predict_options(args: argparse.Namespace):
     if args.age_weights:
         weights["age"] = Path(args.age_weights)
     from .dicomweb import is_dicomweb_input
+    from .options import is_url
+    from .resume import parse_shard
 
     remote = tuple(p for p in args.inputs if is_dicomweb_input(p))
     return PredictOptions(
-        inputs=tuple(Path(p) for p in args.inputs if not is_dicomweb_input(p)),
+        inputs=tuple(p if is_url(p) else Path(p) for p in args.inputs if not is_dicomweb_input(p)),
         dicomweb=remote,
         stow=args.stow,
         dicomweb_http=_http_options(args, args.dicomweb_token, "CXR_LUNG_RISK_DICOMWEB_TOKEN") if remote else None,
@@ -304,6 +348,12 @@ def predict_options(args: argparse.Namespace):
         im_version=args.im_version,
         timings=args.timings,
         progress=not args.quiet,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        ray_actors=args.ray_actors,
+        shard=parse_shard(args.shard) if args.shard else None,
+        resume=args.resume,
+        linkage=args.linkage_columns,
     )
 
 
@@ -348,9 +398,11 @@ def _summary_line(summary, what: str = "scored") -> str:
             f" ({t['run_s']:.1f} s: load {t['load_s']:.1f}, prepare {t['prepare_s']:.1f}, models {t['infer_s']:.1f}, "
             f"write {t['write_s']:.1f})"
         )
+    resumed = getattr(summary, "resumed", 0)
+    kept = f" ({resumed} of them done by an earlier run)" if resumed else ""
     return (
         f"cxr-lung-risk: {what} {summary.scored}, skipped {summary.skipped}, failed {summary.failed} of "
-        f"{summary.inputs} inputs -> {summary.out}{times}"
+        f"{summary.inputs} inputs{kept} -> {summary.out}{times}"
     )
 
 
@@ -413,6 +465,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge_outputs
+
+    summary = merge_outputs([Path(p) for p in args.shards], args.out)
+    print(_summary_line(summary, "merged: scored"), file=sys.stderr)
+    return _exit_code(summary)
+
+
 _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
     "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
@@ -446,7 +506,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(cfg)
 
 
-_COMMANDS = {"predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
+_COMMANDS = {"merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
 
 
 class _Terminated(BaseException):

@@ -17,9 +17,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dicom_io import SelectionOptions
     from .registry import ModelOptions
 
-__all__ = ["FORMATS", "SALIENCY_METHODS", "IM_VERSIONS", "PRECISION_CHOICES", "PredictOptions", "PreprocessOptions", "parse_formats", "default_selection"]
+__all__ = ["FORMATS", "ENGINES", "is_url", "SALIENCY_METHODS", "IM_VERSIONS", "PRECISION_CHOICES", "PredictOptions", "PreprocessOptions", "parse_formats", "default_selection"]
 
-FORMATS = ("csv", "sr", "json")
+FORMATS = ("csv", "sr", "json", "parquet")
+ENGINES = ("local", "ray")
 SALIENCY_METHODS = ("gradient", "gradcam")
 IM_VERSIONS = ("6.8.9-9", "6.9.11")
 PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")  # = runtime.PRECISIONS (kept here: no torch import)
@@ -49,10 +50,19 @@ def check_compute(device: str, precision: str) -> None:
         raise UsageError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}")
 
 
-def _check_inputs(inputs: Sequence[Path]) -> None:
+def is_url(text: object) -> bool:
+    """``s3://...``, ``gs://...``, ``file://...``: an input read through a pyarrow/fsspec file system."""
+    import re
+
+    return isinstance(text, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
+def _check_inputs(inputs: Sequence[Path | str]) -> None:
     if not inputs:
         raise UsageError("no INPUT given")
     for p in inputs:
+        if is_url(p):
+            continue
         if not (p.exists() or p.is_symlink()):
             raise InputNotFoundError(p)
 
@@ -73,7 +83,7 @@ def _check_common(opts) -> None:
 class PredictOptions:
     """Everything a ``predict`` run needs."""
 
-    inputs: tuple[Path, ...]
+    inputs: tuple[Path | str, ...]  # paths, or URLs (str) with engine "ray"
     out: Path
     models: tuple[str, ...] = ("lung-risk",)  # registry keys, see cxr_lung_risk.registry
     weights: Mapping[str, Path] = field(default_factory=dict)  # per model key; missing: the cache
@@ -99,10 +109,20 @@ class PredictOptions:
     stow: str | None = None
     dicomweb_http: Any = None
     stow_http: Any = None
+    engine: str = "local"  # local: this process; ray: a Ray cluster (cxr_lung_risk.cluster)
+    ray_address: str | None = None  # None: a local Ray started for the run
+    ray_actors: int | None = None  # scoring actors; None: one per GPU, else one
+    shard: tuple[int, int] | None = None  # (K, N): only the inputs of shard K of N
+    resume: bool = True  # keep what an earlier run into `out` finished (cxr_lung_risk.resume)
+    linkage: bool = False  # PatientID, StudyDate, AccessionNumber, ViewPosition columns (identifying)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "inputs", tuple(Path(p) for p in self.inputs))
+        object.__setattr__(self, "inputs", tuple(p if is_url(p) else Path(p) for p in self.inputs))
         object.__setattr__(self, "out", Path(self.out))
+        if isinstance(self.shard, str):
+            from .resume import parse_shard
+
+            object.__setattr__(self, "shard", parse_shard(self.shard))
         object.__setattr__(self, "weights", {k: Path(v) for k, v in dict(self.weights).items() if v is not None})
         object.__setattr__(self, "dicomweb", tuple(str(s) for s in self.dicomweb))
         if isinstance(self.formats, str):
@@ -122,6 +142,24 @@ class PredictOptions:
             raise UsageError(f"--saliency-method must be one of {', '.join(SALIENCY_METHODS)}")
         if self.dicomweb or self.stow:
             self._validate_dicomweb()
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
+        if self.engine != "ray":
+            urls = [p for p in self.inputs if is_url(p)]
+            if urls:
+                raise UsageError(f"object-store inputs ({urls[0]}) need --engine ray")
+            if self.ray_address or self.ray_actors:
+                raise UsageError("--ray-address and --ray-actors need --engine ray")
+        elif self.saliency or self.result_image:
+            raise UsageError("--saliency and --result-image are not available with --engine ray (run them with --engine local)")
+        elif self.dicomweb or self.stow:
+            raise UsageError("DICOMweb sources and --stow are not available with --engine ray (run them with --engine local)")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise UsageError("--ray-actors must be at least 1")
+        if self.shard is not None:
+            k, n = self.shard
+            if n < 1 or not 0 <= k < n:
+                raise UsageError("--shard takes K/N with 0 <= K < N")
         return self
 
     def _validate_dicomweb(self) -> None:

@@ -20,7 +20,7 @@ from . import dicom_io, preprocess, transforms
 from .dicom_io import InputFile, SelectionOptions
 from .records import Status
 
-__all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "RASTER_SUFFIXES"]
+__all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "file_sha256", "RASTER_SUFFIXES"]
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -46,6 +46,7 @@ class Prepared:
     dataset: Any = None  # pydicom header without pixel data (DICOM only)
     uids: dict[str, str] = field(default_factory=dict)
     input_name: str = ""  # what records call the input when it is not a local path (a URL, a stream's name)
+    identity: dict[str, Any] = field(default_factory=dict)  # sha256 of the bytes read (+ size/mtime from the runner)
 
 
 def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
@@ -54,6 +55,9 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         p = _prepare(item, opts)
+    digest = file_sha256(item.path)
+    if digest:
+        p.identity["sha256"] = digest
     seen = set(p.warnings)
     for w in caught:
         msg = " ".join(str(w.message).split())[:200]
@@ -61,6 +65,36 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
             seen.add(msg)
             p.warnings.append(msg)
     return p
+
+
+#: Files larger than this are not hashed for their identity (a chest radiograph is far smaller).
+HASH_MAX_BYTES = 2 << 30
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a regular file's bytes, or "" (not a regular file, too large, unreadable):
+    the content part of an input's recorded identity (see :mod:`cxr_lung_risk.resume`)."""
+    import hashlib
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return ""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > HASH_MAX_BYTES:
+            return ""
+        h = hashlib.sha256()
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _clean_header_uids(loaded) -> None:

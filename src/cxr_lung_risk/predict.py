@@ -51,6 +51,7 @@ class RunSummary:
     timings: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # about the run itself (e.g. an unwritable --timings)
     weights: dict[str, dict[str, Any]] = field(default_factory=dict)
+    resumed: int = 0  # inputs an earlier run into the same folder had finished (counted in ``counts``)
     stow: list[dict[str, Any]] = field(default_factory=list)  # --stow: one result per file sent (see dicomweb.StowResult)
 
     @property
@@ -191,44 +192,142 @@ def _write_json_quietly(path: Path, data: dict[str, Any], summary: RunSummary, w
 
 
 # --------------------------------------------------------------------------------- predict
-def run_predict(opts: PredictOptions) -> RunSummary:
-    """Score every input of ``opts``; write the tables, SRs, saliency maps, manifest and records."""
-    opts.validate()
-    timer = PhaseTimer()
-    keys = resolve_models(opts.models)
-    files = _discover(opts.inputs, opts.out) if opts.inputs or not opts.dicomweb else []
+#: Test hook (interruption tests): stop the run like Ctrl-C after this many inputs were finished.
+STOP_AFTER_ENV = "CXR_LUNG_RISK_TEST_STOP_AFTER"
+
+
+def stop_after() -> int | None:
+    v = os.environ.get(STOP_AFTER_ENV, "").strip()
+    return int(v) if v.isdigit() else None
+
+
+def _uid_columns(files: Sequence[Any]) -> bool:
+    """Whether the table has the UID columns: any input that is (or, for a URL, may be) DICOM."""
+    from .pipeline import RASTER_SUFFIXES
+
+    for f in files:
+        if isinstance(f, InputFile):
+            if is_dicom_file(f.path):
+                return True
+        elif not f.rel.lower().endswith(RASTER_SUFFIXES):
+            return True
+    return False
+
+
+def _identity(f: Any) -> dict[str, Any]:
+    from .resume import input_identity
+
+    return input_identity(f.path) if isinstance(f, InputFile) else f.identity()
+
+
+def _previous_resume_key(out: Path) -> Any:
+    try:
+        return json.loads((out / RUN_JSON).read_text(encoding="utf-8")).get("resume_key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class Plan:
+    """What a run has to do, after discovery, sharding and resume (shared by the engines)."""
+
+    todo: list[Any]  # InputFile (paths) or cluster.RemoteFile (URLs), in input order
+    identities: dict[str, dict[str, Any]]  # File -> identity
+    kept: list[InputRecord] | None  # records kept from an earlier run (None: a fresh folder)
+    uid_columns: bool
+    n_inputs: int
+    remote: list[Any] = field(default_factory=list)  # DICOMweb instances (always fetched; not resumed)
+
+    def stamp(self, p: Prepared) -> Prepared:
+        """Give a prepared input its identity (listing + the sha256 its preparation computed)."""
+        p.identity = {**self.identities.get(p.file.rel, {}), **(p.identity or {})}
+        return p
+
+
+def plan_run(opts: PredictOptions) -> Plan:
+    """Discover (or list) the inputs, keep this shard's, and find what an earlier run finished."""
+    from .resume import completed_records, resume_key, shard_of
+
+    if opts.engine == "ray":
+        from .cluster import list_inputs
+
+        files: list[Any] = list_inputs(opts.inputs, exclude=opts.out)
+    else:
+        files = _discover(opts.inputs, opts.out) if opts.inputs or not opts.dicomweb else []
     remote = _remote_items(opts)
     if not files and not remote:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
+    uid_columns = bool(remote) or _uid_columns(files)
+    if opts.shard is not None:
+        k, n = opts.shard
+        files = [f for f in files if shard_of(f.rel, n) == k]
+    identities = {f.rel: _identity(f) for f in files}
+    kept = None
+    out = opts.out
+    if opts.resume and not remote and (out / "records.jsonl").is_file():
+        if _previous_resume_key(out) == json.loads(json.dumps(resume_key(opts))):
+            kept = completed_records(out, identities, sorted(_formats(opts)))
+        elif opts.progress:
+            say(f"the earlier run in {out} used other options: starting afresh (its files are replaced)")
+    done = {r.file for r in kept or ()}
+    todo = [f for f in files if f.rel not in done]
+    return Plan(todo=todo, identities=identities, kept=kept, uid_columns=uid_columns, n_inputs=len(files) + len(remote), remote=remote)
+
+
+def _formats(opts: PredictOptions) -> frozenset[str]:
+    """The run's table formats: ``--engine ray`` always adds Parquet."""
+    return opts.formats | {"parquet"} if opts.engine == "ray" else opts.formats
+
+
+def run_predict(opts: PredictOptions) -> RunSummary:
+    """Score every input of ``opts``; write the tables, SRs, saliency maps, manifest and records.
+
+    A rerun into the same ``out`` keeps what the earlier run finished (``opts.resume``, see
+    :mod:`cxr_lung_risk.resume`); ``opts.shard`` restricts the run to one shard of the inputs;
+    ``opts.engine == "ray"`` runs it on a Ray cluster (:mod:`cxr_lung_risk.cluster`).
+    """
+    opts.validate()
+    timer = PhaseTimer()
+    keys = resolve_models(opts.models)
     out = opts.out
     _prepare_out(out)
-    summary = RunSummary(out=out, inputs=len(files) + len(remote))
     with _OutputLock(out):
+        plan = plan_run(opts)
+        summary = RunSummary(out=out, inputs=plan.n_inputs)
+        for r in plan.kept or ():
+            summary.counts[str(r.status)] = summary.counts.get(str(r.status), 0) + 1
+        summary.resumed = len(plan.kept or ())
+        todo = len(plan.todo) + len(plan.remote)
         if opts.progress:
+            shard = f" (shard {opts.shard[0]}/{opts.shard[1]})" if opts.shard else ""
+            done = f"; {summary.resumed} already done in {out}, {todo} to do" if plan.kept is not None else ""
             titles = ", ".join(_title(k) for k in keys)
-            say(f"{summary.inputs} input file(s) found; loading {titles} (device {opts.device}, precision {opts.precision}) ...")
-        t = time.perf_counter()
-        models = load_models(keys, opts)
-        timer.add("load", t)
-        summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
-        if summary.synthetic:
-            say("WARNING: running on SYNTHETIC weights: the scores are meaningless (see `cxr-lung-risk fetch-weights`)")
-        _run_models(opts, files, models, timer, summary, remote)
+            loading = f"; loading {titles} (device {opts.device}, precision {opts.precision}) ..." if todo and opts.engine != "ray" else ""
+            say(f"{plan.n_inputs} input file(s) found{shard}{done}{loading}")
+        if not todo:
+            pass
+        elif opts.engine == "ray":
+            from .cluster import run_on_ray
+
+            run_on_ray(opts, plan, timer, summary)
+        else:
+            t = time.perf_counter()
+            models = load_models(keys, opts)
+            timer.add("load", t)
+            summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
+            _warn_synthetic(summary)
+            _run_models(opts, plan, models, timer, summary)
         if opts.stow:
             t = time.perf_counter()
             summary.stow = _stow_outputs(opts, summary)
             timer.phases["send"] = time.perf_counter() - t
-    tm = timer.as_dict(inputs=summary.inputs, scored=summary.scored, workers=summary.timings.get("workers"), batch_size=opts.batch_size)
+    extra = {k: v for k, v in summary.timings.items() if k not in timer.phases and k != "workers"}
+    tm = timer.as_dict(inputs=plan.n_inputs, scored=summary.scored, resumed=summary.resumed, done_now=len(plan.todo) + len(plan.remote), workers=summary.timings.get("workers"),
+                       batch_size=opts.batch_size, engine=opts.engine, **extra)
     summary.timings = tm
     if opts.timings is not None:
         _write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
     return summary
-
-
-def _title(key: str) -> str:
-    from .registry import spec_for
-
-    return spec_for(key).title
 
 
 def _remote_items(opts: PredictOptions) -> list:
@@ -255,61 +354,6 @@ def _stow_outputs(opts: PredictOptions, summary: RunSummary) -> list[dict[str, A
     return results
 
 
-def _run_models(opts: PredictOptions, files: list[InputFile], models: list[Model], timer: PhaseTimer, summary: RunSummary, remote: Sequence = ()) -> None:
-    out = opts.out
-    workers = default_workers() if opts.workers is None else opts.workers
-    summary.timings["workers"] = workers
-    prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
-    scorer = Scorer(models)
-    columns = scorer.columns(uid_columns=bool(remote) or any(is_dicom_file(f.path) for f in files))
-    writer = OutputWriter(
-        out,
-        models,
-        columns,
-        formats=opts.formats,
-        deterministic=opts.deterministic,
-        saliency=opts.saliency_method if opts.saliency else None,
-        im_version=opts.im_version,
-        result_image=opts.result_image,
-    )
-    _write_json_quietly(out / RUN_JSON, _run_info(opts, models, summary.inputs), summary, "the run description")
-    progress = Progress(summary.inputs, desc="scoring", enabled=opts.progress)
-
-    def finish(rec: InputRecord, done: float) -> None:
-        summary.counts[str(rec.status)] = summary.counts.get(str(rec.status), 0) + 1
-        progress.finish_input(rec.status, done)
-        if rec.warnings and opts.progress:
-            for w in rec.warnings:
-                say(f"warning: {rec.file}: {w}")
-
-    def score(batch: list[Prepared]) -> None:
-        t = time.perf_counter()
-        n = len(batch)
-        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n))
-        t = timer.add("infer", t)
-        for rec in writer.write_scored(batch, rows):
-            finish(rec, 1.0 - _STEP_WRITTEN)
-        timer.add("write", t)
-
-    try:
-        batch: list[Prepared] = []
-        stream = timer.timed("prepare", _iter_inputs(files, remote, prep, workers, opts.dicomweb_http))
-        for p in stream:
-            if p.status is not Status.OK:
-                finish(writer.account(p), 0.0)
-                continue
-            progress.advance(_STEP_PREPARED)
-            batch.append(p)
-            if len(batch) >= opts.batch_size:
-                score(batch)
-                batch = []
-        if batch:
-            score(batch)
-    finally:
-        progress.close()
-        writer.close()
-
-
 def _iter_inputs(files: list[InputFile], remote: Sequence, prep: PrepareOptions, workers: int, http: Any) -> Iterator[Prepared]:
     """Local files (worker pool), then the DICOMweb instances (fetched and prepared in turn)."""
     yield from iter_prepared(files, prep, workers=workers) if files else ()
@@ -319,32 +363,134 @@ def _iter_inputs(files: list[InputFile], remote: Sequence, prep: PrepareOptions,
         yield from iter_remote_prepared(remote, prep, http)
 
 
-def _run_info(opts: PredictOptions, models: Sequence[Model], n_inputs: int) -> dict[str, Any]:
+def _warn_synthetic(summary: RunSummary) -> None:
+    if summary.synthetic:
+        say("WARNING: running on SYNTHETIC weights: the scores are meaningless (see `cxr-lung-risk fetch-weights`)")
+
+
+def _title(key: str) -> str:
+    from .registry import spec_for
+
+    return spec_for(key).title
+
+
+def models_info(models: Sequence[Model]) -> dict[str, Any]:
+    """run.json's ``models``: title, device, precision and weights identity per model."""
+    return {
+        m.spec.key: {
+            "title": m.spec.title,
+            "device": m.placement.device_name,
+            "precision": m.placement.precision,
+            "weights": m.weights_identity,
+        }
+        for m in models
+    }
+
+
+def open_writer(opts: PredictOptions, plan: Plan, models: Sequence[Model], columns: Sequence[str], summary: RunSummary,
+                info: dict[str, Any], value_columns: Sequence[str] | None = None) -> OutputWriter:
+    """The run's :class:`OutputWriter` (resuming when the plan kept records) and its run.json."""
+    writer = OutputWriter(
+        opts.out,
+        models,
+        columns,
+        formats=_formats(opts),
+        deterministic=opts.deterministic,
+        saliency=opts.saliency_method if opts.saliency else None,
+        im_version=opts.im_version,
+        result_image=opts.result_image,
+        value_columns=value_columns,
+        resume=plan.kept,
+    )
+    _write_json_quietly(opts.out / RUN_JSON, _run_info(opts, info, plan.n_inputs), summary, "the run description")
+    return writer
+
+
+class Accounting:
+    """Counts finished inputs into the summary and the progress display (both engines)."""
+
+    def __init__(self, opts: PredictOptions, summary: RunSummary, n: int) -> None:
+        self.opts, self.summary = opts, summary
+        self.progress = Progress(n, desc="scoring", enabled=opts.progress)
+        self.stop_after = stop_after()
+        self.n = 0
+
+    def finish(self, rec: InputRecord, done: float) -> None:
+        self.summary.counts[str(rec.status)] = self.summary.counts.get(str(rec.status), 0) + 1
+        self.progress.finish_input(rec.status, done)
+        if rec.warnings and self.opts.progress:
+            for w in rec.warnings:
+                say(f"warning: {rec.file}: {w}")
+        self.n += 1
+        if self.stop_after is not None and self.n >= self.stop_after:
+            raise KeyboardInterrupt(f"{STOP_AFTER_ENV}={self.stop_after}")
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def _run_models(opts: PredictOptions, plan: Plan, models: list[Model], timer: PhaseTimer, summary: RunSummary) -> None:
+    workers = default_workers() if opts.workers is None else opts.workers
+    summary.timings["workers"] = workers
+    prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
+    scorer = Scorer(models, linkage=opts.linkage)
+    writer = open_writer(opts, plan, models, scorer.columns(uid_columns=plan.uid_columns), summary, models_info(models))
+    acc = Accounting(opts, summary, len(plan.todo) + len(plan.remote))
+    progress = acc.progress
+
+    def score(batch: list[Prepared]) -> None:
+        t = time.perf_counter()
+        n = len(batch)
+        rows = scorer.score(batch, on_step=lambda f: progress.advance(f * _STEP_MODELS * n))
+        t = timer.add("infer", t)
+        for rec in writer.write_scored(batch, rows):
+            acc.finish(rec, 1.0 - _STEP_WRITTEN)
+        timer.add("write", t)
+
+    try:
+        batch: list[Prepared] = []
+        stream = timer.timed("prepare", _iter_inputs(plan.todo, plan.remote, prep, workers, opts.dicomweb_http))
+        for p in stream:
+            plan.stamp(p)
+            if p.status is not Status.OK:
+                acc.finish(writer.account(p), 0.0)
+                continue
+            progress.advance(_STEP_PREPARED)
+            batch.append(p)
+            if len(batch) >= opts.batch_size:
+                score(batch)
+                batch = []
+        if batch:
+            score(batch)
+    finally:
+        acc.close()
+        writer.close()
+
+
+def _run_info(opts: PredictOptions, models: dict[str, Any], n_inputs: int) -> dict[str, Any]:
+    from .resume import resume_key
+
     return {
         "software": {"name": "cxr-lung-risk", "version": __version__, "torch": torch.__version__},
         "inputs": [str(p) for p in opts.inputs] + list(opts.dicomweb),
         "n_inputs": n_inputs,
-        "models": {
-            m.spec.key: {
-                "title": m.spec.title,
-                "device": m.placement.device_name,
-                "precision": m.placement.precision,
-                "weights": m.weights_identity,
-            }
-            for m in models
-        },
+        "engine": opts.engine,
+        "shard": list(opts.shard) if opts.shard else None,
+        "models": models,
         "options": {
             "batch_size": opts.batch_size,
-            "formats": sorted(opts.formats),
+            "formats": sorted(_formats(opts)),
             "per_model": opts.per_model,
             "all_members": opts.all_members,
             "deterministic": opts.deterministic,
             "tta": opts.tta,
             "saliency": opts.saliency_method if opts.saliency else None,
             "im_version": opts.im_version,
+            "linkage_columns": opts.linkage,
             "result_image": opts.result_image,
             "stow": opts.stow,
         },
+        "resume_key": resume_key(opts),
     }
 
 

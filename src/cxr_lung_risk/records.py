@@ -5,10 +5,13 @@ met, in input order, written as soon as the input is finished::
 
     {"input": "/data/a/x.dcm", "file": "a/x.dcm", "status": "ok", "reason": "",
      "warnings": [], "study_uid": "1.2...", "series_uid": "1.2...", "sop_uid": "1.2...",
-     "values": {"CXR_Lung_Risk": 3.1}, "outputs": {"sr": ["sr/1.2....dcm"]}}
+     "values": {"CXR_Lung_Risk": 3.1}, "outputs": {"sr": ["sr/1.2....dcm"]},
+     "identity": {"input": "/data/a/x.dcm", "size": 1234, "mtime": 1700000000000000000, "sha256": "..."}}
 
 ``outputs`` paths are relative to the output folder, by kind (``sr``, ``sc``, ``saliency``,
-``png``). Adapters (MHub, the PACS node, the cluster runner) read these records instead of
+``png``). ``identity`` is what a rerun into the same folder compares to decide that an input is
+already done (see :mod:`cxr_lung_risk.resume`): the absolute path or URL, the size and modification
+time as listed, and the SHA-256 of the bytes that were read. Adapters (MHub, the PACS node, the cluster runner) read these records instead of
 re-deriving file names. :func:`read_records` reads them back.
 """
 from __future__ import annotations
@@ -18,9 +21,9 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records"]
+__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records", "json_lines"]
 
 RECORDS_JSONL = "records.jsonl"
 
@@ -50,6 +53,7 @@ class InputRecord:
     sop_uid: str = ""
     values: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)  # input, size, mtime, sha256 (resume)
 
     def add_output(self, kind: str, rel_path: str) -> None:
         self.outputs.setdefault(kind, []).append(rel_path)
@@ -75,3 +79,20 @@ def read_records(out_dir: str | Path) -> Iterator[InputRecord]:
             line = line.strip()
             if line:
                 yield InputRecord.from_json(json.loads(line))
+
+
+def json_lines(path: str | Path, clean: Callable[[str], str] = str.strip) -> Iterator[Any]:
+    """The JSON values of a file with one per line (none when it cannot be opened); a line that
+    does not parse (cut by an interruption) is passed over. ``clean`` prepares each line."""
+    try:
+        f = open(path, encoding="utf-8", errors="replace")
+    except OSError:
+        return
+    with f:
+        for line in f:
+            line = clean(line)
+            if line:
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue

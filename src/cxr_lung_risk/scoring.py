@@ -13,9 +13,27 @@ import torch
 
 from .registry import Model, ModelOptions, load_model, resolve_models
 
-__all__ = ["UID_COLUMNS", "Scorer", "weights_label"]
+__all__ = ["UID_COLUMNS", "LINKAGE_COLUMNS", "Scorer", "weights_label", "linkage_values"]
 
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+#: ``--linkage-columns``: copied from the source header so results can be joined per patient and
+#: study. They are identifying data (PatientID, AccessionNumber): handle the table accordingly.
+LINKAGE_COLUMNS = ("PatientID", "StudyDate", "AccessionNumber", "ViewPosition")
+
+
+def linkage_values(dataset: Any) -> dict[str, str]:
+    """The :data:`LINKAGE_COLUMNS` of a source header (empty strings when absent or not DICOM)."""
+    out = {}
+    for kw in LINKAGE_COLUMNS:
+        v = ""
+        if dataset is not None:
+            try:
+                raw = dataset.get(kw, "")
+                v = "" if raw is None else str(raw).strip().rstrip("\x00")
+            except Exception:  # noqa: BLE001 - an unreadable value stays empty
+                v = ""
+        out[kw] = v
+    return out
 
 
 def weights_label(models: Sequence[Model]) -> str:
@@ -37,11 +55,12 @@ class Scorer:
     >>> rows[0]["CXR_Lung_Risk"]                                     # doctest: +SKIP
     """
 
-    def __init__(self, models: Sequence[Model]) -> None:
+    def __init__(self, models: Sequence[Model], *, linkage: bool = False) -> None:
         if not models:
             raise ValueError("a Scorer needs at least one model")
         self.models = list(models)
         self.weights_label = weights_label(self.models)
+        self.linkage = linkage  # rows and columns carry LINKAGE_COLUMNS (identifying data)
 
     @classmethod
     def load(
@@ -51,11 +70,12 @@ class Scorer:
         weights: dict[str, Any] | None = None,
         options: ModelOptions | None = None,
         options_for: Callable[[str], ModelOptions] | None = None,
+        linkage: bool = False,
     ) -> "Scorer":
         """Load ``models`` (registry keys or ``"all"``) once. ``weights``: a path per key (default:
         the fetch-weights cache); ``options``: the device/precision/... every model gets;
         ``options_for``: per-key options instead (what :class:`~cxr_lung_risk.options.PredictOptions`
-        provides)."""
+        provides); ``linkage``: rows and columns carry :data:`LINKAGE_COLUMNS`."""
         from dataclasses import replace
 
         keys = resolve_models(models)
@@ -68,7 +88,7 @@ class Scorer:
 
                 o = replace(o, weights=Path(weights[k]))
             out.append(load_model(k, o))
-        return cls(out)
+        return cls(out, linkage=linkage)
 
     @property
     def keys(self) -> list[str]:
@@ -76,7 +96,7 @@ class Scorer:
 
     def columns(self, uid_columns: bool = True) -> list[str]:
         """The result table's columns, in order."""
-        cols = ["File"] + (list(UID_COLUMNS) if uid_columns else [])
+        cols = ["File"] + (list(UID_COLUMNS) if uid_columns else []) + (list(LINKAGE_COLUMNS) if self.linkage else [])
         for m in self.models:
             cols += m.columns
         cols.append("Weights")
@@ -109,6 +129,8 @@ class Scorer:
         rows = []
         for i, p in enumerate(items):
             row: dict[str, Any] = {"File": p.file.rel, **p.uids}
+            if self.linkage:
+                row.update(linkage_values(p.dataset))
             for k, v in results.items():
                 row[k] = float(v[i])
             row["Weights"] = self.weights_label

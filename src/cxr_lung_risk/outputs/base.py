@@ -39,6 +39,8 @@ __all__ = [
     "fixed_datetime",
     "safe_value",
     "write_dataset",
+    "write_bytes",
+    "dataset_bytes",
     "uid_stem",
     "UniqueNames",
 ]
@@ -212,26 +214,39 @@ def _umask() -> int:
 _UMASK = None
 
 
-def write_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file, atomically (temporary file in the same folder, then
-    rename), with the mode a plain ``open()`` would give (``0666 & ~umask``). The destination is
-    replaced, never written through: a symbolic link planted at ``path`` is replaced by the file.
-    Returns the path written."""
+def dataset_bytes(ds: Dataset) -> bytes:
+    """``ds`` as the bytes of a DICOM Part 10 file (what :func:`write_dataset` writes)."""
+    import io
+
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def write_bytes(data: bytes, path: str | os.PathLike, *, suffix: str = "") -> Path:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename), with
+    the mode a plain ``open()`` would give (``0666 & ~umask``). The destination is replaced, never
+    written through: a symbolic link planted at ``path`` is replaced by the file. Returns the path."""
     global _UMASK
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
     try:
         if _UMASK is None:
             _UMASK = _umask()
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            pydicom.dcmwrite(f, ds, enforce_file_format=True)
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_dataset(ds: Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file, atomically (see :func:`write_bytes`). Returns the path written."""
+    return write_bytes(dataset_bytes(ds), path, suffix=".dcm")
 
 
 _UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..records import InputRecord, Status
-from .base import UniqueNames, output_path
+from .base import UniqueNames, dataset_bytes, output_path, write_bytes
 from .tables import ManifestWriter, RecordWriter, ResultWriter
 
-__all__ = ["OutputWriter", "record_for"]
+__all__ = ["OutputWriter", "ObjectBuilder", "Built", "record_for"]
 
 
 def _printable_path(path: Path) -> str:
@@ -40,30 +41,64 @@ def record_for(p: Any) -> InputRecord:
         study_uid=p.uids.get("StudyInstanceUID", ""),
         series_uid=p.uids.get("SeriesInstanceUID", ""),
         sop_uid=p.uids.get("SOPInstanceUID", ""),
+        identity=dict(getattr(p, "identity", None) or {}),
     )
 
 
-class _SRWriter:
-    """One DICOM SR per scored DICOM image, named after the source SOP Instance UID."""
+def _messages(caught: Sequence[Any], into: list[str]) -> None:
+    for w in caught:
+        msg = " ".join(str(w.message).split())[:200]
+        if msg and msg not in into:
+            into.append(msg)
 
-    def __init__(self, out: Path, models: Sequence[Any], *, deterministic: bool, extra: dict[str, str], names: UniqueNames) -> None:
-        from . import sr
 
-        self.sr = sr
-        self.out = out
+@dataclass
+class Built:
+    """The DICOM objects of one scored input as bytes, made where the models are (this process, or
+    a cluster actor) and stored by :class:`OutputWriter`: the SR (Part 10 bytes) or the error that
+    prevented it, and the warnings raised while it was made."""
+
+    sr: bytes | None = None
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+class ObjectBuilder:
+    """Builds the per-image DICOM objects of scored inputs (one SR per scored DICOM image) without
+    writing files: ``models`` are the loaded models (their measurements and algorithm identity)."""
+
+    def __init__(self, models: Sequence[Any], *, formats: Sequence[str] = ("csv", "sr"), deterministic: bool = True,
+                 im_version: str = "6.8.9-9") -> None:
         self.models = list(models)
         self.deterministic = deterministic
-        self.names = names
-        self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
+        self.sr = None
+        if "sr" in set(formats):
+            from . import sr
 
-    def write(self, p: Any, row: dict[str, Any]) -> str:
-        measurements = []
-        for m in self.models:
-            measurements += m.measurements(row)
-        ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
-        rel = self.names.claim("sr/" + self.sr.sr_filename(p.uids.get("SOPInstanceUID", "")))
-        self.sr.write_sr(ds, output_path(self.out, rel))
-        return rel
+            self.sr = sr
+            extra = {"im_version": im_version}
+            self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
+
+    def build(self, p: Any, row: dict[str, Any]) -> Built:
+        b = Built()
+        if self.sr is None or p.dataset is None:
+            return b
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                measurements = []
+                for m in self.models:
+                    measurements += m.measurements(row)
+                ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
+                b.sr = dataset_bytes(ds)
+            _messages(caught, b.warnings)
+        except Exception as e:  # one object that cannot be made fails only its input
+            b.error = f"{type(e).__name__}: {str(e)[:160]}"
+        return b
+
+
+class _BuildError(Exception):
+    """An object that could not be built (its message is already ``Type: text``)."""
 
 
 class OutputWriter:
@@ -71,9 +106,14 @@ class OutputWriter:
 
     ``models``: the loaded models (a :class:`~cxr_lung_risk.scoring.Scorer`'s ``models``);
     ``columns``: the result table's columns (``Scorer.columns()``); ``formats``: among ``csv``,
-    ``json``, ``sr``; ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``; ``result_image``: also a
-    Secondary Capture showing the scores per scored DICOM image (record kind ``result_image``,
+    ``json``, ``sr``, ``parquet``; ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``; ``result_image``:
+    also a Secondary Capture showing the scores per scored DICOM image (record kind ``result_image``,
     ``result/<SOPInstanceUID>.dcm``; :mod:`cxr_lung_risk.outputs.result_image`).
+
+    A writer without models (``models=[]``, ``value_columns`` given: the cluster runner's driver)
+    stores objects built elsewhere (:meth:`write_built`). ``resume``: the records of inputs an
+    earlier run into ``out`` finished (:func:`cxr_lung_risk.resume.completed_records`); their
+    rows, records and file names are kept, everything else of that run is replaced.
     """
 
     def __init__(
@@ -87,17 +127,25 @@ class OutputWriter:
         saliency: str | None = None,
         im_version: str = "6.8.9-9",
         result_image: bool = False,
+        value_columns: Sequence[str] | None = None,
+        resume: Sequence[InputRecord] | None = None,
     ) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         formats = set(formats)
-        self.value_columns = [c for m in models for c in m.columns]
+        self.value_columns = list(value_columns) if value_columns is not None else [c for m in models for c in m.columns]
         self.names = UniqueNames()
-        self.tables = ResultWriter(self.out, columns, csv_out="csv" in formats, json_out="json" in formats)
-        self.manifest = ManifestWriter(self.out)
-        self.records = RecordWriter(self.out)
-        extra = {"im_version": im_version}
-        self.sr = _SRWriter(self.out, models, deterministic=deterministic, extra=extra, names=self.names) if "sr" in formats else None
+        kept = list(resume or [])
+        for rec in kept:  # the kept inputs' files keep their names
+            for rels in rec.outputs.values():
+                for rel in rels:
+                    self.names.claim(rel)
+        keep = {r.file for r in kept} if resume is not None else None
+        self.tables = ResultWriter(self.out, columns, csv_out="csv" in formats, json_out="json" in formats,
+                                   parquet_out="parquet" in formats, value_columns=self.value_columns, keep=keep)
+        self.manifest = ManifestWriter(self.out, keep=keep)
+        self.records = RecordWriter(self.out, keep=kept)
+        self.builder = ObjectBuilder(models, formats=formats, deterministic=deterministic, im_version=im_version) if models else None
         self.saliency = None
         if saliency:
             from ..saliency import SaliencyWriter
@@ -130,14 +178,34 @@ class OutputWriter:
         """Write the outputs of one scored input (the saliency overlay, when on, is made for it alone)."""
         return self.write_scored([p], [row])[0]
 
-    def _write_one(self, p: Any, row: dict[str, Any], maps: Any, saliency_error: str) -> InputRecord:
+    def write_built(self, p: Any, row: dict[str, Any], built: Built) -> InputRecord:
+        """Store one scored input whose DICOM objects were built elsewhere (:class:`ObjectBuilder`,
+        e.g. in a cluster actor): the same files, rows and record as :meth:`write_one`."""
+        return self._write_one(p, row, None, "", built)
+
+    def flush(self) -> None:
+        """Write buffered table parts (Parquet) now."""
+        self.tables.flush()
+
+    def _write_one(self, p: Any, row: dict[str, Any], maps: Any, saliency_error: str, built: Built | None = None) -> InputRecord:
         rec = record_for(p)
         rec.values = {k: row[k] for k in self.value_columns if k in row}
+        if built is None:
+            built = self.builder.build(p, row) if self.builder is not None else Built()
+        for w in built.warnings:
+            if w not in rec.warnings:
+                rec.warnings.append(w)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if self.sr is not None and p.dataset is not None:
-                    rec.add_output("sr", self.sr.write(p, row))
+                if built.error:
+                    raise _BuildError(built.error)
+                if built.sr is not None:
+                    from .sr import sr_filename
+
+                    rel = self.names.claim("sr/" + sr_filename(p.uids.get("SOPInstanceUID", "")))
+                    write_bytes(built.sr, output_path(self.out, rel), suffix=".dcm")
+                    rec.add_output("sr", rel)
                 if self.saliency is not None:
                     if maps is None:
                         raise RuntimeError(f"saliency maps could not be made ({saliency_error})")
@@ -146,13 +214,11 @@ class OutputWriter:
                 if self.result_image is not None and p.dataset is not None:
                     overlay = rec.outputs.get("saliency", [None])[0]
                     rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
-            for w in caught:
-                msg = " ".join(str(w.message).split())[:200]
-                if msg and msg not in rec.warnings:
-                    rec.warnings.append(msg)
+            _messages(caught, rec.warnings)
         except Exception as e:  # one object that cannot be written must not lose the others
             rec.status = Status.FAILED
-            rec.reason = f"failed: scored but writing its DICOM output failed: {type(e).__name__}: {str(e)[:160]}"
+            detail = str(e) if isinstance(e, _BuildError) else f"{type(e).__name__}: {str(e)[:160]}"
+            rec.reason = f"failed: scored but writing its DICOM output failed: {detail}"
         self.tables.write(row)
         return self._finish(rec)
 
