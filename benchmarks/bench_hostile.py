@@ -1,8 +1,7 @@
 """Peak memory and time per hostile input, in a real ``cxr-lung-risk predict`` run.
 
-Builds one input per hostile class (small on disk: sparse files, deflate streams; the same
-constructions as ``tests/test_hostile_input.py``, copied here so that the benchmark does not
-import the tests), plus two normal chest CRs as controls, then
+Builds one input per hostile class (small on disk: sparse files, deflate streams; built by the
+tests' own builders, ``tests/hostile_files.py``), plus two normal chest CRs as controls, then
 
 (a) runs ``cxr-lung-risk predict CASES --out OUT --weights W --format csv,sr`` once on all of
     them as a subprocess and samples, every 0.1 s, the main process's VmRSS/VmHWM and the
@@ -44,116 +43,34 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
-import zlib
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ORACLE = REPO / "tests" / "data" / "oracle"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "hostile_cpu_2core.json"
+sys.path.insert(0, str(REPO / "tests"))
+from hostile_files import (  # noqa: E402 - the tests' builders, found through the path above
+    PRIVATE_CREATOR,
+    dataset_start,
+    deflated_file,
+    explicit,
+    patch_j2k,
+    pixel_element_at,
+    rg1_crop,
+    save,
+    zeros,
+)
 GOAL_BYTES = 2.5e9  # the issue's limit: 2.5 GB RSS for the whole run with the 13 members loaded
 NON_UTF8_NAME = b"12_caf\xe9_non_utf8.dcm"
 
 
 # ---------------------------------------------------------------------------------------------
-# builders (copied from tests/test_hostile_input.py; all from pydicom-data's real RG1 chest CR)
+# builders: the tests' own (tests/hostile_files.py; all from pydicom-data's real RG1 chest CR)
 def dicom_data() -> Path:
     import data_store  # PyPI's pydicom-data
 
     return Path(data_store.__file__).parent / "data"
-
-
-def rg1_crop(rg1_pixels, size: int = 64, **changes):
-    """A centre crop of RG1 (real header, real pixels), explicit VR little endian."""
-    import numpy as np
-
-    src, arr = rg1_pixels
-    ds = copy.deepcopy(src)
-    r0, c0 = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    ds.PixelData = np.ascontiguousarray(arr[r0:r0 + size, c0:c0 + size]).astype("<u2").tobytes()
-    ds.Rows = ds.Columns = size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for key, value in changes.items():
-            if value is None:
-                if key in ds:
-                    delattr(ds, key)
-            else:
-                setattr(ds, key, value)
-    return ds
-
-
-def save(ds, path: Path, ts=None) -> Path:
-    if ts is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.compress(ts)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def pixel_element_at(data: bytes) -> int:
-    """Offset of the (7FE0,0010) OW/OB element of an explicit VR little endian file."""
-    for vr in (b"OW", b"OB"):
-        i = data.rfind(b"\xe0\x7f\x10\x00" + vr)
-        if i >= 0:
-            return i
-    raise AssertionError("no PixelData element")
-
-
-def dataset_start(data: bytes) -> int:
-    assert data[128:132] == b"DICM"
-    (meta_len,) = struct.unpack("<I", data[140:144])
-    return 144 + meta_len
-
-
-def deflated_file(rg1_pixels, dst: Path, chunks) -> Path:
-    """RG1's file meta with the Deflated transfer syntax, then ``chunks`` deflated on the fly."""
-    from pydicom.filewriter import write_file_meta_info
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
-
-    ds = rg1_crop(rg1_pixels)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
-    with open(dst, "wb") as f:
-        f.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(f, ds.file_meta, enforce_standard=True)
-        for chunk in chunks:
-            f.write(comp.compress(chunk))
-        f.write(comp.flush())
-    return dst
-
-
-def zeros(n: int, chunk: int = 1 << 22):
-    block = bytes(chunk)
-    while n > 0:
-        yield block[: min(n, chunk)]
-        n -= chunk
-
-
-def explicit(tag: int, vr: bytes, value_or_length: bytes | int) -> bytes:
-    """An explicit VR little endian element header (and value when bytes are given)."""
-    g, e = tag >> 16, tag & 0xFFFF
-    n = value_or_length if isinstance(value_or_length, int) else len(value_or_length)
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        head = struct.pack("<HH2sHI", g, e, vr, 0, n)
-    else:
-        head = struct.pack("<HH2sH", g, e, vr, n)
-    return head + (b"" if isinstance(value_or_length, int) else value_or_length)
-
-
-PRIVATE_CREATOR = explicit(0x7FDF0010, b"LO", b"HOSTILE ")
-
-
-def _patch_j2k(path: Path, rows: int, cols: int) -> Path:
-    data = bytearray(path.read_bytes())
-    i = data.find(b"\xff\x4f\xff\x51")
-    assert i > 0
-    struct.pack_into(">IIII", data, i + 8, cols, rows, 0, 0)  # Xsiz Ysiz XOsiz YOsiz
-    struct.pack_into(">II", data, i + 24, cols, rows)  # one tile
-    path.write_bytes(bytes(data))
-    return path
 
 
 def build_cases(root: Path) -> list[dict[str, Any]]:
@@ -180,7 +97,7 @@ def build_cases(root: Path) -> list[dict[str, Any]]:
     pix, start = pixel_element_at(data), dataset_start(data)
 
     p = add("01_j2k_claims_8000x8000.dcm", "J2K codestream SIZ claims 8000 x 8000 (header 64 x 64)")
-    _patch_j2k(save(rg1_crop(rg1), p, JPEG2000Lossless), 8000, 8000)
+    patch_j2k(save(rg1_crop(rg1), p, JPEG2000Lossless), 8000, 8000)
 
     p = add("02_jpegls_claims_8000x8000.dcm", "JPEG-LS SOF55 claims 8000 x 8000 (header 64 x 64)")
     save(rg1_crop(rg1), p, JPEGLSLossless)

@@ -20,7 +20,6 @@ import time
 import tracemalloc
 import warnings
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +27,20 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
 
 from cxr_lung_risk import preprocess
+from hostile_files import (
+    PRIVATE_CREATOR,
+    dataset_start,
+    deflated_file,
+    explicit,
+    patch_j2k,
+    pixel_element_at,
+    rg1_crop,
+    save,
+    zeros,
+)
 from cxr_lung_risk.dicom_io import (
     LoadedImage,
     SelectionOptions,
@@ -41,7 +51,7 @@ from cxr_lung_risk.dicom_io import (
 )
 
 # ------------------------------------------------------------------------------------------
-# builders (all from the real RG1 chest CR)
+# builders (all from the real RG1 chest CR; the shared ones are in hostile_files.py)
 # ------------------------------------------------------------------------------------------
 
 
@@ -51,86 +61,8 @@ def rg1_pixels(dicom_data) -> tuple[pydicom.Dataset, np.ndarray]:
     return ds, ds.pixel_array
 
 
-def rg1_crop(rg1_pixels, size: int = 64, **changes) -> pydicom.Dataset:
-    """A centre crop of RG1 (real header, real pixels), explicit VR little endian."""
-    src, arr = rg1_pixels
-    ds = copy.deepcopy(src)
-    r0, c0 = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    ds.PixelData = np.ascontiguousarray(arr[r0:r0 + size, c0:c0 + size]).astype("<u2").tobytes()
-    ds.Rows = ds.Columns = size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom on writing 'Chest' (not a CS value): the point
-        for key, value in changes.items():
-            if value is None:
-                if key in ds:
-                    delattr(ds, key)
-            else:
-                setattr(ds, key, value)
-    return ds
-
-
-def save(ds: pydicom.Dataset, path: Path, ts=None) -> Path:
-    if ts is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds.compress(ts)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def pixel_element_at(data: bytes) -> int:
-    """Offset of the (7FE0,0010) OW/OB element of an explicit VR little endian file."""
-    for vr in (b"OW", b"OB"):
-        i = data.rfind(b"\xe0\x7f\x10\x00" + vr)
-        if i >= 0:
-            return i
-    raise AssertionError("no PixelData element")
-
-
-def dataset_start(data: bytes) -> int:
-    assert data[128:132] == b"DICM"
-    (meta_len,) = struct.unpack("<I", data[140:144])
-    return 144 + meta_len
-
-
 def plain(rg1_pixels, tmp_path: Path, size: int = 64, **changes) -> Path:
     return save(rg1_crop(rg1_pixels, size, **changes), tmp_path / f"plain_{size}.dcm")
-
-
-def deflated_file(rg1_pixels, dst: Path, chunks) -> Path:
-    """RG1's file meta with the Deflated transfer syntax, then ``chunks`` deflated on the fly."""
-    ds = rg1_crop(rg1_pixels)
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    comp = zlib.compressobj(6, zlib.DEFLATED, -15)
-    with open(dst, "wb") as f:
-        f.write(b"\0" * 128 + b"DICM")
-        write_file_meta_info(f, ds.file_meta, enforce_standard=True)
-        for chunk in chunks:
-            f.write(comp.compress(chunk))
-        f.write(comp.flush())
-    return dst
-
-
-def zeros(n: int, chunk: int = 1 << 22):
-    block = bytes(chunk)
-    while n > 0:
-        yield block[: min(n, chunk)]
-        n -= chunk
-
-
-def explicit(tag: int, vr: bytes, value_or_length: bytes | int) -> bytes:
-    """An explicit VR little endian element header (and value when bytes are given)."""
-    g, e = tag >> 16, tag & 0xFFFF
-    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
-        n = value_or_length if isinstance(value_or_length, int) else len(value_or_length)
-        head = struct.pack("<HH2sHI", g, e, vr, 0, n)
-    else:
-        n = value_or_length if isinstance(value_or_length, int) else len(value_or_length)
-        head = struct.pack("<HH2sH", g, e, vr, n)
-    return head + (b"" if isinstance(value_or_length, int) else value_or_length)
-
-
-PRIVATE_CREATOR = explicit(0x7FDF0010, b"LO", b"HOSTILE ")
 
 
 def peak_mib(fn):
@@ -365,20 +297,10 @@ def test_exclude_keeps_the_output_folder_out(tmp_path):
 # ------------------------------------------------------------------------------------------
 # D. decompression bombs and lying lengths
 # ------------------------------------------------------------------------------------------
-def _patch_j2k(path: Path, rows: int, cols: int) -> Path:
-    data = bytearray(path.read_bytes())
-    i = data.find(b"\xff\x4f\xff\x51")
-    assert i > 0
-    struct.pack_into(">IIII", data, i + 8, cols, rows, 0, 0)  # Xsiz Ysiz XOsiz YOsiz
-    struct.pack_into(">II", data, i + 24, cols, rows)  # one tile
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_j2k_codestream_larger_than_the_header_is_refused_before_decoding(rg1_pixels, tmp_path):
     good = save(rg1_crop(rg1_pixels), tmp_path / "good.dcm", JPEG2000Lossless)
     assert load_image(good).status == "ok"
-    bomb = _patch_j2k(save(rg1_crop(rg1_pixels), tmp_path / "bomb.dcm", JPEG2000Lossless), 8000, 8000)
+    bomb = patch_j2k(save(rg1_crop(rg1_pixels), tmp_path / "bomb.dcm", JPEG2000Lossless), 8000, 8000)
     res, peak, secs = peak_mib(lambda: load_image(bomb))
     assert res.reason == ("failed: the JPEG 2000 codestream of frame 1 is 8000 x 8000 pixels with 1 component(s) "
                           "but the header says 64 x 64 with 1 sample(s) per pixel; not decoded")
