@@ -18,7 +18,7 @@ import numpy as np
 
 from . import dicom_io, preprocess, transforms
 from .dicom_io import InputFile, SelectionOptions
-from .records import Status
+from .records import Status, add_warnings
 
 __all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "file_sha256", "RASTER_SUFFIXES"]
 
@@ -58,12 +58,7 @@ def prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     digest = file_sha256(item.path)
     if digest:
         p.identity["sha256"] = digest
-    seen = set(p.warnings)
-    for w in caught:
-        msg = " ".join(str(w.message).split())[:200]
-        if msg and msg not in seen:
-            seen.add(msg)
-            p.warnings.append(msg)
+    add_warnings(caught, p.warnings)
     return p
 
 

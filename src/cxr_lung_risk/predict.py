@@ -28,7 +28,7 @@ from .outputs.writer import OutputWriter, record_for
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
 from .records import InputRecord, Status
-from .registry import Model, load_model, resolve_models
+from .registry import Model, resolve_models
 from .scoring import UID_COLUMNS, Scorer
 
 __all__ = ["RunSummary", "run_predict", "run_preprocess", "load_models", "UID_COLUMNS", "RUN_JSON"]
@@ -176,7 +176,7 @@ def _reason(p: Prepared) -> str:
 
 def load_models(keys: Sequence[str], options: PredictOptions) -> list[Model]:
     """Load the models ``keys`` (registry keys) with the run's options, in output order."""
-    return [load_model(k, options.model_options(k)) for k in resolve_models(keys)]
+    return Scorer.load(keys, options_for=options.model_options).models
 
 
 def _write_json_quietly(path: Path, data: dict[str, Any], summary: RunSummary, what: str) -> None:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records", "json_lines"]
+__all__ = ["Status", "InputRecord", "RECORDS_JSONL", "read_records", "json_lines", "add_warnings"]
 
 RECORDS_JSONL = "records.jsonl"
 
@@ -69,6 +69,15 @@ class InputRecord:
         kw = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         kw["status"] = Status(kw["status"])
         return cls(**kw)
+
+
+def add_warnings(caught: Any, into: list[str]) -> None:
+    """Append the messages of caught :class:`warnings.WarningMessage` s to an input's warnings:
+    one line each, at most 200 characters, each message once."""
+    for w in caught:
+        msg = " ".join(str(w.message).split())[:200]
+        if msg and msg not in into:
+            into.append(msg)
 
 
 def read_records(out_dir: str | Path) -> Iterator[InputRecord]:

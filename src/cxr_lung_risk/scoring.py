@@ -50,7 +50,7 @@ def weights_label(models: Sequence[Model]) -> str:
 class Scorer:
     """Loaded models and how their results become rows.
 
-    >>> scorer = Scorer.load(["lung-risk"], device="cpu")          # doctest: +SKIP
+    >>> scorer = Scorer.load(["lung-risk"], options=ModelOptions(device="cpu"))  # doctest: +SKIP
     >>> rows = scorer.score([prepared_a, prepared_b])               # doctest: +SKIP
     >>> rows[0]["CXR_Lung_Risk"]                                     # doctest: +SKIP
     """

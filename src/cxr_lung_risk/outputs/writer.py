@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..records import InputRecord, Status
+from ..records import InputRecord, Status, add_warnings
 from .base import UniqueNames, dataset_bytes, output_path, write_bytes
 from .tables import ManifestWriter, RecordWriter, ResultWriter
 
@@ -43,13 +43,6 @@ def record_for(p: Any) -> InputRecord:
         sop_uid=p.uids.get("SOPInstanceUID", ""),
         identity=dict(getattr(p, "identity", None) or {}),
     )
-
-
-def _messages(caught: Sequence[Any], into: list[str]) -> None:
-    for w in caught:
-        msg = " ".join(str(w.message).split())[:200]
-        if msg and msg not in into:
-            into.append(msg)
 
 
 @dataclass
@@ -91,7 +84,7 @@ class ObjectBuilder:
                     measurements += m.measurements(row)
                 ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
                 b.sr = dataset_bytes(ds)
-            _messages(caught, b.warnings)
+            add_warnings(caught, b.warnings)
         except Exception as e:  # one object that cannot be made fails only its input
             b.error = f"{type(e).__name__}: {str(e)[:160]}"
         return b
@@ -214,7 +207,7 @@ class OutputWriter:
                 if self.result_image is not None and p.dataset is not None:
                     overlay = rec.outputs.get("saliency", [None])[0]
                     rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
-            _messages(caught, rec.warnings)
+            add_warnings(caught, rec.warnings)
         except Exception as e:  # one object that cannot be written must not lose the others
             rec.status = Status.FAILED
             detail = str(e) if isinstance(e, _BuildError) else f"{type(e).__name__}: {str(e)[:160]}"

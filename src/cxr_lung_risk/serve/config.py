@@ -7,7 +7,7 @@ imports neither torch nor pynetdicom, so a mistake costs no start-up time.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
