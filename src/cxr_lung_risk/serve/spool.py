@@ -59,6 +59,13 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _replace_json(path: Path, value: object, indent: int | None = None) -> None:
+    """Write ``value`` as JSON to ``path`` durably and atomically (``.<name>.tmp``, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_durable(tmp, json.dumps(value, indent=indent).encode())
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Pending:
     """One acknowledged instance waiting in ``incoming``."""
@@ -182,8 +189,7 @@ class Spool:
         """Record the batch being scored (``inflight.json``): if the node dies while scoring it,
         the next start knows which instances were in flight."""
         rel = [f"{p.study}/{p.path.name}" for p in batch]
-        _write_durable(self.root / ".inflight.tmp", json.dumps(rel).encode())
-        os.replace(self.root / ".inflight.tmp", self.root / "inflight.json")
+        _replace_json(self.root / "inflight.json", rel)
 
     def end_batch(self) -> None:
         (self.root / "inflight.json").unlink(missing_ok=True)
@@ -216,8 +222,7 @@ class Spool:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, dest)
                 out.append((r, n))
-        _write_durable(self.root / ".crashes.tmp", json.dumps(counts).encode())
-        os.replace(self.root / ".crashes.tmp", counts_file)
+        _replace_json(counts_file, counts)
         f.unlink(missing_ok=True)
         return out
 
@@ -283,9 +288,7 @@ class Spool:
         return json.loads((entry / "meta.json").read_text())
 
     def update_meta(self, entry: Path, meta: dict[str, Any]) -> None:
-        tmp = entry / ".meta.json.tmp"
-        _write_durable(tmp, json.dumps(meta, indent=1).encode())
-        os.replace(tmp, entry / "meta.json")
+        _replace_json(entry / "meta.json", meta, indent=1)
         fsync_dir(entry)
 
     def move_entry(self, entry: Path, state: str) -> Path:
