@@ -65,6 +65,13 @@ def make_instances(dest: Path, n: int, *, studies: int = 1, source: Path = SAMPL
 def push(port: int, files: Sequence[Path], *, calling: str = "TESTSCU", called: str = "CXR-LUNG-RISK") -> list[int | None]:
     """C-STORE ``files`` over one association -> the status of each (None: no response).
     Raises RuntimeError when the association is not accepted."""
+    return [int(st.Status) if st is not None and "Status" in st else None
+            for st in push_responses(port, files, calling=calling, called=called)]
+
+
+def push_responses(port: int, files: Sequence[Path], *, calling: str = "TESTSCU", called: str = "CXR-LUNG-RISK") -> list[Any]:
+    """C-STORE ``files`` over one association -> each response's status data set (Status,
+    ErrorComment, ...; None: no response). Raises RuntimeError when the association is not accepted."""
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE, _config
@@ -85,11 +92,11 @@ def push(port: int, files: Sequence[Path], *, calling: str = "TESTSCU", called: 
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
     if not assoc.is_established:
         raise RuntimeError(f"association not accepted (rejected={assoc.is_rejected}, aborted={assoc.is_aborted})")
-    out: list[int | None] = []
+    out: list[Any] = []
     try:
         for f in files:
             st = assoc.send_c_store(f)
-            out.append(int(st.Status) if st and "Status" in st else None)
+            out.append(st if st and "Status" in st else None)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -275,3 +282,35 @@ def sop_of(path: Path) -> str:
     import pydicom
 
     return str(pydicom.filereader.read_file_meta_info(path).MediaStorageSOPInstanceUID)
+
+
+def truncated_cr(dest: Path, source: Path = SAMPLE_CR) -> Path:
+    """A CR whose pixel data is truncated: the source decoded to native 16-bit pixels, with only
+    the first half of them (a complete, parsable data set that no decoder can make an image of)."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(source)
+    arr = ds.pixel_array
+    ds.SOPInstanceUID = uid("truncated", dest.name)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.BitsAllocated = 16
+    data = arr.astype("<u2").tobytes()
+    ds.PixelData = data[: len(data) // 2]
+    ds["PixelData"].VR = "OW"
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def with_attributes(dest: Path, source: Path = SAMPLE_CR, **attrs: Any) -> Path:
+    """A copy of ``source`` with new UIDs (from ``dest``'s name) and the given attributes set."""
+    import pydicom
+
+    ds = pydicom.dcmread(source)
+    ds.SOPInstanceUID = uid("attrs", dest.name)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for k, v in attrs.items():
+        setattr(ds, k, v)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest

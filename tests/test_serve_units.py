@@ -9,11 +9,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pynetdicom")
 
-from pacs_node import Receiver, SAMPLE_CR, free_port, make_instances, malformed_file, push, read_audit, sop_of, wait_for  # noqa: E402
+from pacs_node import (Receiver, SAMPLE_CR, free_port, make_instances, malformed_file, push, push_responses, read_audit,  # noqa: E402
+                       sop_of, truncated_cr, wait_for, with_attributes)
 
 from cxr_lung_risk import cli  # noqa: E402
 from cxr_lung_risk.errors import UsageError  # noqa: E402
@@ -123,12 +125,12 @@ def _listener(tmp_path, **kw):
 
 
 def test_listener_stores_before_success_and_refuses_cleanly(tmp_path):
-    cfg, spool, audit, scp = _listener(tmp_path, allow_ae=("TESTSCU",))
+    cfg, spool, audit, scp = _listener(tmp_path, allow_ae=("TESTSCU",), strict_sop_class=True)
     try:
         cr = make_instances(tmp_path / "in", 2, tag="unit")
         ct = make_instances(tmp_path / "ct", 1, tag="unitct", modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2")
         bad = malformed_file(tmp_path / "bad.dcm")
-        assert push(cfg.port, [cr[0], ct[0], bad, cr[1]]) == [0, 0x0122, 0xC210, 0]
+        assert push(cfg.port, [cr[0], ct[0], bad, cr[1]]) == [0, 0x0122, 0xC210, 0]  # --strict-sop-class
         assert sorted(p.sop for p in spool.pending()) == sorted(sop_of(f) for f in cr)
         import pydicom
 
@@ -145,6 +147,49 @@ def test_listener_stores_before_success_and_refuses_cleanly(tmp_path):
     kinds = [(e["event"], e.get("result") or e.get("status")) for e in read_audit(cfg.spool)]
     assert ("refused", "0x0122") in kinds and ("refused", "0xC210") in kinds and ("association", "rejected") in kinds
     assert sum(1 for k in kinds if k[0] == "received") == 2
+
+
+def test_listener_ignores_what_is_not_for_it_and_refuses_what_will_fail(tmp_path):
+    """Default (no --strict-sop-class): a mixed study goes through. Other SOP classes, the node's
+    own results and radiographs the selection rules skip are answered with success, kept nowhere
+    and audited as ``ignored`` with their reason; a CR that would certainly fail (truncated pixel
+    data) gets a failure status with the reason in ErrorComment, before anything is kept."""
+    import pydicom
+
+    cfg, spool, audit, scp = _listener(tmp_path)
+    try:
+        cr = make_instances(tmp_path / "in", 1, tag="mix")[0]
+        ct = make_instances(tmp_path / "ct", 1, tag="mixct", modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2")[0]
+        lateral = with_attributes(tmp_path / "lat.dcm", ViewPosition="LL")
+        cut = truncated_cr(tmp_path / "cut.dcm")
+        # the node's own result: an SC the tool wrote for a source (Manufacturer, DERIVED\SECONDARY)
+        from cxr_lung_risk.outputs.result_image import ResultValue, WeightsLine, build_result_image
+
+        src = pydicom.dcmread(cr)
+        image = np.zeros((3, 224, 224), np.uint8)
+        own = build_result_image(src, image, [ResultValue("CXR-Lung-Risk", 61.5, "years")], [WeightsLine("CXR-Lung-Risk", "SYNTHETIC")],
+                                 software_version="test")
+        own_path = tmp_path / "own.dcm"
+        own.save_as(own_path, enforce_file_format=True)
+        rs = push_responses(cfg.port, [ct, cr, lateral, own_path, cut], called="SOMEONE-ELSE")
+        codes = [int(r.Status) for r in rs]
+        assert codes[:4] == [0, 0, 0, 0]
+        assert codes[4] == 0xC211 and "truncated" in str(rs[4].ErrorComment), rs[4]
+        assert [p.sop for p in spool.pending()] == [sop_of(cr)]  # only the eligible CR is kept
+        assert not any(spool.tmp.iterdir())  # the refused one left nothing behind
+    finally:
+        scp.stop()
+        audit.close()
+        spool.close()
+    log = read_audit(cfg.spool)
+    ignored = {e["sop_uid"]: e["reason"] for e in log if e["event"] == "ignored"}
+    assert ignored[sop_of(ct)].startswith("not a chest radiograph SOP class: CT Image Storage")
+    assert "lateral" in ignored[sop_of(lateral)].lower()
+    assert ignored[str(own.SOPInstanceUID)].startswith("own result: a derived image (SC) made by cxr-lung-risk")
+    [refused] = [e for e in log if e["event"] == "refused"]
+    assert refused["status"] == "0xC211" and refused["sop_uid"] == sop_of(cut) and "truncated" in refused["reason"]
+    [assoc] = [e for e in log if e["event"] == "association" and e["result"] == "accepted"]
+    assert assoc["called_ae"] == "SOMEONE-ELSE"  # what the peer called, not our own title
 
 
 def test_dicom_tls_listener_requires_a_certificate_signed_by_the_ca(tmp_path):

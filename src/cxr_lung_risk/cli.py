@@ -205,6 +205,8 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--spool", type=Path, metavar="DIR", help="spool folder: received instances, results, outbox, audit.jsonl (required)")
     a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
     a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
+    a("--demo-weights", action="store_const", const=True,
+      help="run on the SYNTHETIC weights `cxr-lung-risk demo` made (meaningless scores, labelled SYNTHETIC in every result)")
     a("--model", choices=list(models), help="which model(s) to run (default lung-risk)")
     a("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
     a("--precision", choices=["fp32", "tf32", "bf16", "fp16"], help="CXR-Lung-Risk arithmetic (default fp32)")
@@ -218,6 +220,11 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--batch-size", type=int, metavar="N", help="images per batch; a full batch is scored at once (default 16)")
     a("--retry-initial", type=float, metavar="S", help="first retry after a failed delivery, doubling (default 2)")
     a("--retry-max", type=float, metavar="S", help="longest wait between delivery retries (default 300)")
+    a("--strict-sop-class", action="store_const", const=True,
+      help="refuse instances that are not CR/DX with C-STORE status 0x0122; default: answer success, store nothing, "
+      "audit them as 'ignored' (Orthanc's 'Send to modality' of a mixed study then goes through)")
+    a("--degraded-after", type=int, metavar="N",
+      help="/healthz answers 503 'degraded' once a destination failed N delivery rounds in a row (default 5; 0: never)")
     a("--max-attempts", type=int, metavar="N", help="move a result the destination keeps refusing to outbox/failed after N attempts (default 0: never)")
     a("--no-result-image", dest="result_image", action="store_const", const=False, help="send only the SR (no result image)")
     a("--tls-cert", type=Path, metavar="FILE", help="DICOM TLS: this node's certificate (PEM)")
@@ -232,6 +239,8 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--model", choices=list(models), default="lung-risk", help="which model(s) to run (default lung-risk)")
     p.add_argument("--weights", metavar="PATH", help="CXR-Lung-Risk weights: a folder of Lung_Age_081221_*.pth or the Zenodo zip (default: the fetch-weights cache)")
     p.add_argument("--age-weights", metavar="PATH", help="CXR-Age weights file PLCO_Fine_Tuned_120419.pth (default: the fetch-weights cache)")
+    p.add_argument("--demo-weights", action="store_true",
+                   help="use the SYNTHETIC weights `cxr-lung-risk demo` made in the cache (meaningless scores, labelled SYNTHETIC)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto: CUDA when available)")
     p.add_argument(
         "--precision",
@@ -314,6 +323,13 @@ def predict_options(args: argparse.Namespace):
     from .registry import resolve_models
 
     weights = {}
+    if getattr(args, "demo_weights", False):
+        from .demo import demo_weights
+        from .errors import UsageError
+
+        if args.weights or args.age_weights:
+            raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
+        weights["lung-risk"], weights["age"] = demo_weights()
     if args.weights:
         weights["lung-risk"] = Path(args.weights)
     if args.age_weights:
@@ -476,7 +492,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
     "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
-    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version",
+    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version", "strict_sop_class",
+    "degraded_after", "demo_weights",
 )
 
 

@@ -24,7 +24,7 @@ import torch
 from .options import PredictOptions
 from .progress import say
 
-__all__ = ["sample_inputs", "ensure_demo_weights", "run_demo", "DEMO_DONE"]
+__all__ = ["sample_inputs", "ensure_demo_weights", "demo_weights", "run_demo", "DEMO_DONE"]
 
 DEMO_DONE = "DEMO_WEIGHTS_COMPLETE.json"
 _AGE_FILE = "PLCO_Fine_Tuned_120419.pth"
@@ -81,6 +81,23 @@ def ensure_demo_weights(root: Path, *, progress: bool = True) -> tuple[Path, Pat
     write_synthetic_weights(lung_dir, recipe, stats, members=[m.index for m in members])
     write_synthetic_age_weights(age_file)
     done.write_text(json.dumps({"synthetic": True, "members": [m.file for m in members], "age": _AGE_FILE}) + "\n")
+    return lung_dir, age_file
+
+
+def demo_weights(cache: str | Path | None = None) -> tuple[Path, Path]:
+    """(ensemble folder, CXR-Age file) of the SYNTHETIC weights ``demo`` made in the cache (``--demo-weights``
+    of ``predict`` and ``serve``); a :class:`~cxr_lung_risk.errors.UsageError` saying to run ``demo``
+    first when it has not made them."""
+    from .errors import UsageError
+    from .fetch import cache_dir
+
+    root = Path(cache) if cache else cache_dir() / "synthetic"
+    lung_dir, age_file = root / "cxr_lung_risk", root / "cxr_age" / _AGE_FILE
+    if not ((root / DEMO_DONE).is_file() and age_file.is_file() and (lung_dir / "SYNTHETIC_WEIGHTS_README.txt").is_file()):
+        raise UsageError(
+            f"--demo-weights: no synthetic demo weights in {root}; run `cxr-lung-risk demo --out DIR` once "
+            "(it makes them, a few minutes), then repeat this command"
+        )
     return lung_dir, age_file
 
 

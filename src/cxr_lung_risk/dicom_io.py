@@ -92,6 +92,8 @@ __all__ = [
     "is_raster_image",
     "raster_kind",
     "load_image",
+    "screen_image",
+    "own_result",
     "read_header",
     "decode_pixels",
     "DicomInputError",
@@ -1112,6 +1114,31 @@ def _is_dicomdir(path: Path, ds: Dataset) -> bool:
     return "DirectoryRecordSequence" in ds
 
 
+#: The Manufacturer of every DICOM object this package writes (SR, result image, saliency SC).
+OWN_MANUFACTURER = "cxr-lung-risk open implementation"
+
+
+def own_result(ds: Dataset) -> str:
+    """What kind of this tool's own output ``ds`` is (e.g. "a result image (SC) made by
+    cxr-lung-risk 0.1.0"), or '' when it is not one: a study sent back to the node, or a folder
+    holding an earlier run's outputs, must not have its results scored as radiographs."""
+    if _text(ds, "Manufacturer") != OWN_MANUFACTURER.upper():
+        return ""
+
+    def raw(kw: str) -> str:
+        try:
+            return str(ds.get(kw, "") or "").strip()[:64]
+        except Exception:  # noqa: BLE001 - a malformed value is left out of the message
+            return ""
+
+    sop_class = raw("SOPClassUID")
+    kind = ("a structured report" if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88")
+            else "a derived image (SC)" if sop_class.startswith(SECONDARY_CAPTURE_PREFIX) else "an object")
+    series, version = raw("SeriesDescription"), raw("SoftwareVersions")
+    return (f"{kind} made by cxr-lung-risk{' ' + version if version else ''}"
+            + (f" ({series})" if series else "") + ", not a source image")
+
+
 def _modality(ds: Dataset, sop_class: str) -> str:
     modality = _text(ds, "Modality")
     if not modality:
@@ -1141,6 +1168,9 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
     """Apply the selection rules to a header; returns (rows, columns, frames) or raises _Refusal."""
     if _is_dicomdir(path, ds):
         raise _skip("DICOMDIR (a media directory index, not an image)")
+    own = own_result(ds)
+    if own:
+        raise _skip(f"own result: {own}")
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if not sop_class:
         try:
@@ -1389,7 +1419,7 @@ def _encapsulated_element(reader: _DicomReader, ds: Dataset, rows: int, cols: in
 
 
 def _decode(ds: Dataset, reader: _DicomReader, rows: int, cols: int, frames: int, meta: PixelMeta,
-            opts: SelectionOptions, notes: list[str]) -> np.ndarray:
+            opts: SelectionOptions, notes: list[str], decode: bool = True) -> np.ndarray | None:
     stop = reader.stop
     if stop.kind != "pixel" or stop.tag != _PIXEL_DATA:
         if stop.kind == "pixel":
@@ -1417,6 +1447,8 @@ def _decode(ds: Dataset, reader: _DicomReader, rows: int, cols: int, frames: int
         elem = _encapsulated_element(reader, ds, rows, cols, meta, opts, notes)
     else:
         elem = _native_element(reader, rows, cols, frames, meta, notes)
+    if not decode:  # screening: every check that needs no decoding has passed
+        return None
     ds[_PIXEL_DATA] = elem
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -1462,6 +1494,19 @@ def load_image(path: str | Path, options: SelectionOptions | None = None) -> Loa
     return res
 
 
+def screen_image(path: str | Path, options: SelectionOptions | None = None) -> LoadedImage:
+    """:func:`load_image` without decoding: the selection rules and every check that needs no
+    decoding (header, dimensions, photometric, transfer syntax, the pixel data's declared size
+    against the bytes present, the codestream's header against the DICOM header). ``ok`` means
+    the file is eligible and not certainly broken (``pixels`` is None); a ``failed`` or
+    ``skipped`` result is what :func:`load_image` would say. Used by the PACS node to answer a
+    C-STORE before acknowledging it."""
+    with _library_messages() as messages:
+        res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions(), decode=False)
+    res.warnings = [_printable(w) for w in _merge_library_messages(res.warnings, messages)]
+    return res
+
+
 def _open_failure(path: Path, exc: OSError) -> _Refusal:
     """The reason for a path that cannot be opened (dangling or looping symbolic links named)."""
     try:
@@ -1475,7 +1520,7 @@ def _open_failure(path: Path, exc: OSError) -> _Refusal:
     return _fail(f"cannot read the file ({_short(exc, 100)})")
 
 
-def _load_image(path: Path, opts: SelectionOptions) -> LoadedImage:
+def _load_image(path: Path, opts: SelectionOptions, decode: bool = True) -> LoadedImage:
     notes: list[str] = []
     header: Dataset | None = None
     uids: dict[str, str] = {}
@@ -1508,7 +1553,7 @@ def _load_image(path: Path, opts: SelectionOptions) -> LoadedImage:
             rows, cols, frames = _check_policy(path, header, opts, notes)
             meta = _pixel_meta(header, notes)
             reader.check_header()
-            pixels = _decode(header, reader, rows, cols, frames, meta, opts, notes)
+            pixels = _decode(header, reader, rows, cols, frames, meta, opts, notes, decode)
         return LoadedImage("ok", "", notes, pixels, meta, header, uids)
     except _Refusal as refusal:
         return LoadedImage(refusal.status, refusal.reason, notes, None, None, header, uids)

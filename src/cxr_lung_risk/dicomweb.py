@@ -184,18 +184,63 @@ def _value(item: dict, tag: str) -> str:
     return str(v[0]).strip()
 
 
-def list_instances(source: DicomwebSource, http: HttpOptions | None = None, *, client: Any = None) -> list[RemoteInstance]:
+QIDO_ACCEPT = "application/dicom+json"  # one media type: Orthanc logs an error for a list ("..., application/json")
+_QIDO_FIELDS = ("0020000E", "00080018", "00200013", "00200011")  # series, SOP instance, instance and series numbers
+_QIDO_PAGE = 1000
+_QIDO_MAX = 1_000_000  # instances one source may list (a bound on a hostile or looping server)
+
+
+def _qido_get(session: Any, url: str, params: dict[str, Any], http: HttpOptions) -> list[dict]:
+    """One QIDO-RS GET -> its DICOM JSON list (``[]`` for 204 No Content); retries twice on a
+    connection error or 5xx."""
+    import time
+
+    import requests
+
+    for attempt in range(3):
+        try:
+            r = session.get(url, params=params, headers={"Accept": QIDO_ACCEPT}, timeout=http.timeout)
+            if r.status_code >= 500 and attempt < 2:
+                time.sleep(0.2 * 2 ** attempt)
+                continue
+            r.raise_for_status()
+        except requests.ConnectionError:
+            if attempt == 2:
+                raise
+            time.sleep(0.2 * 2 ** attempt)
+            continue
+        if r.status_code == 204 or not r.content:
+            return []
+        data = r.json()
+        if isinstance(data, dict):  # some servers answer one data set instead of a list
+            data = [data]
+        if not isinstance(data, list):
+            raise ValueError(f"QIDO-RS answer is not a DICOM JSON list ({type(data).__name__})")
+        return data
+    return []
+
+
+def list_instances(source: DicomwebSource, http: HttpOptions | None = None, *, session: Any = None) -> list[RemoteInstance]:
     """QIDO-RS: the instances of the source's study (or series), sorted by series and instance
-    number. Raises ``requests`` errors (connection refused, HTTP 4xx/5xx) to the caller."""
-    c = client or _client(source.base_url, http or HttpOptions())
-    found = c.search_for_instances(
-        study_instance_uid=source.study_uid,
-        series_instance_uid=source.series_uid,
-        fields=["SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber", "SeriesNumber"],
-        get_remaining=True,
-    )
+    number, asked page by page (``limit``/``offset``) with ``Accept: application/dicom+json``.
+    Raises ``requests`` errors (connection refused, HTTP 4xx/5xx) to the caller."""
+    http = http or HttpOptions()
+    s = session or http.session()
+    url = source.url + "/instances"
+    found: list[dict] = []
+    seen_sops: set[str] = set()
+    offset = 0
+    while offset < _QIDO_MAX:  # until an empty page: a server may cap a page below our limit
+        page = [x for x in _qido_get(s, url, {"includefield": list(_QIDO_FIELDS), "limit": _QIDO_PAGE, "offset": offset}, http)
+                if isinstance(x, dict)]
+        new = {_value(x, "00080018") for x in page} - seen_sops
+        if not page or not new:  # done, or a server that ignores offset
+            break
+        seen_sops |= new
+        found += page
+        offset += len(page)
     rows = []
-    for item in found or []:
+    for item in found:
         sop = _value(item, "00080018")
         series = _value(item, "0020000E") or (source.series_uid or "")
         if not sop or not series:
@@ -294,16 +339,11 @@ def iter_remote_prepared(
     from . import api
 
     http = http or HttpOptions()
-    clients: dict[str, Any] = {}
     session = http.session()
     for src in sources:
-        base = src.base_url if isinstance(src, DicomwebSource) else src.source.base_url
-        c = clients.get(base)
-        if c is None:
-            c = clients[base] = _client(base, http)
         if isinstance(src, DicomwebSource):
             try:
-                items = list_instances(src, client=c)
+                items = list_instances(src, http, session=session)
             except Exception as e:  # noqa: BLE001 - one failed record for the source
                 yield _failed(src.url, f"failed: could not list the DICOMweb source (QIDO-RS): {_error_text(e)}",
                               {"StudyInstanceUID": src.study_uid, **({"SeriesInstanceUID": src.series_uid} if src.series_uid else {})})

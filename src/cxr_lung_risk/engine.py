@@ -431,7 +431,7 @@ def load_model(options=None) -> LungRiskModel:
         raise WeightsNotFoundError(
             "no CXR-Lung-Risk weights found: run `cxr-lung-risk fetch-weights` "
             "(downloads Zenodo record 7941660, 2.16 GB) or pass --weights FOLDER_OR_ZIP "
-            "(or try the tool on synthetic weights with `cxr-lung-risk demo --out DIR`)"
+            "(or try the tool on synthetic weights: `cxr-lung-risk demo --out DIR` once, then add --demo-weights)"
         )
     ens = LungRiskEnsemble.load(loc, all_members=o.all_members, device=o.device, precision=o.precision)
     return LungRiskModel(ens, per_model=o.per_model, weights_identity=weights_identity(Path(loc)))

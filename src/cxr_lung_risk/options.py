@@ -128,6 +128,18 @@ class PredictOptions:
         if isinstance(self.formats, str):
             object.__setattr__(self, "formats", parse_formats(self.formats))
 
+    @property
+    def uid_policy(self) -> str:
+        """How output UIDs and dates are chosen (:class:`cxr_lung_risk.outputs.base.UidPolicy`'s
+        values): ``deterministic`` with --deterministic; ``stable`` with --stow (a re-sent or
+        re-scored result keeps its UIDs, so the server stores nothing twice) and when the inputs
+        are sharded or scored on Ray (a retried part keeps its UIDs); else ``random``."""
+        if self.deterministic:
+            return "deterministic"
+        if self.stow or self.shard is not None or self.engine == "ray":
+            return "stable"
+        return "random"
+
     def validate(self) -> "PredictOptions":
         """Refuse what cannot work, before anything heavy is imported; returns self."""
         from .registry import resolve_models

@@ -395,7 +395,7 @@ def open_writer(opts: PredictOptions, plan: Plan, models: Sequence[Model], colum
         models,
         columns,
         formats=_formats(opts),
-        deterministic=opts.deterministic,
+        deterministic=opts.uid_policy,
         saliency=opts.saliency_method if opts.saliency else None,
         im_version=opts.im_version,
         result_image=opts.result_image,

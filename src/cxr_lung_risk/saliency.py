@@ -271,7 +271,7 @@ class SaliencyWriter:
         models: Sequence[Any],
         *,
         method: str = "gradient",
-        deterministic: bool = False,
+        deterministic: Any = False,
         names: Any = None,
     ) -> None:
         """``models``: loaded models (each provides ``saliency_target()``); ``names``: the run's
@@ -292,7 +292,14 @@ class SaliencyWriter:
                         f"Grad-CAM needs every network of {t.title} built as body + head (the 'tiny' ensemble "
                         "members are not); use --saliency-method gradient"
                     )
-        self.deterministic = bool(deterministic)
+        from .outputs.base import UidPolicy
+        from .outputs.sr import weights_parameters
+
+        self.deterministic = UidPolicy.of(deterministic)
+        self.weights_keys = []
+        for m in models:
+            w = weights_parameters(getattr(m, "weights_identity", None))
+            self.weights_keys.append((w["weights"], w.get("weights_sha256", "")))
         self.names = names
         self.version = __version__
         cfg = age_spec().raw.get("saliency", {})
@@ -370,6 +377,7 @@ class SaliencyWriter:
                     method=self.method,
                     software_version=self.version,
                     series_number=9101 + i,
+                    weights_key=self.weights_keys[i],
                     deterministic=self.deterministic,
                 )
                 uid = prepared.uids.get("SOPInstanceUID", "") if getattr(prepared, "uids", None) else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import enum
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "copy_source_modules",
     "decide_character_set",
     "new_uid",
+    "UidPolicy",
     "fixed_datetime",
     "safe_value",
     "write_dataset",
@@ -139,6 +141,42 @@ def decide_character_set(source: Dataset, texts: Iterable[str]) -> str | list[st
             return None
         return values[0] if len(values) == 1 else values
     return "ISO_IR 192"
+
+
+class UidPolicy(str, enum.Enum):
+    """How a writer chooses the UIDs and dates of the DICOM objects it makes.
+
+    * ``RANDOM``: new ``2.25.<uuid4>`` UIDs, dated now (a plain ``predict`` run).
+    * ``STABLE``: UIDs derived from what identifies the result -- the source SOP Instance UID
+      (or, for a series, the Study Instance UID), the model(s), the weights' identity, the
+      software version and the kind of object -- never from the values, so re-scoring the same
+      instance in another batch (crash recovery, resume, ``--shard``, ``--engine ray``) gives the
+      same UIDs and a PACS stores nothing twice; dated now (``serve``, ``predict --stow``).
+    * ``DETERMINISTIC``: the stable UIDs and the dates of the source (:func:`fixed_datetime`):
+      byte-identical reruns (``predict --deterministic``).
+
+    ``True``/``False`` are accepted wherever a policy is (DETERMINISTIC/RANDOM).
+    """
+
+    RANDOM = "random"
+    STABLE = "stable"
+    DETERMINISTIC = "deterministic"
+
+    @classmethod
+    def of(cls, value: "UidPolicy | bool | str | None") -> "UidPolicy":
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        return cls.DETERMINISTIC if value else cls.RANDOM
+
+    @property
+    def stable_uids(self) -> bool:
+        return self is not UidPolicy.RANDOM
+
+    @property
+    def fixed_dates(self) -> bool:
+        return self is UidPolicy.DETERMINISTIC
 
 
 def new_uid(payload: object | None = None, *, namespace: str = "") -> str:

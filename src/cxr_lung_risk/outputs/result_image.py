@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 
-from .base import output_path, uid_stem, write_dataset
+from .base import UidPolicy, output_path, uid_stem, write_dataset
 from .sc import derived_secondary_capture
 
 __all__ = [
@@ -179,7 +179,7 @@ def build_result_image(
     weights: Sequence[WeightsLine],
     *,
     software_version: str = "",
-    deterministic: bool = False,
+    deterministic: "UidPolicy | bool" = False,
     series_number: int = SERIES_NUMBER,
     **render: Any,
 ) -> Dataset:
@@ -203,7 +203,7 @@ def build_result_image(
         derivation=f"{scores}; {kinds}; cxr-lung-risk {software_version or 'unknown'}; {RESEARCH_ONLY}",
         derivation_code=DERIVATION_CODE,
         image_comments="\n".join(lines),
-        uid_key=["result-image", *[v.title for v in values], software_version],
+        uid_key=["result-image", *[v.title for v in values], *[f"{w.kind}:{w.sha256}" for w in weights], software_version],
         namespace=_NS,
         texts=lines,
         software_version=software_version,
@@ -224,7 +224,7 @@ class ResultImageWriter:
     """Writes ``result/<SOPInstanceUID>.dcm`` for each scored DICOM image (an
     :class:`~cxr_lung_risk.outputs.writer.OutputWriter` part)."""
 
-    def __init__(self, out: str | os.PathLike, models: Sequence[Any], *, deterministic: bool, names: Any) -> None:
+    def __init__(self, out: str | os.PathLike, models: Sequence[Any], *, deterministic: "UidPolicy | bool", names: Any) -> None:
         from .. import __version__
         from .sr import weights_parameters
 

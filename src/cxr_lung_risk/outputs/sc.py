@@ -21,7 +21,7 @@ import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from .base import (
     COPIED_KEYWORDS,
     copy_source_modules,
     decide_character_set,
+    UidPolicy,
     fixed_datetime,
     new_uid,
     safe_value,
@@ -92,9 +93,11 @@ def build_secondary_capture(
     model_title: str,
     method: str = "gradient",
     software_version: str = "",
+    weights_key: Sequence[str] = (),
     **options: Any,
 ) -> Dataset:
-    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``. ``options``:
+    """An SC Image holding ``rgb`` (H x W x 3 uint8) derived from ``source``. ``weights_key``: what
+    identifies the weights (kind, SHA-256), part of the stable UIDs. ``options``:
     ``manufacturer``, ``series_number`` (default 9101), ``instance_number``, ``deterministic``
     (see :func:`derived_secondary_capture`).
 
@@ -113,7 +116,7 @@ def build_secondary_capture(
         derivation=f"{model_title} {m.title} ({m.description}); research use only, not for diagnosis",
         derivation_code=(m.code_value, m.coding_scheme, m.code_meaning),
         image_comments="Saliency overlay of a research model; not for diagnostic use",
-        uid_key=[model_title, method, software_version],
+        uid_key=[model_title, method, software_version, *weights_key],
         namespace=_NS,
         texts=[model_title],
         software_version=software_version,
@@ -137,16 +140,18 @@ def derived_secondary_capture(
     manufacturer: str = "cxr-lung-risk open implementation",
     series_number: int = 9101,
     instance_number: int = 1,
-    deterministic: bool = False,
+    deterministic: UidPolicy | bool = False,
 ) -> Dataset:
     """The one SC Image builder of this package (saliency overlays, result images): ``rgb``
     (H x W x 3 uint8) derived from ``source``: same patient and study (the source's modules
     copied), its own series, ``DERIVED\\SECONDARY``, a Derivation Code Sequence
     (``derivation_code`` = value, scheme, meaning) and a Source Image Sequence.
 
-    With ``deterministic`` the series UID is derived from the study + ``uid_key`` and the
-    instance UID from the source SOP Instance UID + ``uid_key`` (``namespace`` keeps the kinds of
-    object apart), and the dates come from the source.
+    ``deterministic`` is a :class:`~cxr_lung_risk.outputs.base.UidPolicy` (or a bool): with stable
+    UIDs the series UID is derived from the study + ``uid_key`` and the instance UID from the
+    source SOP Instance UID + ``uid_key`` (``namespace`` keeps the kinds of object apart; the key
+    names the model, weights and software, never a value); the dates come from the source only
+    with ``DETERMINISTIC``, else they are the time the object was made.
 
     Raises:
         ValueError: the source lacks the UIDs a derived image must reference, or ``rgb`` is not
@@ -165,9 +170,10 @@ def derived_secondary_capture(
     derivation = derivation[:1024]
     scs = decide_character_set(source, [series_description, derivation, manufacturer, image_comments, *texts])
 
+    policy = UidPolicy.of(deterministic)
     key = "|".join([str(source.SOPInstanceUID), *map(str, uid_key)])
-    series_uid = new_uid(["series", str(source.StudyInstanceUID), *uid_key] if deterministic else None, namespace=namespace)
-    sop_uid = new_uid(["instance", key] if deterministic else None, namespace=namespace)
+    series_uid = new_uid(["series", str(source.StudyInstanceUID), *uid_key] if policy.stable_uids else None, namespace=namespace)
+    sop_uid = new_uid(["instance", key] if policy.stable_uids else None, namespace=namespace)
 
     orientation = source.get("PatientOrientation")
     use_orientation = ("L", "F")  # placeholder for highdicom; replaced by the source's value below
@@ -218,13 +224,14 @@ def derived_secondary_capture(
     sc.LossyImageCompression = "00"
     sc.SoftwareVersions = software_version or "unknown"
     sc.ImageComments = image_comments
-    if deterministic:
+    if policy.fixed_dates:
         when = fixed_datetime(source)
         sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
         sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
         sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
     else:
         now = datetime.datetime.now()
+        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(now.date()), TM(now.time())
         sc.ContentDate, sc.ContentTime = DA(now.date()), TM(now.time())
         sc.SeriesDate, sc.SeriesTime = DA(now.date()), TM(now.time())
     return sc

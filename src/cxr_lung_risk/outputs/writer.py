@@ -7,8 +7,10 @@ overlay PNG + Secondary Capture). :meth:`OutputWriter.write_scored` writes a sco
 :class:`~cxr_lung_risk.records.InputRecord` with every file written for it. Every input gets exactly
 one manifest row and one record; a file that cannot be written fails only its own input.
 
-UIDs are derived from the source's SOP Instance UID with ``deterministic=True``, so writing the same
-input twice (a retried task, a resent study) rewrites identical objects.
+``deterministic`` is a :class:`~cxr_lung_risk.outputs.base.UidPolicy` (or a bool): with STABLE or
+DETERMINISTIC (``True``) the UIDs are derived from the source's SOP Instance UID, the models, the
+weights and the software version (never the values), so writing the same input twice (a retried
+task, a resent study, a re-score in another batch) gives the same UIDs.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..records import InputRecord, Status, add_warnings
-from .base import UniqueNames, dataset_bytes, output_path, write_bytes
+from .base import UidPolicy, UniqueNames, dataset_bytes, output_path, write_bytes
 from .tables import ManifestWriter, RecordWriter, ResultWriter
 
 __all__ = ["OutputWriter", "ObjectBuilder", "Built", "record_for"]
@@ -60,7 +62,7 @@ class ObjectBuilder:
     """Builds the per-image DICOM objects of scored inputs (one SR per scored DICOM image) without
     writing files: ``models`` are the loaded models (their measurements and algorithm identity)."""
 
-    def __init__(self, models: Sequence[Any], *, formats: Sequence[str] = ("csv", "sr"), deterministic: bool = True,
+    def __init__(self, models: Sequence[Any], *, formats: Sequence[str] = ("csv", "sr"), deterministic: "UidPolicy | bool" = True,
                  im_version: str = "6.8.9-9") -> None:
         self.models = list(models)
         self.deterministic = deterministic
@@ -116,7 +118,7 @@ class OutputWriter:
         columns: Sequence[str],
         *,
         formats: Sequence[str] = ("csv", "sr"),
-        deterministic: bool = True,
+        deterministic: "UidPolicy | bool" = True,
         saliency: str | None = None,
         im_version: str = "6.8.9-9",
         result_image: bool = False,

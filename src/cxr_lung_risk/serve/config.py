@@ -94,6 +94,9 @@ class ServeConfig:
     audit_log: Path | None = None  # default: SPOOL/audit.jsonl
     max_pdu: int = 0
     poll: float = 0.25
+    strict_sop_class: bool = False  # refuse (0x0122) instances of other SOP classes instead of ignoring them
+    degraded_after: int = 5  # /healthz says 503 "degraded" once a destination failed this many rounds in a row (0: never)
+    demo_weights: bool = False  # the SYNTHETIC weights `cxr-lung-risk demo` made in the cache (meaningless scores)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spool", Path(self.spool))
@@ -112,6 +115,11 @@ class ServeConfig:
 
     @property
     def weights_map(self) -> dict[str, Path]:
+        if self.demo_weights:
+            from ..demo import demo_weights
+
+            lung, age = demo_weights()
+            return {"lung-risk": lung, "age": age}
         w = {}
         if self.weights is not None:
             w["lung-risk"] = self.weights
@@ -131,6 +139,12 @@ class ServeConfig:
         _check_aet(self.ae_title, "--ae-title")
         for a in self.allow_ae:
             _check_aet(a, "--allow-ae")
+        if self.demo_weights and (self.weights is not None or self.age_weights is not None):
+            raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
+        if self.demo_weights:
+            self.weights_map  # noqa: B018 - says what to do when demo has not made them yet
+        if self.degraded_after < 0:
+            raise UsageError("--degraded-after must be 0 (never) or more failed rounds")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         if self.quiet_time < 0:
@@ -213,7 +227,7 @@ def build_config(values: Mapping[str, Any]) -> ServeConfig:
     for k in ("stow", "allow_ae"):
         if k in v:
             v[k] = tuple(_as_list(v[k]))
-    for k in ("port", "batch_size", "max_attempts", "max_pdu"):
+    for k in ("port", "batch_size", "max_attempts", "max_pdu", "degraded_after"):
         if k in v and v[k] is not None:
             v[k] = _int(v[k], k)
     if v.get("metrics_port") is not None:
@@ -224,7 +238,7 @@ def build_config(values: Mapping[str, Any]) -> ServeConfig:
                 v[k] = float(v[k])
             except (TypeError, ValueError):
                 raise UsageError(f"--{k.replace('_', '-')} must be a number of seconds (got {v[k]!r})") from None
-    for k in ("result_image", "send_tls"):
+    for k in ("result_image", "send_tls", "strict_sop_class", "demo_weights"):
         if k in v and isinstance(v[k], str):
             v[k] = v[k].strip().lower() in ("1", "true", "yes", "on")
     return ServeConfig(**{k: x for k, x in v.items() if x is not None or k in ("metrics_port",)}).validate()

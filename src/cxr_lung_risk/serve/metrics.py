@@ -1,7 +1,12 @@
 """Operations endpoint: ``/healthz`` (JSON) and Prometheus ``/metrics`` on a local HTTP port.
 
 Metric names (all prefixed ``cxr_serve_``): ``received_total``, ``refused_total{reason}``,
-``scored_total``, ``skipped_total``, ``failed_total``, ``sent_total{destination}``,
+``ignored_total{reason}`` (answered success, nothing kept: another SOP class, an own result, a
+radiograph the selection rules skip),
+``scored_total``, ``skipped_total``, ``failed_total``, ``sent_total{destination}`` (result
+*objects* delivered: an SR and a result image count 2; the audit log's ``sent`` event is one per
+source instance and lists its objects), ``delivered_total{destination}`` (source instances whose
+results were all delivered: one per audit ``sent`` event),
 ``send_errors_total{destination}``, ``associations_total{result}``, gauges ``retrying{destination}``,
 ``queue_depth{stage}`` (``incoming``: received, not yet scored; ``outbox``: results not yet
 delivered) and the histogram ``stage_seconds{stage}`` (``receive``: writing one instance durably;
@@ -31,7 +36,12 @@ class Metrics:
         self.scored = Counter(p + "scored", "Instances scored", registry=r)
         self.skipped = Counter(p + "skipped", "Instances not scored by the selection rules (reason in the audit log)", registry=r)
         self.failed = Counter(p + "failed", "Instances that failed preparation, scoring or writing", registry=r)
-        self.sent = Counter(p + "sent", "Result objects delivered", ["destination"], registry=r)
+        self.ignored = Counter(p + "ignored", "Instances answered with success but not kept (another SOP class, an own result, "
+                               "a radiograph the selection rules skip; reason in the audit log)", ["reason"], registry=r)
+        self.sent = Counter(p + "sent", "Result objects (SR, result image, ...) delivered; an audit 'sent' event lists the objects "
+                            "of one source instance (see delivered_total)", ["destination"], registry=r)
+        self.delivered = Counter(p + "delivered", "Source instances whose results were all delivered (one per audit 'sent' event)",
+                                 ["destination"], registry=r)
         self.send_errors = Counter(p + "send_errors", "Failed delivery attempts", ["destination"], registry=r)
         self.associations = Counter(p + "associations", "Associations by outcome", ["result"], registry=r)
         self.retrying = Gauge(p + "retrying", "Outbox entries waiting for a retry after a failed attempt", ["destination"], registry=r)

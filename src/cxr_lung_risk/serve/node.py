@@ -30,8 +30,28 @@ LOG = logging.getLogger("cxr_lung_risk.serve")
 MAX_CRASHES = 3  # an instance in flight at this many crashes is quarantined (a poison pill)
 
 
-def _say(msg: str) -> None:
-    print(f"cxr-lung-risk serve: {msg}", file=sys.stderr, flush=True)
+def _say(msg: str, level: int = logging.INFO) -> None:
+    """The node's messages go through its one log format (see :func:`configure_logging`)."""
+    LOG.log(level, msg)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    """One format for the node's, pynetdicom's and the libraries' messages, on stderr: the node's
+    INFO lines (received, ignored, refused, scored, delivered), WARNING and up from the rest."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("cxr_lung_risk").setLevel(logging.INFO)
+    for name in ("pynetdicom", "highdicom", "pydicom"):
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if isinstance(h, logging.NullHandler)]
+        lg.propagate = True
+        lg.setLevel(logging.WARNING)
 
 
 class Node:
@@ -52,8 +72,14 @@ class Node:
         w = self.worker
         alive = w is not None and w.is_alive()
         status = "ok" if self.state == "running" and alive and self.scp is not None else self.state if self.state != "running" else "degraded"
+        n = self.cfg.degraded_after
+        failing = [s for s in self.senders if n and s.failures >= n]
+        if status == "ok" and failing:
+            status = "degraded"  # a destination keeps failing: results pile up in the outbox
         return {
             "status": status,
+            "reason": (f"{len(failing)} destination(s) failed {n} or more delivery rounds in a row: "
+                       + "; ".join(f"{s.label}: {s.last_error}" for s in failing)) if failing else None,
             "version": __version__,
             "ae_title": self.cfg.ae_title,
             "dicom_port": self.scp.port if self.scp else None,
@@ -61,7 +87,8 @@ class Node:
             "outbox": self.spool.outbox_depth() if self.spool else None,
             "worker_busy": bool(w and w.busy),
             "worker_error": (w.error if w else "") or None,
-            "destinations": [{"destination": s.label, "consecutive_failures": s.failures} for s in self.senders],
+            "destinations": [{"destination": s.label, "consecutive_failures": s.failures, "last_error": s.last_error or None}
+                             for s in self.senders],
         }
 
     def start(self) -> "Node":
@@ -69,7 +96,7 @@ class Node:
         self.spool = Spool(cfg.spool).open()
         self.audit = AuditLog(cfg.audit_path)
         for rel, n in self.spool.recover_inflight(MAX_CRASHES):
-            _say(f"quarantined {rel}: it was being scored at {n} crashes of the node")
+            _say(f"quarantined {rel}: it was being scored at {n} crashes of the node", logging.WARNING)
             self.metrics.failed.inc()
             self.audit.write("failed", spool=rel, reason=f"failed: the node died {n} times while scoring it; moved to quarantine/")
         requeued = self.spool.pending()
@@ -91,7 +118,7 @@ class Node:
         _say(f"loading {cfg.model} (device {cfg.device}) ...")
         scorer = api.load_scorer(cfg.model, weights=cfg.weights_map, device=cfg.device, precision=cfg.precision)
         if "SYNTHETIC" in scorer.weights_label:
-            _say("WARNING: running on SYNTHETIC weights: the scores are meaningless")
+            _say("running on SYNTHETIC weights: the scores are meaningless", logging.WARNING)
         self.senders = [Sender(cfg, d, self.spool, self.audit, self.metrics, self.stop_event) for d in cfg.destinations]
         self.worker = Worker(cfg, self.spool, scorer, self.audit, self.metrics, self.stop_event, on_queued=self._wake_senders)
         self.worker.start()
@@ -132,9 +159,7 @@ class Node:
 
 def run_serve(cfg: ServeConfig, *, ready: Callable[[Node], None] | None = None) -> int:
     """Run the node until SIGTERM or SIGINT; returns 0 after a clean shutdown."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("pynetdicom", "highdicom"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging()
     node = Node(cfg)
     stop = threading.Event()
     previous: dict[int, Any] = {}

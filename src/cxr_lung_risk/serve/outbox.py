@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -47,6 +48,25 @@ def client_ssl_context(cfg: ServeConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+def _os_reason(e: OSError) -> str:
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port)"
+    if isinstance(e, TimeoutError) or isinstance(e, socket.timeout):
+        return "connection timed out"
+    return (e.strerror or str(e) or type(e).__name__).lower()
+
+
+def _probe(dest: Destination, timeout: float = 10.0) -> None:
+    """After a failed association: open and close a TCP connection to ``dest`` (raises
+    :class:`DeliveryError` with the cause when that fails too). pynetdicom reports a refused
+    connection as an aborted association."""
+    try:
+        with socket.create_connection((dest.host, dest.port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise DeliveryError(f"cannot connect to {dest}: {_os_reason(e)}") from None
+
+
 def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> dict[Path, str]:
     """C-STORE ``files`` over one association -> {file: error} for the objects not stored
     (empty: all stored). Raises :class:`DeliveryError` when no association could be made."""
@@ -72,10 +92,15 @@ def send_dicom(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> di
     try:
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.aet, tls_args=(ctx, dest.host) if ctx else None)
     except OSError as e:
-        raise DeliveryError(f"cannot connect: {e}") from None
+        raise DeliveryError(f"cannot connect to {dest}: {_os_reason(e)}") from None
     if not assoc.is_established:
-        reason = "association rejected" if assoc.is_rejected else "association aborted" if assoc.is_aborted else "no association"
-        raise DeliveryError(f"{reason} by {dest}")
+        if assoc.is_rejected:
+            raise DeliveryError(f"association rejected by {dest} (is {cfg.ae_title!r} allowed there, and is "
+                                f"{dest.aet!r} its AE title?)")
+        _probe(dest)  # pynetdicom says "aborted" for a refused connection too: find the real cause
+        if assoc.is_aborted:
+            raise DeliveryError(f"association aborted by {dest} during negotiation" + (" (TLS handshake?)" if ctx else ""))
+        raise DeliveryError(f"no association with {dest} (no answer within {ae.acse_timeout:.0f} s)")
     errors: dict[Path, str] = {}
     try:
         for f in files:
@@ -114,6 +139,7 @@ class Sender(threading.Thread):
         self.stop_event = stop
         self.wake = threading.Event()
         self.failures = 0  # consecutive failed rounds (the destination's backoff)
+        self.last_error = ""
         self.not_before = 0.0
         self.retrying: set[str] = set()
         self.label = str(dest)
@@ -154,6 +180,7 @@ class Sender(threading.Thread):
             errors = (send_dicom if self.dest.kind == "dicom" else send_stow)(self.cfg, self.dest, files) if files else {}
         except DeliveryError as e:
             self.failures += 1
+            self.last_error = str(e)[:300]
             wait = self.backoff(self.failures)
             self.not_before = time.time() + wait
             self.metrics.send_errors.labels(destination=self.label).inc()
@@ -166,7 +193,7 @@ class Sender(threading.Thread):
             LOG.warning("delivery to %s failed (%s); retrying in %.1f s", self.label, e, wait)
             self.audit.write("send_failed", destination=self.label, error=str(e)[:300], entries=len(due), retry_in_s=round(wait, 2))
             return False
-        self.failures, self.not_before = 0, 0.0
+        self.failures, self.not_before, self.last_error = 0, 0.0, ""
         for entry, meta in due:
             bad = {n: errors[entry / n] for n in meta.get("files", []) if (entry / n) in errors}
             if bad:
@@ -203,6 +230,8 @@ class Sender(threading.Thread):
         self.retrying.discard(entry.name)
         now = time.time()
         self.metrics.sent.labels(destination=self.label).inc(len(objects))
+        self.metrics.delivered.labels(destination=self.label).inc()
+        LOG.info("delivered %d object(s) for %s to %s", len(objects), meta.get("source_sop_uid"), self.label)
         self.metrics.queue_depth.labels(stage="outbox").dec()
         self.metrics.observe("deliver", now - float(meta.get("scored", now)))
         self.metrics.observe("total", now - float(meta.get("received", now)))

@@ -2,10 +2,17 @@
 
 * Associations from calling AE titles outside ``--allow-ae`` are rejected (A-ASSOCIATE-RJ,
   "calling AE title not recognised") and logged.
-* CR and DX (for presentation / for processing) are accepted in every transfer syntax, so the
-  node keeps the exact bytes the PACS holds (a JPEG 2000 image is not transcoded on the way).
-* Every other storage SOP class is negotiated so that its refusal can be explained: the C-STORE
-  gets status 0x0122 (SOP class not supported) and the reason goes to the log and the audit log.
+* Every storage SOP class is accepted in every transfer syntax, so the node keeps the exact bytes
+  the PACS holds (a JPEG 2000 image is not transcoded on the way), and so a PACS that sends a
+  whole study (Orthanc's "Send to modality") is not stopped by its first CT or SR.
+* What is not eligible -- another SOP class (CT, MR, SR, ...), the node's own earlier results, a
+  radiograph the selection rules skip (lateral, FOR PROCESSING, another body part) -- is answered
+  with success, stored nothing of, and audited as ``ignored`` with its reason. With
+  ``--strict-sop-class`` other SOP classes get status 0x0122 (SOP class not supported) instead.
+* A CR/DX is checked before it is acknowledged, without decoding (:func:`cxr_lung_risk.dicom_io.screen_image`:
+  header, dimensions, photometric, transfer syntax, the pixel data's size against the bytes
+  present): one that would certainly fail gets 0xC211 with the reason in ErrorComment, so the
+  sender and the PACS see it at once.
 * A dataset that cannot be parsed, or lacks the SOP Instance / Study Instance UID, gets 0xC210
   (cannot understand); the node stays up. A spool that cannot be written gets 0xA700.
 """
@@ -31,7 +38,8 @@ from .config import ServeConfig
 from .metrics import Metrics
 from .spool import Spool
 
-__all__ = ["ACCEPTED_SOP_CLASSES", "StoreSCP", "STATUS_SOP_CLASS_NOT_SUPPORTED", "STATUS_CANNOT_UNDERSTAND", "STATUS_OUT_OF_RESOURCES"]
+__all__ = ["ACCEPTED_SOP_CLASSES", "StoreSCP", "STATUS_SOP_CLASS_NOT_SUPPORTED", "STATUS_CANNOT_UNDERSTAND",
+           "STATUS_WILL_FAIL", "STATUS_OUT_OF_RESOURCES"]
 
 LOG = logging.getLogger("cxr_lung_risk.serve")
 
@@ -42,6 +50,7 @@ ACCEPTED_SOP_CLASSES = {
 }
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_WILL_FAIL = 0xC211  # cannot understand: the image's checks failed (reason in ErrorComment)
 STATUS_OUT_OF_RESOURCES = 0xA700
 #: An acceptor picks the first of its own syntaxes that the peer proposes: the compressed ones come
 #: first, so the node receives the bytes the sender holds (no transcoding on the way).
@@ -51,6 +60,34 @@ PREFERRED_SYNTAXES = [t for t in ALL_TRANSFER_SYNTAXES if t not in DEFAULT_TRANS
 def _peer(event: Any) -> dict[str, Any]:
     r = event.assoc.requestor
     return {"calling_ae": (r.ae_title or "").strip(), "peer": f"{r.address}:{r.port}", "assoc": event.assoc.native_id}
+
+
+def _called_ae(event: Any, default: str) -> str:
+    """The AE title the peer called (its A-ASSOCIATE-RQ), which need not be ours."""
+    try:
+        return str(event.assoc.requestor.primitive.called_ae_title or "").strip() or default
+    except AttributeError:
+        return default
+
+
+class _Refused(Exception):
+    """The spooled copy failed its checks: answer ``status`` with ``reason``, keep nothing."""
+
+    def __init__(self, status: int, reason: str, outcome: str = "refused") -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.outcome = status, reason, outcome
+
+
+def _status(code: int, comment: str = "") -> Any:
+    """A C-STORE response status, with an ErrorComment (LO: 64 characters) when given."""
+    if not comment:
+        return code
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment.replace("\\", "/")[:64]
+    return ds
 
 
 def _parse(data: bytes):
@@ -80,6 +117,9 @@ class StoreSCP:
     def __init__(self, cfg: ServeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, on_received=None) -> None:
         self.cfg, self.spool, self.audit, self.metrics = cfg, spool, audit, metrics
         self.on_received = on_received
+        from ..dicom_io import SelectionOptions
+
+        self.selection = SelectionOptions()  # the worker's rules (cxr_lung_risk.serve.worker)
         ae = self.ae = AE(ae_title=cfg.ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:  # every transfer syntax: refusals are explained per C-STORE
@@ -100,7 +140,7 @@ class StoreSCP:
 
     def _on_established(self, event: Any) -> None:
         self.metrics.associations.labels(result="accepted").inc()
-        self.audit.write("association", result="accepted", called_ae=self.cfg.ae_title, **_peer(event))
+        self.audit.write("association", result="accepted", called_ae=_called_ae(event, self.cfg.ae_title), **_peer(event))
 
     def _on_rejected(self, event: Any) -> None:
         self.metrics.associations.labels(result="rejected").inc()
@@ -115,14 +155,43 @@ class StoreSCP:
     def _on_aborted(self, event: Any) -> None:
         self.audit.write("association_end", result="aborted", **_peer(event))
 
-    def _refuse(self, event: Any, status: int, reason: str, **extra: Any) -> int:
+    def _refuse(self, event: Any, status: int, reason: str, **extra: Any) -> Any:
         self.metrics.refused.labels(reason=reason.split(":")[0]).inc()
         info = _peer(event)
-        LOG.warning("C-STORE from %s refused (0x%04X): %s", info["calling_ae"], status, reason)
+        LOG.warning("C-STORE of %s from %s refused (0x%04X): %s", extra.get("sop_uid") or "?", info["calling_ae"], status, reason)
         self.audit.write("refused", status=f"0x{status:04X}", reason=reason, **extra, **info)
-        return status
+        return _status(status, reason if status == STATUS_WILL_FAIL else "")
 
-    def _on_store(self, event: Any) -> int:
+    def _ignore(self, event: Any, reason: str, **extra: Any) -> int:
+        """Success without keeping anything: the instance is not for this node."""
+        self.metrics.ignored.labels(reason=reason.split(":")[0]).inc()
+        info = _peer(event)
+        LOG.info("ignored %s from %s: %s", extra.get("sop_uid") or "?", info["calling_ae"], reason)
+        self.audit.write("ignored", reason=reason, **extra, **info)
+        return 0x0000
+
+    def _header(self, event: Any):
+        """The received data set's header (no pixel data), or None when it cannot be parsed."""
+        try:
+            return dcmread(io.BytesIO(event.encoded_dataset(include_meta=True)), stop_before_pixels=True, force=True)
+        except Exception:  # noqa: BLE001 - an unparsable instance of a class we ignore anyway
+            return None
+
+    def _screen(self, path) -> None:
+        """The checks of a CR/DX that need no decoding, on the written copy (raises :class:`_Refused`)."""
+        from ..dicom_io import screen_image
+
+        res = screen_image(path, self.selection)
+        if res.status == "failed":
+            reason = res.reason[len("failed: "):] if res.reason.startswith("failed: ") else res.reason
+            raise _Refused(STATUS_WILL_FAIL, reason)
+        if res.status == "skipped":
+            reason = res.reason[len("skipped: "):] if res.reason.startswith("skipped: ") else res.reason
+            raise _Refused(0x0000, reason, outcome="ignored")
+
+    def _on_store(self, event: Any) -> Any:
+        from ..dicom_io import own_result
+
         t0 = time.perf_counter()
         sop_class = str(event.context.abstract_syntax)
         rq = event.request
@@ -131,11 +200,18 @@ class StoreSCP:
             from pydicom.uid import UID
 
             name = UID(sop_class).name
-            return self._refuse(
-                event, STATUS_SOP_CLASS_NOT_SUPPORTED,
-                f"not a chest radiograph SOP class: {name} ({sop_class}); this node scores CR and DX only",
-                sop_class=sop_class, sop_uid=sop_uid,
-            )
+            if self.cfg.strict_sop_class:
+                return self._refuse(
+                    event, STATUS_SOP_CLASS_NOT_SUPPORTED,
+                    f"not a chest radiograph SOP class: {name} ({sop_class}); this node scores CR and DX only",
+                    sop_class=sop_class, sop_uid=sop_uid,
+                )
+            header = self._header(event)
+            own = own_result(header) if header is not None else ""
+            reason = f"own result: {own}" if own else f"not a chest radiograph SOP class: {name}; this node scores CR and DX only"
+            return self._ignore(event, reason, sop_class=sop_class, sop_uid=sop_uid,
+                                study_uid=str(header.get("StudyInstanceUID", "")) if header is not None else "",
+                                modality=str(header.get("Modality", "")) if header is not None else "")
         try:
             data = event.encoded_dataset(include_meta=True)
             ds = _parse(data)
@@ -143,17 +219,26 @@ class StoreSCP:
             return self._refuse(event, STATUS_CANNOT_UNDERSTAND, f"malformed dataset: {type(e).__name__}: {str(e)[:160]}",
                                 sop_class=sop_class, sop_uid=sop_uid)
         study, sop = str(ds.StudyInstanceUID), str(ds.SOPInstanceUID)
+        ids = {"sop_class": sop_class, "sop_uid": sop, "study_uid": study, "modality": str(ds.get("Modality", ""))}
+        series = str(ds.get("SeriesInstanceUID", ""))
+        del ds
         try:
-            pending = self.spool.store(data, study, sop)
+            pending = self.spool.store(data, study, sop, check=self._screen)
+        except _Refused as r:
+            if r.outcome == "ignored":
+                return self._ignore(event, r.reason, **ids)
+            return self._refuse(event, r.status, r.reason, **ids)
         except OSError as e:
             return self._refuse(event, STATUS_OUT_OF_RESOURCES, f"spool not writable: {e.strerror or e}", sop_uid=sop)
         dt = time.perf_counter() - t0
         self.metrics.received.inc()
         self.metrics.observe("receive", dt)
+        info = _peer(event)
+        LOG.info("received %s (study %s, %s, %d bytes) from %s", sop, study, ids["modality"] or "?", len(data), info["calling_ae"])
         self.audit.write(
-            "received", sop_class=sop_class, sop_uid=sop, study_uid=study, series_uid=str(ds.get("SeriesInstanceUID", "")),
-            modality=str(ds.get("Modality", "")), bytes=len(data), transfer_syntax=str(event.context.transfer_syntax),
-            spool=f"{pending.study}/{pending.sop}.dcm", **_peer(event),
+            "received", sop_class=sop_class, sop_uid=sop, study_uid=study, series_uid=series,
+            modality=ids["modality"], bytes=len(data), transfer_syntax=str(event.context.transfer_syntax),
+            spool=f"{pending.study}/{pending.sop}.dcm", **info,
         )
         if self.on_received is not None:
             self.on_received(pending)

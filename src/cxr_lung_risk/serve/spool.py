@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..errors import UsageError
 from ..outputs.base import uid_stem
@@ -120,16 +120,18 @@ class Spool:
             self._lock_fd = None
 
     # ------------------------------------------------------------------ receiving
-    def store(self, data: bytes, study_uid: str, sop_uid: str) -> Pending:
-        """Write one received instance durably: temporary file, fsync, rename into ``incoming``,
-        fsync the folder. Returns when the instance survives a crash; only then may the C-STORE
-        success status be sent."""
+    def store(self, data: bytes, study_uid: str, sop_uid: str, check: Callable[[Path], None] | None = None) -> Pending:
+        """Write one received instance durably: temporary file, ``check`` (may raise: then nothing
+        is kept), fsync, rename into ``incoming``, fsync the folder. Returns when the instance
+        survives a crash; only then may the C-STORE success status be sent."""
         study, sop = uid_stem(study_uid, prefix="study"), uid_stem(sop_uid, prefix="sop")
         fd, tmp = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.tmp)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
+                if check is not None:
+                    check(Path(tmp))
                 os.fsync(f.fileno())
             d = self.incoming / study
             dest = d / f"{sop}.dcm"

@@ -90,7 +90,7 @@ class Worker(threading.Thread):
     # ------------------------------------------------------------------ one batch
     def _writer(self, out: Path):
         kw: dict[str, Any] = {"result_image": True} if self.cfg.result_image else {}
-        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=FORMATS, deterministic=True,
+        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=FORMATS, deterministic="stable",
                                 im_version=self.cfg.im_version, **kw)
 
     def process(self, batch: Sequence[Pending]) -> None:
@@ -145,10 +145,12 @@ class Worker(threading.Thread):
                     self.metrics.queue_depth.labels(stage="outbox").inc()
             self.metrics.scored.inc()
             self.metrics.observe("score", batch_s)
+            values = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in (rec.values or {}).items())
+            LOG.info("scored %s (%s); %d destination(s) queued", base["sop_uid"], values or "no values", len(self.cfg.destinations))
             self.audit.write("scored", **base, values=rec.values, outputs=sorted(r for rels in rec.outputs.values() for r in rels),
                              warnings=rec.warnings or None)
         else:
             (self.metrics.skipped if rec.status is api.Status.SKIPPED else self.metrics.failed).inc()
-            LOG.info("%s %s: %s", status, p.sop, rec.reason)
+            LOG.log(logging.WARNING if rec.status is api.Status.FAILED else logging.INFO, "%s %s: %s", status, base["sop_uid"], rec.reason)
             self.audit.write(status, **base, reason=rec.reason)
         self.spool.mark_scored(p)

@@ -13,12 +13,16 @@ their sequences), written with the source's Specific Character Set so that the r
 person names are kept. Never copied: the source's SOP/Series UIDs (except as references),
 equipment, acquisition, image or private attributes.
 
-UIDs: with ``deterministic=False`` every build gets random ``2.25.<uuid4>`` UIDs and the
-current time. With ``deterministic=True`` UIDs are ``2.25.<int of a UUIDv5>``: the SOP
-Instance UID and tracking UIDs from (source SOP Instance UID, reported values, algorithm,
-software version); the Series Instance UID from (Study Instance UID, device, software version,
-series number), so one study's reports share a series; all dates/times are the source's
-StudyDate/StudyTime (else ContentDate/ContentTime, else 1970-01-01 00:00:00). Identical input
+UIDs and dates follow ``deterministic`` (a :class:`~cxr_lung_risk.outputs.base.UidPolicy` or a
+bool). RANDOM (``False``): random ``2.25.<uuid4>`` UIDs and the current time. STABLE: UIDs are
+``2.25.<int of a UUIDv5>`` -- the SOP Instance UID and tracking UIDs from (source SOP Instance
+UID, the measurements reported (names and codes, never their values), the algorithms' names,
+versions and weights' identity, software version, device, numbers); the Series Instance UID
+from (Study Instance UID, the same algorithms and weights, device, software version, series
+number), so one study's reports share a series -- and the current time: the same instance
+re-scored in another batch (whose float32 noise changes the last bits of a value) gets the same
+UIDs. DETERMINISTIC (``True``): the stable UIDs, and every date/time is the source's
+StudyDate/StudyTime (else ContentDate/ContentTime, else 1970-01-01 00:00:00); identical input
 then gives byte-identical files (with the same cxr-lung-risk, highdicom and pydicom versions).
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ from ..base import (
     COPIED_KEYWORDS,
     copy_source_modules,
     decide_character_set,
+    UidPolicy,
     fixed_datetime,
     new_uid,
     safe_value,
@@ -126,7 +131,7 @@ def build_measurement_report(
     algorithm: AlgorithmInfo | Mapping[str, AlgorithmInfo],
     device_name: str = "cxr-lung-risk",
     manufacturer: str = "cxr-lung-risk open implementation",
-    deterministic: bool = False,
+    deterministic: UidPolicy | bool = False,
     series_number: int = 9001,
     instance_number: int = 1,
 ) -> pydicom.Dataset:
@@ -141,8 +146,9 @@ def build_measurement_report(
         device_name: name of the software, used as Device Observer Name and Manufacturer's
             Model Name.
         manufacturer: Manufacturer of the report and Device Observer Manufacturer.
-        deterministic: derive UIDs and times from the input (see module docstring) so that
-            identical input gives a byte-identical file.
+        deterministic: the :class:`~cxr_lung_risk.outputs.base.UidPolicy` (``True``: stable
+            UIDs and the source's dates, so identical input gives a byte-identical file;
+            ``UidPolicy.STABLE``: stable UIDs, dated now; ``False``: random UIDs, dated now).
         series_number: Series Number of the report.
         instance_number: Instance Number of the report.
 
@@ -182,32 +188,30 @@ def build_measurement_report(
     )
 
     source_uid = str(source.get("SOPInstanceUID", ""))
+    policy = UidPolicy.of(deterministic)
+    # What identifies this result (never the values: a re-score in another batch differs in the
+    # last bits and must not make a second, different object in a PACS).
+    algorithm_key = [
+        [n, a.name, a.version, a.parameters.get("weights", ""), a.parameters.get("weights_sha256", "")]
+        for n, a in sorted(algorithms.items()) if n in names
+    ]
     content_key = {
         "source": source_uid,
-        "values": [
-            {
-                "name": m.name,
-                "code": [m.code_value, m.code_meaning],
-                "value": repr(float(m.value)),
-                "unit": [m.unit, m.unit_meaning],
-                "members": sorted((k, repr(float(v))) for k, v in (m.members or {}).items()),
-            }
-            for m in measurements
-        ],
-        "algorithm": [[n, a.name, a.version, sorted(a.parameters.items())] for n, a in sorted(algorithms.items()) if n in names],
+        "measurements": [[m.name, m.code_value, m.code_meaning, m.unit, sorted(m.members or {})] for m in measurements],
+        "algorithm": algorithm_key,
         "software": SOFTWARE_VERSION,
         "device": [manufacturer, device_name],
         "numbers": [series_number, instance_number],
     }
-    if deterministic:
+    if policy.stable_uids:
         def uid_for(label: str) -> str:
             return new_uid({"label": label, **content_key}, namespace=_NS)
 
-        when = fixed_datetime(source)
         series_uid = new_uid(
             {
                 "label": "series",
                 "study": str(source.get("StudyInstanceUID", "")),
+                "algorithm": algorithm_key,
                 "software": SOFTWARE_VERSION,
                 "device": [manufacturer, device_name],
                 "series_number": series_number,
@@ -218,8 +222,8 @@ def build_measurement_report(
         def uid_for(label: str) -> str:
             return new_uid()
 
-        when = datetime.datetime.now().replace(microsecond=0)
         series_uid = uid_for("series")
+    when = fixed_datetime(source) if policy.fixed_dates else datetime.datetime.now().replace(microsecond=0)
     sop_uid = uid_for("instance")
     device_uid = new_uid({"label": "device", "device": [manufacturer, device_name], "software": SOFTWARE_VERSION}, namespace=_NS)
 
