@@ -144,10 +144,13 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.25):
 class ServeProcess:
     """``cxr-lung-risk serve`` as a real subprocess (stderr into SPOOL/../serve-N.log)."""
 
-    def __init__(self, spool: Path, weights: Path, *, port: int | None = None, metrics_port: int | None = None,
-                 extra: Sequence[str] = (), ae_title: str = "CXR-LUNG-RISK") -> None:
+    def __init__(self, spool: Path, weights: Path | None, *, port: int | None = None, metrics_port: int | None = None,
+                 extra: Sequence[str] = (), ae_title: str = "CXR-LUNG-RISK", env: dict[str, str] | None = None) -> None:
+        """``weights`` None: no --weights (e.g. ``--demo-weights`` in ``extra``); ``env``: more
+        environment variables of the process."""
         self.spool = Path(spool)
         self.weights = weights
+        self.env = dict(env or {})
         self.port = port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.extra = list(extra)
@@ -157,13 +160,14 @@ class ServeProcess:
 
     def argv(self) -> list[str]:
         exe = shutil.which("cxr-lung-risk") or str(Path(sys.executable).with_name("cxr-lung-risk"))
+        weights = ["--weights", str(self.weights)] if self.weights is not None else []
         return [exe, "serve", "--port", str(self.port), "--ae-title", self.ae_title, "--spool", str(self.spool),
-                "--weights", str(self.weights), "--metrics-port", str(self.metrics_port), "--device", "cpu", *self.extra]
+                *weights, "--metrics-port", str(self.metrics_port), "--device", "cpu", *self.extra]
 
     def start(self, timeout: float = 180.0) -> "ServeProcess":
         log = self.spool.parent / f"{self.spool.name}-serve-{len(self.logs)}.log"
         self.logs.append(log)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), **self.env)
         with open(log, "wb") as fh:
             self.proc = subprocess.Popen(self.argv(), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(self.spool.parent))
         wait_for(lambda: self.proc.poll() is not None or self.health().get("status") == "ok", timeout, "the node to be ready")
@@ -177,6 +181,16 @@ class ServeProcess:
                 return json.loads(r.read())
         except Exception:  # noqa: BLE001 - not up (yet), or 503 while starting
             return {}
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of /healthz: 200 ok, 503 otherwise (the body says why)."""
+        import urllib.error
+
+        try:
+            with _NO_PROXY.open(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
 
     def metrics(self) -> str:
         with _NO_PROXY.open(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:

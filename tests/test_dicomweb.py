@@ -351,3 +351,54 @@ def test_dicomweb_over_tls_with_ca_bundle_and_client_certificate(orthanc_factory
     finally:
         front.close()
     assert HttpOptions(token="abc").session().headers["Authorization"] == "Bearer abc"
+
+
+@pytest.mark.pacs
+def test_readme_stow_rerun_in_another_batch_adds_nothing_and_orthanc_log_stays_clean(orthanc_factory, synthetic_weights, tmp_path):
+    """The README's STOW example, as a user reruns it (no --deterministic): the first run scores
+    the CR alone, the second together with three other radiographs in one batch (float32 batch
+    noise changes the last bits of the scores). The SR and result image keep their UIDs, so the
+    second STOW adds nothing to the study; they are dated when made. Orthanc's log has no error
+    from our QIDO-RS (one Accept media type)."""
+    import datetime
+    import subprocess
+    import sys
+
+    from pacs_node import make_instances
+
+    o = orthanc_factory(aet="STOWTWICE")
+    assert o.upload(SAMPLE)["Status"] == "Success"
+    others = make_instances(tmp_path / "others", 3, tag="stowbatch")
+    source = f"dicomweb+{o.dicomweb_url}/studies/{STUDY}"
+    exe = str(Path(sys.executable).with_name("cxr-lung-risk"))
+
+    def run(out: Path, *extra: str) -> Path:
+        r = subprocess.run([exe, "predict", source, *extra, "--out", str(out), "--result-image", "--stow", o.dicomweb_url,
+                            "--weights", str(synthetic_weights), "--device", "cpu", "--quiet"],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return out
+
+    first = run(tmp_path / "first", "--batch-size", "1")
+    after_first = len(o.study_instances(STUDY))
+    assert after_first == 3  # CR, SR, result image
+    second = run(tmp_path / "second", *map(str, others), "--batch-size", "4")
+    assert len(o.study_instances(STUDY)) == after_first  # nothing twice
+
+    def ours(out: Path) -> dict:
+        [rec] = [r for r in _records(out) if r["sop_uid"] == SOP]
+        return rec
+
+    a, b = ours(first), ours(second)
+    print(f"first {a['values']}, second {b['values']}")
+    for kind in ("sr", "result_image"):
+        [ra], [rb] = a["outputs"][kind], b["outputs"][kind]
+        da, db = pydicom.dcmread(first / ra), pydicom.dcmread(second / rb)
+        assert (da.SOPInstanceUID, da.SeriesInstanceUID) == (db.SOPInstanceUID, db.SeriesInstanceUID), kind
+        assert da.ContentDate == datetime.date.today().strftime("%Y%m%d") and da.StudyDate == CR.StudyDate
+    stowed = json.loads((second / "stow.json").read_text())["results"]
+    assert stowed and all(r["ok"] for r in stowed)
+    log = o.log_tail(100000)
+    assert "Unsupported return MIME type" not in log
+    errors = [ln for ln in log.splitlines() if ln.startswith("E")]
+    assert not errors, errors[:5]

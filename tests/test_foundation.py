@@ -361,3 +361,34 @@ def test_demo_runs_end_to_end_and_says_synthetic(tmp_path):
     p2 = run_cli("demo", "--out", str(tmp_path / "demo2"), env={"CXR_LUNG_RISK_HOME": str(home)}, timeout=1800)
     assert p2.returncode == 0 and "making SYNTHETIC demo weights" not in p2.stderr, p2.stderr
     assert (tmp_path / "demo2" / "cxr_lung_risk.csv").read_bytes() == (out / "cxr_lung_risk.csv").read_bytes()
+    # before `demo`, --demo-weights says what to do (one sentence, exit 1)
+    empty = {"CXR_LUNG_RISK_HOME": str(tmp_path / "empty-cache")}
+    p3 = run_cli("predict", str(out), "--out", str(tmp_path / "x"), "--demo-weights", env=empty)
+    assert p3.returncode == 1 and "run `cxr-lung-risk demo --out DIR` once" in p3.stderr and "Traceback" not in p3.stderr
+    # after it, the README's predict and serve commands run on its weights with --demo-weights
+    sample = Path(__file__).resolve().parents[1] / "src" / "cxr_lung_risk" / "samples" / "chest_cr_RG1_J2KI.dcm"
+    p4 = run_cli("predict", str(sample), "--out", str(tmp_path / "p4"), "--demo-weights", "--quiet", env={"CXR_LUNG_RISK_HOME": str(home)})
+    assert p4.returncode == 0, p4.stderr
+    assert read_csv(tmp_path / "p4" / "cxr_lung_risk.csv")[0]["Weights"] == "lung-risk=SYNTHETIC"
+    _serve_on_demo_weights(home, sample, tmp_path / "serve")
+
+
+def _serve_on_demo_weights(home: Path, sample: Path, root: Path) -> None:
+    """``serve --demo-weights`` (the README's command after ``demo``): it starts, says SYNTHETIC,
+    and scores a CR pushed to it (with the pacs extra; skipped without it)."""
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        pytest.skip("the [pacs] extra is not installed")
+    from pacs_node import ServeProcess, events, make_instances, push, sop_of, wait_for
+
+    node = ServeProcess(root / "spool", None, extra=["--demo-weights", "--quiet-time", "0"], env={"CXR_LUNG_RISK_HOME": str(home)})
+    node.start()
+    try:
+        [cr] = make_instances(root / "in", 1, tag="demo-serve", source=sample)
+        assert push(node.port, [cr]) == [0]
+        [scored] = wait_for(lambda: [e for e in events(node.spool, "scored") if e["sop_uid"] == sop_of(cr)], 300, "scoring")
+        assert scored["values"]
+        assert "SYNTHETIC weights" in node.log_tail(200)
+    finally:
+        assert node.terminate() == 0

@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("pynetdicom")
 
 from pacs_node import (  # noqa: E402
-    SAMPLE_CR, ServeProcess, echo, events, make_instances, malformed_file, push, read_audit, sent_by_source, sop_of, wait_for,
+    SAMPLE_CR, ServeProcess, echo, events, make_instances, malformed_file, push, push_responses, read_audit, sent_by_source,
+    sop_of, truncated_cr, wait_for,
 )
 
 pytestmark = pytest.mark.pacs
@@ -35,7 +36,7 @@ def node(orthanc, synthetic_weights, tmp_path_factory):
     n = ServeProcess(
         root / "spool", synthetic_weights,
         extra=["--send-to", orthanc.dicom_address, "--stow", orthanc.dicomweb_url, "--allow-ae", "ORTHANC,TESTSCU", "--quiet-time", "1",
-               "--batch-size", "8", "--retry-initial", "0.5", "--retry-max", "2"],
+               "--batch-size", "8", "--retry-initial", "0.5", "--retry-max", "2", "--degraded-after", "2"],
     )
     orthanc.set_modality("node", n.ae_title, "127.0.0.1", n.port)
     n.start()
@@ -134,6 +135,14 @@ def test_orthanc_sends_cr_and_receives_sr_and_result_image_equal_to_predict(node
     assert any(v == pytest.approx(float(row["CXR_Lung_Risk"]), abs=0.01) for v in ours.values()), (ours, row)
     sc = pydicom.dcmread(io.BytesIO(orthanc.file(objs[SC_CLASS][0])))
     assert sc.StudyInstanceUID == study_uid and sc.SeriesInstanceUID != sr.SeriesInstanceUID
+    # dated when they were made (predict --deterministic dates them with the study); StudyDate is the study's
+    import datetime
+
+    today = datetime.date.today().strftime("%Y%m%d")
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    for obj in (sr, sc):
+        assert (obj.ContentDate, obj.SeriesDate) == (today, today) and obj.StudyDate == source.StudyDate != today
+    assert pydicom.dcmread(predict_sr).ContentDate == source.StudyDate
     # the audit log saw the association from Orthanc, the instance and the result, no patient names
     audit = read_audit(node.spool)
     assert any(e["event"] == "association" and e.get("calling_ae") == "ORTHANC" and e["result"] == "accepted" for e in audit)
@@ -144,31 +153,90 @@ def test_orthanc_sends_cr_and_receives_sr_and_result_image_equal_to_predict(node
     assert str(pydicom.dcmread(src, stop_before_pixels=True).PatientName) not in raw
 
 
+def test_orthanc_send_to_modality_of_a_mixed_study(node, orthanc, synthetic_weights, tmp_path):
+    """The README's first route: Orthanc's "Send to modality" (REST ``POST /modalities/node/store``,
+    what Orthanc Explorer's button does, without ``Permissive``) of a study holding a CR, a CT,
+    another vendor's SR and an earlier result of this tool (SR + result image). The job succeeds;
+    only the CR is kept and scored; everything else is ``ignored`` with its reason (the tool's own
+    objects as "own result"); the result is the earlier one's object (same UIDs), so the study
+    gains nothing twice."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    cr = make_instances(tmp_path / "cr", 1, tag="mixed")[0]
+    study_uid = str(pydicom.dcmread(cr, stop_before_pixels=True).StudyInstanceUID)
+    ct = make_instances(tmp_path / "ct", 1, tag="mixedct", modality="CT", sop_class=CT_CLASS)[0]
+    ds = pydicom.dcmread(ct)
+    ds.StudyInstanceUID = study_uid
+    ds.save_as(ct, enforce_file_format=True)
+    foreign = pydicom.dcmread(get_testdata_file("test-SR.dcm"))  # another vendor's SR, moved into the CR's patient and study
+    head = pydicom.dcmread(cr, stop_before_pixels=True)
+    for kw in ("PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID"):
+        if kw in head:
+            setattr(foreign, kw, head.get(kw))
+        elif kw in foreign:
+            delattr(foreign, kw)
+    foreign.StudyInstanceUID = study_uid
+    foreign.SOPInstanceUID = foreign.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    foreign_sr = tmp_path / "foreign_sr.dcm"
+    foreign.save_as(foreign_sr, enforce_file_format=True)
+    earlier = tmp_path / "earlier"
+    r = subprocess.run(["cxr-lung-risk", "predict", str(cr), "--out", str(earlier), "--weights", str(synthetic_weights),
+                        "--deterministic", "--result-image", "--device", "cpu", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    own_sr, own_image = next((earlier / "sr").glob("*.dcm")), next((earlier / "result").glob("*.dcm"))
+    for f in (cr, ct, foreign_sr, own_sr, own_image):
+        orthanc.upload(f)
+    before = {k: len(v) for k, v in _orthanc_objects(orthanc, study_uid).items()}
+    assert before == {"1.2.840.10008.5.1.4.1.1.1": 1, CT_CLASS: 1, SR_CLASS: 2, SC_CLASS: 1}
+
+    job = orthanc.send_study(study_uid, "node")  # raises when Orthanc's job fails
+    assert job.get("FailedInstancesCount", 0) == 0 and job.get("InstancesCount") == 5, job
+    _wait_delivered(node, orthanc, [sop_of(cr)])
+    audit = read_audit(node.spool)
+    ignored = {e["sop_uid"]: e["reason"] for e in audit if e["event"] == "ignored"}
+    assert ignored[sop_of(ct)].startswith("not a chest radiograph SOP class: CT Image Storage")
+    assert ignored[sop_of(foreign_sr)].startswith("not a chest radiograph SOP class: Comprehensive SR Storage")
+    assert ignored[sop_of(own_sr)].startswith("own result: a structured report made by cxr-lung-risk")
+    assert ignored[sop_of(own_image)].startswith("own result: a derived image (SC) made by cxr-lung-risk")
+    assert [e["sop_uid"] for e in audit if e["event"] == "received" and e["study_uid"] == study_uid] == [sop_of(cr)]
+    log = node.log_tail(2000)
+    assert "accepted as a radiograph" not in log and f"ignored {sop_of(own_image)}" in log
+    time.sleep(3)
+    # the node's SR and result image have the UIDs of the earlier run's: nothing new in the study
+    assert {k: len(v) for k, v in _orthanc_objects(orthanc, study_uid).items()} == before
+    [sent] = [e for e in events(node.spool, "sent") if e["source_sop_uid"] == sop_of(cr) and e["destination"] == orthanc.dicom_address]
+    assert sorted(o["sop_uid"] for o in sent["objects"]) == sorted([sop_of(own_sr), sop_of(own_image)])
+
+
 def test_bad_input_over_the_wire(node, orthanc, tmp_path):
-    """A CT is refused with a logged reason and gets no result; a malformed dataset gets a failure
-    status and the node stays up; an unknown calling AE title is rejected at association."""
+    """A CT pushed by an SCU is ignored (success, nothing kept, reason logged); with truncated
+    pixel data a CR is refused before it is acknowledged (0xC211, the reason in ErrorComment); a
+    malformed dataset gets 0xC210 and the node stays up; an unknown calling AE title is rejected."""
     ct = make_instances(tmp_path / "ct", 1, tag="ct", modality="CT", sop_class=CT_CLASS)[0]
-    assert push(node.port, [ct]) == [0x0122]
+    assert push(node.port, [ct]) == [0x0000]
     bad = malformed_file(tmp_path / "malformed.dcm")
     assert push(node.port, [bad]) == [0xC210]
+    cut = truncated_cr(tmp_path / "truncated.dcm")
+    [resp] = push_responses(node.port, [cut])
+    assert int(resp.Status) == 0xC211 and str(resp.ErrorComment).startswith("pixel data is truncated"), resp
     with pytest.raises(RuntimeError, match="rejected=True"):
         push(node.port, make_instances(tmp_path / "intruder", 1, tag="intruder"), calling="INTRUDER")
-    # ... and through Orthanc too: Orthanc's C-STORE of a CT to the node fails
-    orthanc.upload(ct)
-    ct_study = __import__("pydicom").dcmread(ct, stop_before_pixels=True).StudyInstanceUID
-    with pytest.raises(Exception):
-        orthanc.send_study(ct_study, "node")
     assert echo(node.port) == 0x0000 and node.health()["status"] == "ok"  # still up
     audit = read_audit(node.spool)
     refused = [e for e in audit if e["event"] == "refused"]
-    ct_sop, bad_sop = sop_of(ct), sop_of(bad)
-    assert any(e.get("sop_uid") == ct_sop and e["status"] == "0x0122" and "CT Image Storage" in e["reason"] for e in refused)
+    ct_sop, bad_sop, cut_sop = sop_of(ct), sop_of(bad), sop_of(cut)
+    assert any(e.get("sop_uid") == ct_sop and "CT Image Storage" in e["reason"] for e in audit if e["event"] == "ignored")
     assert any(e.get("sop_uid") == bad_sop and e["status"] == "0xC210" and "malformed" in e["reason"] for e in refused)
+    assert any(e.get("sop_uid") == cut_sop and e["status"] == "0xC211" and "truncated" in e["reason"] for e in refused)
     assert any(e["event"] == "association" and e["result"] == "rejected" and e["calling_ae"] == "INTRUDER" for e in audit)
-    assert not any(e["event"] == "received" and e["sop_uid"] in (ct_sop, bad_sop) for e in audit)
-    assert "C-STORE from TESTSCU refused (0x0122)" in node.log_tail(400)
-    assert node.metric("cxr_serve_refused_total") >= 3
-    assert not list((node.spool / "incoming").rglob(f"{ct_sop}.dcm")) and not list((node.spool / "scored").rglob(f"{ct_sop}.dcm"))
+    assert not any(e["event"] == "received" and e["sop_uid"] in (ct_sop, bad_sop, cut_sop) for e in audit)
+    log = node.log_tail(400)
+    assert f"ignored {ct_sop} from TESTSCU: not a chest radiograph SOP class" in log
+    assert f"C-STORE of {cut_sop} from TESTSCU refused (0xC211): pixel data is truncated" in log
+    assert node.metric("cxr_serve_refused_total") >= 2 and node.metric("cxr_serve_ignored_total") >= 1
+    for sop in (ct_sop, cut_sop):
+        assert not list(node.spool.rglob(f"{sop}.dcm"))
 
 
 def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_path):
@@ -180,6 +248,11 @@ def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_
         wait_for(lambda: {e["sop_uid"] for e in events(node.spool, "scored")} >= set(sops), DELIVERY_TIMEOUT, "scoring")
         wait_for(lambda: events(node.spool, "send_failed"), 60, "a failed delivery attempt")
         assert not any(sent_by_source(node.spool).get(s) for s in sops)
+        # the real cause, not "association aborted"; and /healthz says degraded after 2 failed rounds
+        failed = [e for e in events(node.spool, "send_failed") if e["destination"] == orthanc.dicom_address]
+        assert failed and "connection refused" in failed[-1]["error"], failed[-1:]
+        code, health = wait_for(lambda: (h := node.healthz())[0] == 503 and h, 60, "/healthz to say degraded")
+        assert health["status"] == "degraded" and "connection refused" in health["reason"], health
         # (the STOW-RS client retries a refused connection itself for a while: its own
         # send_failed may come later or never, when Orthanc is back in time)
         assert node.metric("cxr_serve_queue_depth", 'stage="outbox"') >= 4
@@ -188,6 +261,7 @@ def test_destination_down_then_back_delivers_everything_once(node, orthanc, tmp_
     _wait_delivered(node, orthanc, sops)
     time.sleep(3)  # a duplicate delivery, if any, would land now
     _delivered_once(node, orthanc, sops)
+    assert node.healthz() == (200, node.health()) and node.health()["status"] == "ok"
     import pydicom
 
     for f in files[:2]:  # two studies, two instances each: 2 SR + 2 result images per study
@@ -253,3 +327,21 @@ def test_sigterm_is_a_clean_shutdown(node):
     stop = events(node.spool, "stop")
     assert stop and stop[-1]["queued"] == 0
     assert "stopped;" in node.log_tail()
+
+
+def test_one_log_format_and_a_line_per_instance_as_it_moves(node):
+    """Every line the node wrote (its own, pynetdicom's, the libraries') has the one format
+    ``DATE TIME LEVEL LOGGER: message``; each delivered instance has its received, scored and
+    delivered INFO lines."""
+    import re
+
+    line_re = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+    text = "\n".join(p.read_text(errors="replace") for p in node.logs)
+    odd = [ln for ln in text.splitlines() if ln.strip() and not line_re.match(ln)]
+    assert not odd, odd[:10]
+    sops = {e["source_sop_uid"] for e in events(node.spool, "sent")}
+    assert sops
+    for sop in sorted(sops)[:5]:
+        assert f"INFO cxr_lung_risk.serve: received {sop} " in text
+        assert f"INFO cxr_lung_risk.serve: scored {sop} " in text
+        assert f"for {sop} to " in text and "INFO cxr_lung_risk.serve: delivered " in text
