@@ -301,3 +301,31 @@ def test_worker_processes_give_the_same_results(tmp_path, mixed_run, mixed_input
     assert p.returncode == 2, p.stderr
     assert (out / "cxr_lung_risk.csv").read_bytes() == (out0 / "cxr_lung_risk.csv").read_bytes()
     assert (out / "manifest.csv").read_bytes() == (out0 / "manifest.csv").read_bytes()
+
+
+def test_own_results_in_the_input_are_skipped_as_own_result(tmp_path, synthetic_weights):
+    """A folder that also holds an earlier run's outputs (SR, result image, saliency SC): the tool's
+    own objects are skipped with the reason "own result", never scored as radiographs (no
+    "accepted as a radiograph" warning); the source CR is scored."""
+    import shutil
+
+    sample = Path(__file__).resolve().parents[1] / "src" / "cxr_lung_risk" / "samples" / "chest_cr_RG1_J2KI.dcm"
+    first = tmp_path / "first"
+    p = run_cli("predict", str(sample), "--out", str(first), "--weights", str(synthetic_weights), "--result-image", "--saliency",
+                "--quiet")
+    assert p.returncode == 0, p.stderr
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(sample, mixed / "cr.dcm")
+    for kind in ("sr", "result", "sc"):
+        [f] = list((first / kind).glob("*.dcm"))
+        shutil.copy(f, mixed / f"{kind}.dcm")
+    p = run_cli("predict", str(mixed), "--out", str(tmp_path / "second"), "--weights", str(synthetic_weights), "--quiet")
+    assert p.returncode == 0, p.stderr
+    m = {r["File"]: r for r in read_csv(tmp_path / "second" / "manifest.csv")}
+    assert m["cr.dcm"]["status"] == "ok"
+    assert m["sr.dcm"]["status"] == m["result.dcm"]["status"] == m["sc.dcm"]["status"] == "skipped"
+    assert m["sr.dcm"]["reason"].startswith("skipped: own result: a structured report made by cxr-lung-risk")
+    assert m["result.dcm"]["reason"].startswith("skipped: own result: a derived image (SC) made by cxr-lung-risk")
+    assert m["sc.dcm"]["reason"].startswith("skipped: own result: a derived image (SC)")
+    assert "accepted as a radiograph" not in p.stderr

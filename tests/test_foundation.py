@@ -382,6 +382,7 @@ def _serve_on_demo_weights(home: Path, sample: Path, root: Path) -> None:
         pytest.skip("the [pacs] extra is not installed")
     from pacs_node import ServeProcess, events, make_instances, push, sop_of, wait_for
 
+    root.mkdir(parents=True, exist_ok=True)
     node = ServeProcess(root / "spool", None, extra=["--demo-weights", "--quiet-time", "0"], env={"CXR_LUNG_RISK_HOME": str(home)})
     node.start()
     try:

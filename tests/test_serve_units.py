@@ -82,6 +82,34 @@ def test_next_batch_quiet_time_and_full_batches():
     assert next_batch(pend, now=9.5, quiet_time=5, batch_size=3) == pend  # a full batch goes at once
     assert next_batch(pend, now=9.5, quiet_time=5, batch_size=2) == pend[:2]
     assert next_batch([], now=0, quiet_time=0, batch_size=4) == []
+    # the association that delivered b was released after b's last instance: b is complete now
+    assert next_batch(pend, now=9.5, quiet_time=5, batch_size=8, released={"b": 9.2}) == pend  # (a is quiet)
+    # ... but not when more of b arrived after that release (another association still sending)
+    assert next_batch(pend, now=9.5, quiet_time=5, batch_size=8, released={"b": 8.0}) == pend[:2]
+
+
+def test_released_association_scores_without_waiting_the_quiet_time(tmp_path):
+    """The listener tells when the association that delivered a study ends; with it the worker's
+    rule picks the study at once, far inside a long --quiet-time."""
+    cfg, spool, audit, scp = _listener(tmp_path, quiet_time=3600)
+    ended = []
+    scp.on_released = ended.append
+    try:
+        files = make_instances(tmp_path / "in", 2, tag="released")
+        import time as _t
+
+        t0 = _t.time()
+        assert push(cfg.port, files) == [0, 0]
+        wait_for(lambda: ended, 10, "the release to be seen")
+        pend = spool.pending()
+        assert next_batch(pend, _t.time(), cfg.quiet_time, cfg.batch_size) == []  # the quiet time alone: wait an hour
+        assert sorted(p.sop for p in next_batch(pend, _t.time(), cfg.quiet_time, cfg.batch_size, scp.released_times())) == sorted(
+            sop_of(f) for f in files)
+        assert ended == [{pend[0].study}] and _t.time() - t0 < 10
+    finally:
+        scp.stop()
+        audit.close()
+        spool.close()
 
 
 def test_spool_transitions_and_crash_recovery(tmp_path):

@@ -107,7 +107,8 @@ class Node:
                          destinations=[str(d) for d in cfg.destinations])
         if requeued or outbox:
             _say(f"resuming: {len(requeued)} received instance(s) to score, {outbox} result(s) to deliver")
-        self.scp = StoreSCP(cfg, self.spool, self.audit, self.metrics, on_received=lambda p: self.worker and self.worker.wake.set()).start()
+        wake = lambda *_: self.worker and self.worker.wake.set()  # noqa: E731
+        self.scp = StoreSCP(cfg, self.spool, self.audit, self.metrics, on_received=wake, on_released=wake).start()
         if cfg.metrics_port is not None:
             self.http = HttpEndpoint(self.metrics, self.health, cfg.metrics_bind, cfg.metrics_port).start()
         _say(f"listening: {describe(cfg).replace(f':{cfg.port}', f':{self.scp.port}', 1)}"
@@ -120,7 +121,8 @@ class Node:
         if "SYNTHETIC" in scorer.weights_label:
             _say("running on SYNTHETIC weights: the scores are meaningless", logging.WARNING)
         self.senders = [Sender(cfg, d, self.spool, self.audit, self.metrics, self.stop_event) for d in cfg.destinations]
-        self.worker = Worker(cfg, self.spool, scorer, self.audit, self.metrics, self.stop_event, on_queued=self._wake_senders)
+        self.worker = Worker(cfg, self.spool, scorer, self.audit, self.metrics, self.stop_event, on_queued=self._wake_senders,
+                             released=self.scp.released_times)
         self.worker.start()
         for s in self.senders:
             s.start()

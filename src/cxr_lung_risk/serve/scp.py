@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -114,9 +115,13 @@ def server_ssl_context(cfg: ServeConfig) -> ssl.SSLContext | None:
 
 
 class StoreSCP:
-    def __init__(self, cfg: ServeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, on_received=None) -> None:
+    def __init__(self, cfg: ServeConfig, spool: Spool, audit: AuditLog, metrics: Metrics, on_received=None, on_released=None) -> None:
         self.cfg, self.spool, self.audit, self.metrics = cfg, spool, audit, metrics
         self.on_received = on_received
+        self.on_released = on_released
+        self._lock = threading.Lock()
+        self._assoc_studies: dict[int, set[str]] = {}  # association -> studies it delivered
+        self._released: dict[str, float] = {}  # study -> when an association that delivered it ended
         from ..dicom_io import SelectionOptions
 
         self.selection = SelectionOptions()  # the worker's rules (cxr_lung_risk.serve.worker)
@@ -149,11 +154,32 @@ class StoreSCP:
         LOG.warning("association from %s (%s) rejected: %s", info["calling_ae"], info["peer"], reason)
         self.audit.write("association", result="rejected", reason=reason, **info)
 
+    def _association_done(self, event: Any) -> None:
+        """The sender ended the association: the studies it delivered are complete (as far as it
+        is concerned), so the worker need not wait for the quiet time."""
+        with self._lock:
+            studies = self._assoc_studies.pop(event.assoc.native_id, set())
+            now = time.time()
+            for s in studies:
+                self._released[s] = now
+            if len(self._released) > 10000:  # forget the oldest (their studies are long scored)
+                for s, _ in sorted(self._released.items(), key=lambda kv: kv[1])[:5000]:
+                    del self._released[s]
+        if studies and self.on_released is not None:
+            self.on_released(studies)
+
+    def released_times(self) -> dict[str, float]:
+        """study -> when an association that delivered instances of it was released or aborted."""
+        with self._lock:
+            return dict(self._released)
+
     def _on_released(self, event: Any) -> None:
         self.audit.write("association_end", result="released", **_peer(event))
+        self._association_done(event)
 
     def _on_aborted(self, event: Any) -> None:
         self.audit.write("association_end", result="aborted", **_peer(event))
+        self._association_done(event)
 
     def _refuse(self, event: Any, status: int, reason: str, **extra: Any) -> Any:
         self.metrics.refused.labels(reason=reason.split(":")[0]).inc()
@@ -240,6 +266,8 @@ class StoreSCP:
             modality=ids["modality"], bytes=len(data), transfer_syntax=str(event.context.transfer_syntax),
             spool=f"{pending.study}/{pending.sop}.dcm", **info,
         )
+        with self._lock:
+            self._assoc_studies.setdefault(event.assoc.native_id, set()).add(pending.study)
         if self.on_received is not None:
             self.on_received(pending)
         return 0x0000

@@ -1,8 +1,10 @@
 """The scoring worker: spooled instances -> batches -> the same selection, preprocessing, models
 and outputs as ``predict`` (:mod:`cxr_lung_risk.api`) -> outbox entries.
 
-A study is scored when no instance of it arrived for ``quiet_time`` seconds, or earlier when the
-instances waiting fill a batch (oldest first). A batch's outputs are written into ``work/``,
+A study is scored as soon as the association that delivered its last instance is released (the
+sender says it is done: an idle node scores one image without waiting), else when no instance of
+it arrived for ``quiet_time`` seconds (a sender that keeps its association open, a restart), or
+earlier when the instances waiting fill a batch (oldest first: under load the node batches). A batch's outputs are written into ``work/``,
 committed into ``results/`` by one rename, then each instance gets its outbox entries (one per
 destination) and moves ``incoming -> scored``; see :mod:`.spool` for why a crash at any point
 loses nothing and queues nothing twice.
@@ -14,7 +16,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .. import api
 from ..dicom_io import SelectionOptions
@@ -31,15 +33,19 @@ LOG = logging.getLogger("cxr_lung_risk.serve")
 FORMATS = ("csv", "json", "sr")
 
 
-def next_batch(pending: Sequence[Pending], now: float, quiet_time: float, batch_size: int) -> list[Pending]:
+def next_batch(pending: Sequence[Pending], now: float, quiet_time: float, batch_size: int,
+               released: Mapping[str, float] | None = None) -> list[Pending]:
     """The instances to score now: a full batch of the oldest when enough wait, else every
-    instance of the studies that have been quiet for ``quiet_time`` (at most a batch)."""
+    instance of the studies that are complete -- quiet for ``quiet_time``, or whose last instance
+    came before an association that delivered the study was released (``released``: study ->
+    time of the latest such release) -- at most a batch."""
     if len(pending) >= batch_size:
         return list(pending[:batch_size])
+    released = released or {}
     last: dict[str, float] = {}
     for p in pending:
         last[p.study] = max(last.get(p.study, 0.0), p.received)
-    ready = {s for s, t in last.items() if now - t >= quiet_time}
+    ready = {s for s, t in last.items() if now - t >= quiet_time or released.get(s, -1.0) >= t}
     return [p for p in pending if p.study in ready][:batch_size]
 
 
@@ -53,12 +59,14 @@ class Worker(threading.Thread):
         metrics: Metrics,
         stop: threading.Event,
         on_queued: Callable[[], None] = lambda: None,
+        released: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         super().__init__(name="serve-worker", daemon=True)
         self.cfg, self.spool, self.scorer, self.audit, self.metrics = cfg, spool, scorer, audit, metrics
         self.stop_event = stop
         self.wake = threading.Event()
         self.on_queued = on_queued
+        self.released = released  # study -> when an association that delivered it was released
         self.prepare_options = PrepareOptions(selection=SelectionOptions(), im_version=cfg.im_version)
         self.busy = False
         self.error: str = ""
@@ -69,7 +77,7 @@ class Worker(threading.Thread):
             try:
                 pending = self.spool.pending()
                 self.metrics.queue_depth.labels(stage="incoming").set(len(pending))
-                batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size)
+                batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size, self.released())
                 if batch:
                     self.busy = True
                     self.spool.begin_batch(batch)
