@@ -78,12 +78,21 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def matmul_peak(runs: int = 15, n: int = 2048) -> dict[str, float]:
-    """Median and best GFLOP/s of an n^3 matmul in fp32 and bf16 on all threads."""
+def native_bf16(info: dict[str, Any]) -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX); without it PyTorch emulates bf16
+    matmuls and convolutions, which are no roofline and take many minutes (15+ on a 2-core Zen 3)."""
+    return bool(info.get("avx512_bf16") or info.get("amx"))
+
+
+def matmul_peak(runs: int = 15, n: int = 2048, bf16: bool = True) -> dict[str, Any]:
+    """Median and best GFLOP/s of an n^3 matmul in fp32 (and bf16 when ``bf16``) on all threads."""
     import torch
 
-    out = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    out: dict[str, Any] = {}
+    kinds = [("fp32", torch.float32)] + ([("bf16", torch.bfloat16)] if bf16 else [])
+    if not bf16:
+        out["bf16_skipped"] = "no native bf16 on this CPU (AVX512_BF16/AMX absent): emulated bf16 is not measured"
+    for name, dt in kinds:
         a = torch.randn(n, n, dtype=dt)
         b = torch.randn(n, n, dtype=dt)
         for _ in range(3):
@@ -677,6 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--precisions", default="fp32,bf16", help="model-only/accuracy precisions")
+    ap.add_argument("--force-bf16", action="store_true", help="measure bf16 even on a CPU without native bf16 (emulated: very slow)")
     ap.add_argument("--threads", default="1", help="model-only thread counts to compare besides the default")
     ap.add_argument("--ours-variant", action="append", default=[], metavar="LABEL=ARGS", help="extra runs of ours, e.g. '_w1=--workers 1'")
     ap.add_argument("--original-work", type=Path, help="reuse a folder of fastai-saved members (made once, untimed, by run_oracle.py)")
@@ -695,6 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("the oracle venv's python was not found: pass --oracle-python or --skip-original")
     precisions = [p for p in args.precisions.split(",") if p]
     result: dict[str, Any] = {"machine": machine_info(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    bf16_ok = args.device != "cpu" or native_bf16(result["machine"]) or args.force_bf16
+    if not bf16_ok and "bf16" in precisions:
+        precisions.remove("bf16")
+        result["skipped"] = {"bf16": "no native bf16 on this CPU (AVX512_BF16/AMX absent): PyTorch would emulate it, "
+                                     "which measures nothing useful and takes 15+ minutes on 2 cores; --force-bf16 runs it anyway"}
+        print("bf16 skipped:", result["skipped"]["bf16"], flush=True)
     t0 = time.perf_counter()
     if args.load_only:
         result["load_fresh_process"] = load_fresh_process(args.weights, args.runs)
@@ -703,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=1, default=str) + "\n")
         print(json.dumps(result["load_fresh_process"]), "\nwrote", out)
         return 0
-    result["peak"] = matmul_peak()
+    result["peak"] = matmul_peak(bf16=bf16_ok)
     print("matmul peak", {k: round(v, 1) for k, v in result["peak"].items()}, flush=True)
     if args.device != "cpu":
         result["gpu_peak"] = gpu_matmul_peak(args.device)
