@@ -214,6 +214,7 @@ class CxrLungRiskRunner(Module):
         self._errors = []
         self._skipped = []  # (user file, reason)
         self._radiographs = 0  # files given to the CLI
+        self._printed = False  # lines printed on the console
         err_path = os.path.join(self.config.data.abspath, self.error_file)
         if os.path.isfile(err_path):
             os.remove(err_path)
@@ -223,6 +224,11 @@ class CxrLungRiskRunner(Module):
         work = tempfile.mkdtemp(prefix="cxr_lung_risk_", dir=self.config.data.abspath)
         try:
             self.run_once(work)
+            # mhubio's progress display redraws itself by erasing its own lines upwards: blank
+            # lines for it to erase keep the lines printed above on a terminal
+            logger = getattr(self.config, "logger", None)
+            if logger is not None and getattr(logger, "showProgress", False) and self._printed:
+                console("\n" * (len(getattr(logger, "steps", [])) - 1))
             self.map_instance()
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -336,6 +342,7 @@ class CxrLungRiskRunner(Module):
                     if line.strip():
                         lines.append(line)
                         console(line)
+                        self._printed = True
                         self.log(line, level="EXTERNAL")
             code = proc.returncode
         except OSError as e:
@@ -377,6 +384,7 @@ class CxrLungRiskRunner(Module):
                     why = strip_status(r.get("reason", ""))
                     self._skipped.append((user(rest), why))
                     console(f"cxr-lung-risk: {user(rest)}: skipped: {why}")
+                    self._printed = True
             if missing or failed:
                 for rest, r in got["records"]:
                     if rest in failed:
