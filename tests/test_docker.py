@@ -147,7 +147,7 @@ def _cli_values(inputs: list[Path], weights: Path, tmp: Path) -> dict[str, float
     for p in inputs:
         shutil.copyfile(p, src / p.name)
     out = tmp / "cli_out"
-    proc = subprocess.run(["cxr-lung-risk", "predict", str(src), "--out", str(out), "--weights", str(weights),
+    proc = subprocess.run([sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(src), "--out", str(out), "--weights", str(weights),
                            "--format", "csv,json", "--deterministic", "--device", "cpu"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((out / "cxr_lung_risk.json").read_text())
