@@ -159,6 +159,12 @@ def test_default_workflow_in_the_container(image, mixed_inputs, synthetic_weight
     proc = run_container(image, mixed_inputs["dir"], out)
     logs = proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.returncode == 0, logs
+    # why each other file was left out, named by the user's file (README: how to see why)
+    said = console_lines(proc)
+    for name, kind in (("ct.dcm", "CT"), ("mr.dcm", "MR")):
+        assert f"cxr-lung-risk: {name}: skipped: modality {kind}, not a radiograph (CR or DX)" in said, said
+    assert [line for line in said if line.startswith("cxr-lung-risk: broken.dcm: skipped: ")], said
+    assert not [line for line in said if "chest_" in line and "skipped" in line], said
 
     hdr = {k: pydicom.dcmread(mixed_inputs[k], stop_before_pixels=True) for k in ("cr", "dx", "ct", "mr")}
     radiographs = {k: hdr[k] for k in ("cr", "dx")}

@@ -133,6 +133,9 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     )
     for k in ("ct", "mr", "us"):
         assert not list(out.rglob(f"*{uid[k].SOPInstanceUID}*")), k
+        # why it was left out, on the console, named by the user's file
+        assert f"cxr-lung-risk: {inputs[k].name}: skipped: modality {uid[k].Modality}, not a radiograph (CR or DX)" in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert f"cxr-lung-risk: {inputs['cr'].name}: skipped" not in proc.stderr
 
     with open(inst / "cxr_lung_risk.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -113,7 +113,7 @@ def scan_inputs(source: str) -> dict:
     """What the input folder holds: its files (relative paths, sorted), what kind each is
     (DICOM modality, PNG/JPEG, not DICOM) and, for DICOM, (series, SOP) -> relative path.
     Headers only (pydicom, from the mhubio environment)."""
-    found = {"files": [], "kinds": {}, "by_uid": {}}
+    found = {"files": [], "kinds": {}, "by_uid": {}, "kind_of": {}}
     if not os.path.isdir(source):
         return found
     try:
@@ -142,6 +142,7 @@ def scan_inputs(source: str) -> dict:
                 except Exception:
                     kind = "not DICOM"
             found["kinds"][kind] = found["kinds"].get(kind, 0) + 1
+            found["kind_of"][rel] = kind
     return found
 
 
@@ -322,6 +323,7 @@ class CxrLungRiskRunner(Module):
         if not prefixes:
             self.log(f"no instance has input data matching '{self.input_query}': nothing to score", level="WARNING")
             return
+        self.report_left_out({u for _, _, users in prefixes.values() for u in users.values()})
         self._radiographs = sum(len(names) for _, names, _ in prefixes.values())
 
         cli = resolve_cli(self.cli)
@@ -414,6 +416,30 @@ class CxrLungRiskRunner(Module):
                 "json": [dict(r, File=user(rest)) for rest, r in got["json"] if statuses.get(rest) == "ok"],
                 "srs": srs,
             }
+
+    def report_left_out(self, given: set, at_most: int = 20) -> None:
+        """One console line per file of the input folder that never reached the model (mhubio's
+        importer and filter left it out: another modality, not DICOM), with why; the first
+        ``at_most`` of them, then a count. (When no file reaches the model, the nothing-scored
+        sentence says what was found instead.)"""
+        dicom = self.input_query.startswith("dicom")
+        left = [(rel, kind) for rel, kind in self._found["kind_of"].items() if rel not in given]
+        for rel, kind in left[:at_most]:
+            if kind == "not DICOM":
+                why = "not readable as DICOM" if dicom else "not a PNG or JPEG file"
+            elif kind == "PNG/JPEG":
+                why = "a PNG/JPEG file (this workflow reads DICOM; --workflow png reads images)" if dicom else "not read"
+            elif kind == "DICOM without Modality":
+                why = "no Modality in its header (incomplete DICOM?), not a radiograph (CR or DX)"
+            elif dicom:
+                why = f"modality {kind}, not a radiograph (CR or DX)"
+            else:
+                why = f"DICOM ({kind}), not a PNG or JPEG file"
+            console(f"cxr-lung-risk: {rel}: skipped: {why}")
+            self.log(f"{rel}: skipped: {why}", level="WARNING")
+        if len(left) > at_most:
+            console(f"cxr-lung-risk: ... and {len(left) - at_most} more file(s) that are not {'CR/DX DICOM' if dicom else 'PNG/JPEG'}")
+        self._printed = self._printed or bool(left)
 
     def renamer(self, staging: str, out: str, prefixes: dict):
         """A function rewriting a CLI output line: staged files by the user's names, the
