@@ -249,7 +249,7 @@ def test_default_build_stops_at_its_first_step_with_one_sentence(image):
     """Without build arguments (no release of the package is published yet): the first RUN step
     fails with one sentence naming the build argument, before anything is downloaded."""
     with open(DOCKERFILE, "rb") as f:
-        proc = subprocess.run(["docker", "build", "--network", "none", "--no-cache", "-"], stdin=f, capture_output=True,
+        proc = subprocess.run(["docker", "build", "--network", "none", "--no-cache", "--force-rm", "-"], stdin=f, capture_output=True,
                               env=DOCKER_ENV, timeout=600)
     out = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert proc.returncode != 0, out[-3000:]
