@@ -133,6 +133,9 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     )
     for k in ("ct", "mr", "us"):
         assert not list(out.rglob(f"*{uid[k].SOPInstanceUID}*")), k
+        # why it was left out, on the console, named by the user's file
+        assert f"cxr-lung-risk: {inputs[k].name}: skipped: modality {uid[k].Modality}, not a radiograph (CR or DX)" in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert f"cxr-lung-risk: {inputs['cr'].name}: skipped" not in proc.stderr
 
     with open(inst / "cxr_lung_risk.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -140,7 +143,7 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     row = rows[0]
     assert (row["StudyInstanceUID"], row["SeriesInstanceUID"], row["SOPInstanceUID"]) == (
         cr.StudyInstanceUID, cr.SeriesInstanceUID, cr.SOPInstanceUID)
-    assert row["File"] == f"{cr.SOPInstanceUID}.dcm"  # instance-relative: deterministic across machines
+    assert row["File"] == inputs["cr"].name  # the user's file, relative to the input folder (not the sorted copy)
     value = float(row["CXR_Lung_Risk"])
     assert math.isfinite(value)
 
@@ -161,15 +164,52 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     assert nums and any(math.isclose(v, value, rel_tol=1e-9, abs_tol=1e-9) for v in nums), (nums, value)
 
 
-def test_refusals_only_run_produces_nothing_and_succeeds(mhub_venv, weights, inputs, tmp_path):
+def test_no_radiograph_is_not_a_silent_success(mhub_venv, weights, inputs, tmp_path):
+    """CT, MR and US only: nothing to score is exit status 1 and one sentence (console and error
+    file) saying what was found, as the CLI does; no result files."""
     src = tmp_path / "in"
     src.mkdir()
     for k in ("ct", "mr", "us"):
         shutil.copyfile(inputs[k], src / inputs[k].name)
     out = tmp_path / "out"
     proc = _run("--input", str(src), "--output", str(out), "--weights", str(weights), "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert list(out.iterdir()) == []
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [p.name for p in out.iterdir()] == ["cxr_lung_risk_errors.txt"]
+    err = (out / "cxr_lung_risk_errors.txt").read_text().splitlines()
+    assert len(err) == 1 and err[0].startswith("nothing scored: 3 file(s)"), err
+    for kind in ("1 CT", "1 MR", "1 US", "none of them a DICOM radiograph"):
+        assert kind in err[0], err
+    assert f"cxr-lung-risk: {err[0]}" in proc.stderr.splitlines()
+
+
+def test_empty_input_folder_is_not_a_silent_success(mhub_venv, weights, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    out = tmp_path / "out"
+    proc = _run("--input", str(src), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    sentence = f"nothing scored: the input folder {src} is empty"
+    assert (out / "cxr_lung_risk_errors.txt").read_text() == sentence + "\n"
+    assert f"cxr-lung-risk: {sentence}" in proc.stderr.splitlines()
+
+
+def test_non_chest_only_is_not_a_silent_success(mhub_venv, weights, inputs, tmp_path):
+    """A radiograph of the hand: skipped on purpose, so nothing scored: exit status 1, its reason
+    on the console and in the sentence, named by the user's file."""
+    src = tmp_path / "in" / "site"
+    src.mkdir(parents=True)
+    ds = pydicom.dcmread(inputs["cr"])
+    ds.BodyPartExamined = "HAND"
+    ds.save_as(src / "hand.dcm")
+    out = tmp_path / "out"
+    proc = _run("--input", str(tmp_path / "in"), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    err = (out / "cxr_lung_risk_errors.txt").read_text().splitlines()
+    assert len(err) == 1 and err[0].startswith("nothing scored: 1 file(s)") and "1 CR" in err[0], err
+    assert "site/hand.dcm: " in err[0] and "HAND" in err[0], err
+    assert any(line.startswith("cxr-lung-risk: site/hand.dcm: skipped: ") and "HAND" in line for line in proc.stderr.splitlines()), proc.stderr
+    assert ds.SOPInstanceUID not in proc.stderr  # named by the user's file, not the sorted copy
+    assert not list(out.rglob("*.csv")) or [p.name for p in out.rglob("*.csv")] == ["manifest.csv"]
 
 
 def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
@@ -181,7 +221,11 @@ def test_broken_run_is_visibly_a_failure(mhub_venv, inputs, tmp_path):
     err = (out / "cxr_lung_risk_errors.txt").read_text()
     cr = pydicom.dcmread(inputs["cr"], stop_before_pixels=True)
     assert cr.SeriesInstanceUID in err and str(missing) in err
-    assert "Traceback" not in proc.stdout + proc.stderr and "cxr-lung-risk: error:" not in proc.stderr  # logged, not printed
+    # named by the user's file, reason printed on the console as well; no traceback
+    assert [line.split(":", 1)[0] for line in err.splitlines()] == [inputs["cr"].name], err
+    assert any(line.startswith(f"cxr-lung-risk: {inputs['cr'].name}: failed: ") and str(missing) in line
+               for line in proc.stderr.splitlines()), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert not [p for p in out.rglob("*.csv") if p.name != "manifest.csv"] and not list(out.rglob("*.dcm"))
     assert not list(out.rglob("report.json"))  # no report for an instance that was not scored
 
@@ -203,7 +247,7 @@ def test_png_workflow(mhub_venv, weights, sample_pngs, tmp_path):
     with open(out / sid / "cxr_lung_risk.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     js = json.loads((out / sid / "cxr_lung_risk.json").read_text())
-    assert [r["File"] for r in rows] == [sample_pngs[0].name] == [r["File"] for r in js]
+    assert [r["File"] for r in rows] == [f"site1/{sample_pngs[0].name}"] == [r["File"] for r in js]  # as in the input folder
     assert math.isfinite(float(rows[0]["CXR_Lung_Risk"])) and float(rows[0]["CXR_Lung_Risk"]) == js[0]["CXR_Lung_Risk"]
 
 

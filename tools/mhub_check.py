@@ -17,7 +17,9 @@ rules (MHub documentation: "model folder structure", "the MHub Dockerfile", "mod
 * meta.json: the schema's required fields and types (see :func:`check_meta`), ``name`` equal to
   the folder name, and the prose rules: summary description at most 200 characters, 50 to 500
   words in each info section's text.
-* mhub.toml: ``[model.deployment] test`` is a Zenodo record URL (``https://zenodo.org/records/...``).
+* mhub.toml: ``[model.deployment] test`` is a Zenodo record URL (``https://zenodo.org/records/...``)
+  of a published record: a URL still marked ``PLACEHOLDER`` is an error (MHub's own check cannot
+  download the test data and ends in ``CHECK DISRUPTED``).
 
 Only the standard library is used (tomllib: Python >= 3.11; on 3.10 mhub.toml is read by a
 minimal parser for the one table MHub reads).
@@ -227,6 +229,9 @@ def check_toml(toml: dict[str, Any]) -> list[str]:
         return ["mhub.toml: missing [model.deployment] test"]
     if not url.startswith(ZENODO_RECORDS) or not _URI.match(url):
         return [f"mhub.toml: the test URL must be a Zenodo record ({ZENODO_RECORDS}...), not {url!r}"]
+    if PLACEHOLDER_MARK in url:
+        return [f"mhub.toml: the test URL is a {PLACEHOLDER_MARK}, not an uploaded Zenodo record ({url!r}): "
+                "MHub cannot test the model until the test data zip is uploaded (README, MHub test data)"]
     return []
 
 

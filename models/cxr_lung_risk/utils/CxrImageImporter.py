@@ -43,6 +43,7 @@ class CxrImageImporter(Module):
             sid = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(rel)[0].replace(os.sep, "__"))
             instance = Instance(os.path.join(target, sid))
             instance.attr["sid"] = sid
+            instance.attr["source"] = rel.replace(os.sep, "/")  # the user's name of the file (runner, error file)
             self.config.data.addInstance(instance)
             meta = dict(self.meta)
             meta["format"] = fmt

@@ -13,13 +13,23 @@ workflow run, not once per image), and only then maps the results back to each i
 the per-instance ``@IO.Instance()`` method ``map_instance`` (SR files, a CSV and a JSON per
 instance, and the ``ValueOutput`` ``cxr_lung_risk`` that mhubio's ``ReportExporter`` exports).
 Which files the CLI wrote for each input is read from its ``records.jsonl``, never re-derived.
-Nothing is printed: the CLI's own output is captured and logged (level EXTERNAL).
+
+What a user sees (``docker logs``): the CLI's output is streamed to the console line by line as
+it runs (its progress, a line at most every 10 s) and logged (level EXTERNAL); then one line per
+image skipped on purpose, with the reason. Images are named by the user's own file, its path
+relative to the input folder (``source_dir``), in the console, the CSV/JSON ``File`` column and
+the error file, not by mhubio's sorted copy (``<SOPInstanceUID>.dcm``): the runner reads the
+header of every file under ``source_dir`` once (SeriesInstanceUID, SOPInstanceUID, Modality),
+which also says what was found when nothing could be scored.
 
 Errors are surfaced, because mhubio itself logs exceptions and exits 0: a CLI crash or an
-instance without a result is logged (mhubio's log, ERROR level) and appended to an error
-file (``error_file``, default ``output_data/cxr_lung_risk_errors.txt``); the final module
-``CxrLungRiskStatus`` turns that file into a non-zero exit status after the DataOrganizer ran.
-Inputs the CLI refuses on purpose (not a frontal chest radiograph) are a WARNING, not an error.
+image without a result is logged (mhubio's log, ERROR level) and written, one line per image, to
+an error file (``error_file``, default ``output_data/cxr_lung_risk_errors.txt``); when nothing
+was scored and nothing failed (empty input folder, no radiograph, only images refused on
+purpose) that file holds one sentence saying what was found and why nothing was scored. The
+final module ``CxrLungRiskStatus`` prints that file and turns it into exit status 1 after the
+DataOrganizer ran. Inputs the CLI refuses on purpose (not a frontal chest radiograph) are a
+WARNING, not an error, as long as another image was scored.
 
 Only the mhubio API common to mhubio 0.0.2 (PyPI) and 0.0.3 (mhubai/base) is used.
 """
@@ -27,8 +37,10 @@ Only the mhubio API common to mhubio 0.0.2 (PyPI) and 0.0.3 (mhubai/base) is use
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from mhubio.core import IO, Instance, InstanceData, DataType, Meta, Module, ValueOutput
@@ -67,11 +79,82 @@ def resolve_cli(configured: str) -> str:
 
 
 def clean_env() -> dict:
-    """Environment for the CLI: without the mhubio venv's Python settings (other venv)."""
+    """Environment for the CLI: without the mhubio venv's Python settings (other venv); its
+    output unbuffered, so that each line reaches the console when it is written."""
     env = dict(os.environ)
     for key in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP"):
         env.pop(key, None)
+    env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def console(line: str) -> None:
+    """One line on the process's real stderr (``docker logs``), whatever mhubio did to sys.stderr."""
+    stream = sys.__stderr__ or sys.stderr
+    try:
+        stream.write(line.rstrip("\n") + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def strip_status(reason: str) -> str:
+    """The CLI's reason without its leading status word ("skipped: ...", "failed: ...")."""
+    for word in ("skipped: ", "failed: "):
+        if reason.startswith(word):
+            return reason[len(word):]
+    return reason
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def scan_inputs(source: str) -> dict:
+    """What the input folder holds: its files (relative paths, sorted), what kind each is
+    (DICOM modality, PNG/JPEG, not DICOM) and, for DICOM, (series, SOP) -> relative path.
+    Headers only (pydicom, from the mhubio environment)."""
+    found = {"files": [], "kinds": {}, "by_uid": {}, "kind_of": {}}
+    if not os.path.isdir(source):
+        return found
+    try:
+        import pydicom
+    except ImportError:  # cannot name the kinds: count the files only
+        pydicom = None
+    for root, dirs, files in os.walk(source):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, source).replace(os.sep, "/")
+            found["files"].append(rel)
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                kind = "PNG/JPEG"
+            elif pydicom is None:
+                kind = "file"
+            else:
+                try:
+                    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                                         specific_tags=["SeriesInstanceUID", "SOPInstanceUID", "Modality"])
+                    kind = str(ds.get("Modality", "") or "DICOM without Modality")
+                    sop = str(ds.get("SOPInstanceUID", "") or "")
+                    if sop:
+                        found["by_uid"].setdefault((str(ds.get("SeriesInstanceUID", "") or ""), sop), rel)
+                        found["by_uid"].setdefault(("", sop), rel)
+                except Exception:
+                    kind = "not DICOM"
+            found["kinds"][kind] = found["kinds"].get(kind, 0) + 1
+            found["kind_of"][rel] = kind
+    return found
+
+
+def dicom_key(path: str) -> tuple:
+    """(SeriesInstanceUID, SOPInstanceUID) of a DICOM file; ("", "") when unreadable."""
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        return str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return "", ""
 
 
 def read_csv(path: str) -> tuple:
@@ -115,6 +198,7 @@ def sorted_files(path: str) -> list:
 @IO.Config("input_query", str, "dicom:mod=cr|dx", the="data type query of the input images (one data item per instance)")
 @IO.Config("extra_args", list, [], the="further CLI arguments, e.g. ['--allow-lateral'] or ['--im-version', '6.9.11']")
 @IO.Config("error_file", str, ERROR_FILE_DEFAULT, the="error file (relative to general.data_base_dir) listing failed instances")
+@IO.Config("source_dir", str, "input_data", the="the user's input folder (relative to general.data_base_dir): images are named by their path in it")
 class CxrLungRiskRunner(Module):
 
     cli: str
@@ -124,17 +208,28 @@ class CxrLungRiskRunner(Module):
     input_query: str
     extra_args: list
     error_file: str
+    source_dir: str
 
     def task(self) -> None:
         self._results = {}  # instance id -> {"status", "reason", "rows", "json", "files"}
         self._errors = []
+        self._skipped = []  # (user file, reason)
+        self._radiographs = 0  # files given to the CLI
+        self._printed = False  # lines printed on the console
         err_path = os.path.join(self.config.data.abspath, self.error_file)
         if os.path.isfile(err_path):
             os.remove(err_path)
+        self._source = os.path.join(self.config.data.abspath, self.source_dir)
+        self._found = scan_inputs(self._source)
 
         work = tempfile.mkdtemp(prefix="cxr_lung_risk_", dir=self.config.data.abspath)
         try:
             self.run_once(work)
+            # mhubio's progress display redraws itself by erasing its own lines upwards: blank
+            # lines for it to erase keep the lines printed above on a terminal
+            logger = getattr(self.config, "logger", None)
+            if logger is not None and getattr(logger, "showProgress", False) and self._printed:
+                console("\n" * (len(getattr(logger, "steps", [])) - 1))
             self.map_instance()
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -145,10 +240,51 @@ class CxrLungRiskRunner(Module):
             if res is not None and res["status"] == "ok" and not res.get("mapped"):
                 self.fail(instance, "its results could not be attached (see the module log)")
 
-        if self._errors:
+        scored = sum(len(r.get("rows", [])) for r in self._results.values() if r.get("status") == "ok" and r.get("mapped"))
+        lines = list(self._errors)
+        if not scored and not lines:
+            lines = [self.nothing_scored()]
+            self.log(lines[0], level="ERROR")
+        if lines:
             os.makedirs(os.path.dirname(err_path), exist_ok=True)
             with open(err_path, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in self._errors))
+                f.write("".join(line + "\n" for line in lines))
+
+    def nothing_scored(self) -> str:
+        """One sentence: what the input folder holds and why nothing was scored."""
+        files, kinds = self._found["files"], self._found["kinds"]
+        where = os.path.realpath(self._source)
+        if not files:
+            hint = ""
+            if os.path.realpath(self.config.data.abspath) == "/app/data":  # in the container
+                hint = (" (mount the folder of your images there: -v /abs/path/in:/app/data/input_data:ro; Docker "
+                        "creates an empty folder for a host path that does not exist)")
+            return f"nothing scored: the input folder {where} is empty{hint}"
+        what = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])))
+        if self._skipped:
+            shown = "; ".join(f"{name}: {why}" for name, why in self._skipped[:3])
+            more = f"; and {len(self._skipped) - 3} more" if len(self._skipped) > 3 else ""
+            return (f"nothing scored: {len(files)} file(s) in {where} ({what}); the {len(self._skipped)} "
+                    f"radiograph(s) among them were all skipped: {shown}{more}")
+        wanted = "PNG or JPEG image" if not self.input_query.startswith("dicom") else "DICOM radiograph (modality CR or DX)"
+        return f"nothing scored: {len(files)} file(s) in {where} ({what}), none of them a {wanted}"
+
+    def user_name(self, instance: Instance, src: str, n_files: int) -> str:
+        """The user's name of an input file: its path relative to the input folder."""
+        real = os.path.realpath(src)
+        source = os.path.realpath(self._source)
+        if real.startswith(source + os.sep):
+            return os.path.relpath(real, source).replace(os.sep, "/")
+        if n_files == 1 and instance.attr.get("source"):
+            return str(instance.attr["source"])
+        by_uid = self._found["by_uid"]
+        if by_uid:
+            series, sop = dicom_key(src)
+            if sop:
+                name = by_uid.get((series, sop)) or by_uid.get(("", sop))
+                if name:
+                    return name
+        return os.path.basename(src)
 
     # -- the heavy part: once per workflow run ---------------------------------------------
 
@@ -170,21 +306,25 @@ class CxrLungRiskRunner(Module):
             prefix = str(k)
             os.makedirs(os.path.join(staging, prefix))
             names = {}
+            users = {}
             for src in files:
                 name = os.path.basename(src)
                 while name in names:
                     name = "_" + name
                 names[name] = src
+                users[name] = self.user_name(instance, src, len(files))
                 dst = os.path.join(staging, prefix, name)
                 try:
                     os.symlink(os.path.abspath(src), dst)
                 except OSError:
                     shutil.copyfile(src, dst)
-            prefixes[prefix] = (instance, names)
+            prefixes[prefix] = (instance, names, users)
 
         if not prefixes:
             self.log(f"no instance has input data matching '{self.input_query}': nothing to score", level="WARNING")
             return
+        self.report_left_out({u for _, _, users in prefixes.values() for u in users.values()})
+        self._radiographs = sum(len(names) for _, names, _ in prefixes.values())
 
         cli = resolve_cli(self.cli)
         cmd = [cli, "predict", staging, "--out", out, "--format", "csv,sr,json", "--deterministic",
@@ -193,15 +333,24 @@ class CxrLungRiskRunner(Module):
             cmd += ["--weights", self.weights]
         cmd += [str(a) for a in self.extra_args]
         self.log("running: " + " ".join(cmd), level="NOTICE")
+        rename = self.renamer(staging, out, prefixes)
+        lines = []
         try:
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
-            code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+            # streamed: the CLI's progress reaches the console (docker logs) while it runs
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                  env=clean_env(), errors="replace") as proc:
+                for line in proc.stdout:
+                    line = rename(line.rstrip())
+                    if line.strip():
+                        lines.append(line)
+                        console(line)
+                        self._printed = True
+                        self.log(line, level="EXTERNAL")
+            code = proc.returncode
         except OSError as e:
-            code, stdout, stderr = None, "", f"cannot run {cli}: {e.strerror or e}"
-        for line in (stdout + stderr).splitlines():
-            if line.strip():
-                self.log(line.rstrip(), level="EXTERNAL")
-        cli_msg = (stderr.strip().splitlines() or ["(no message)"])[-1]
+            code = None
+            lines.append(f"cannot run {cli}: {e.strerror or e}")
+        cli_msg = (lines or ["(no message)"])[-1]
 
         records = read_records(os.path.join(out, RECORDS_NAME))
         header, rows = read_csv(os.path.join(out, CSV_NAME))
@@ -210,8 +359,8 @@ class CxrLungRiskRunner(Module):
             with open(os.path.join(out, JSON_NAME), encoding="utf-8") as f:
                 json_rows = json.load(f)
         if code not in (0, 1, 2) or not records:
-            for instance, _ in prefixes.values():
-                self.fail(instance, f"the cxr-lung-risk CLI failed (exit status {code}): {cli_msg}")
+            for instance, names, users in prefixes.values():
+                self.fail(instance, f"the cxr-lung-risk CLI failed (exit status {code}): {cli_msg}", sorted(users.values()))
             return
 
         # the CLI's records say, per input file, its status and every file written for it
@@ -226,18 +375,28 @@ class CxrLungRiskRunner(Module):
                 if prefix in by_prefix:
                     by_prefix[prefix][kind].append((rest, row))
 
-        for prefix, (instance, names) in prefixes.items():
+        for prefix, (instance, names, users) in prefixes.items():
             got = by_prefix[prefix]
+            user = lambda rest: users.get(rest, rest)  # noqa: E731
             statuses = {rest: r.get("status", "") for rest, r in got["records"]}
-            reasons = [f"{rest}: {r.get('reason', '')}" for rest, r in got["records"] if r.get("status") != "ok"]
             missing = sorted(set(names) - set(statuses))
             failed = sorted(n for n, s in statuses.items() if s not in ("ok", "skipped"))
+            for rest, r in got["records"]:
+                if r.get("status") == "skipped":
+                    why = strip_status(r.get("reason", ""))
+                    self._skipped.append((user(rest), why))
+                    console(f"cxr-lung-risk: {user(rest)}: skipped: {why}")
+                    self._printed = True
             if missing or failed:
-                why = "; ".join(reasons) or f"no result for {', '.join(missing)}"
-                self.fail(instance, why)
+                for rest, r in got["records"]:
+                    if rest in failed:
+                        self.fail(instance, strip_status(r.get("reason", "")) or f"status {r.get('status')}", [user(rest)])
+                for rest in missing:
+                    self.fail(instance, "the CLI gave no result for it", [user(rest)])
                 continue
             ok_rows = [(rest, r) for rest, r in got["rows"] if statuses.get(rest) == "ok"]
             if not ok_rows:
+                reasons = [f"{user(rest)}: {r.get('reason', '')}" for rest, r in got["records"] if r.get("status") != "ok"]
                 self._results[instance.attr["id"]] = {"status": "skipped", "reason": "; ".join(reasons)}
                 self.log(f"instance {instance.attr.get('sid', '')} not scored: {'; '.join(reasons)}", level="WARNING")
                 continue
@@ -247,16 +406,56 @@ class CxrLungRiskRunner(Module):
                     continue
                 written = rec.get("outputs", {}).get("sr", [])
                 if rec.get("sop_uid") and not written:
-                    self.fail(instance, f"no SR was written for {rest}")
+                    self.fail(instance, "no SR was written for it", [user(rest)])
                 for rel in written:
                     srs.append((os.path.basename(rel), os.path.join(out, rel)))
             self._results[instance.attr["id"]] = {
                 "status": "ok",
                 "header": header,
-                "rows": [dict(r, File=rest) for rest, r in ok_rows],
-                "json": [dict(r, File=rest) for rest, r in got["json"] if statuses.get(rest) == "ok"],
+                "rows": [dict(r, File=user(rest)) for rest, r in ok_rows],
+                "json": [dict(r, File=user(rest)) for rest, r in got["json"] if statuses.get(rest) == "ok"],
                 "srs": srs,
             }
+
+    def report_left_out(self, given: set, at_most: int = 20) -> None:
+        """One console line per file of the input folder that never reached the model (mhubio's
+        importer and filter left it out: another modality, not DICOM), with why; the first
+        ``at_most`` of them, then a count. (When no file reaches the model, the nothing-scored
+        sentence says what was found instead.)"""
+        dicom = self.input_query.startswith("dicom")
+        left = [(rel, kind) for rel, kind in self._found["kind_of"].items() if rel not in given]
+        for rel, kind in left[:at_most]:
+            if kind == "not DICOM":
+                why = "not readable as DICOM" if dicom else "not a PNG or JPEG file"
+            elif kind == "PNG/JPEG":
+                why = "a PNG/JPEG file (this workflow reads DICOM; --workflow png reads images)" if dicom else "not read"
+            elif kind == "DICOM without Modality":
+                why = "no Modality in its header (incomplete DICOM?), not a radiograph (CR or DX)"
+            elif dicom:
+                why = f"modality {kind}, not a radiograph (CR or DX)"
+            else:
+                why = f"DICOM ({kind}), not a PNG or JPEG file"
+            console(f"cxr-lung-risk: {rel}: skipped: {why}")
+            self.log(f"{rel}: skipped: {why}", level="WARNING")
+        if len(left) > at_most:
+            console(f"cxr-lung-risk: ... and {len(left) - at_most} more file(s) that are not {'CR/DX DICOM' if dicom else 'PNG/JPEG'}")
+        self._printed = self._printed or bool(left)
+
+    def renamer(self, staging: str, out: str, prefixes: dict):
+        """A function rewriting a CLI output line: staged files by the user's names, the
+        staging and output folders by what the user knows."""
+        table = {}
+        for prefix, (_, names, users) in prefixes.items():
+            for name in names:
+                table[os.path.join(staging, prefix, name)] = users[name]
+                table[f"{prefix}/{name}"] = users[name]
+        table[out] = os.path.realpath(os.path.join(self.config.data.abspath, "output_data"))
+        table[staging] = self._source
+        keys = sorted(table, key=len, reverse=True)
+        if not keys:
+            return lambda line: line
+        pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(k) for k in keys) + r")(?![\w.-])")
+        return lambda line: pattern.sub(lambda m: table[m.group(1)], line)
 
     # -- per instance: map the results back (cheap) ----------------------------------------
 
@@ -293,9 +492,12 @@ class CxrLungRiskRunner(Module):
 
     # -- errors --------------------------------------------------------------------------------
 
-    def fail(self, instance: Instance, reason: str) -> None:
+    def fail(self, instance: Instance, reason: str, files: list = ()) -> None:
+        """An image (or, without ``files``, an instance) that could not be scored: one line per
+        file, named by the user's file, with the instance (series) for reference."""
         sid = instance.attr.get("sid", instance.attr.get("id", "?"))
-        msg = f"CXR-Lung-Risk failed for instance {sid}: {reason}"
         self._results[instance.attr["id"]] = {"status": "failed", "reason": reason}
-        self._errors.append(msg)
-        self.log(msg, level="ERROR")
+        for name in list(files) or [f"instance {sid}"]:
+            msg = f"{name}: failed: {reason} (instance {sid})"
+            self._errors.append(msg)
+            self.log(msg, level="ERROR")
