@@ -151,11 +151,14 @@ def idle(a: argparse.Namespace, weights: Path, scratch: Path) -> dict:
             [f] = make_instances(scratch / f"idle{i}", 1, tag=f"idle{time.time_ns()}")
             import pydicom
 
-            study = str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID)
+            ds = pydicom.dcmread(f)  # uncompressed, as a modality sends it (storescu proposes that by default)
+            ds.decompress()
+            ds.save_as(f, enforce_file_format=True)
+            study = str(ds.StudyInstanceUID)
             r = subprocess.run([storescu, "-aet", "STORESCU", "-aec", node.ae_title, "127.0.0.1", str(node.port), str(f)],
                                capture_output=True, text=True, timeout=120)
             t_return = time.monotonic()
-            assert r.returncode == 0, r.stderr
+            assert r.returncode == 0 and "E:" not in r.stderr, r.stderr
 
             def sr_in_orthanc() -> bool:
                 for inst in orthanc.study_instances(study):
