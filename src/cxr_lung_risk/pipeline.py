@@ -176,10 +176,52 @@ def _vm_size() -> int:
     return 0
 
 
-def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None) -> None:
+#: File descriptors a forked decode worker closes first (e.g. the ``--out`` lock: a worker that
+#: outlived its run must never keep the next run out). Registered by the holder, in the parent.
+CLOSE_IN_WORKERS: set[int] = set()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this (forked) worker end when the process that started it ends, even by SIGKILL.
+
+    Linux: ``PR_SET_PDEATHSIG`` (the kernel sends SIGKILL when the parent exits); then, and on
+    other systems, a watcher thread that polls the parent id every half second (a worker blocked
+    in a decoder still dies by the kernel's signal)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError, TypeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None, parent_pid: int | None = None,
+                 close_fds: tuple[int, ...] = ()) -> None:
     """A decode worker: prepare one input per message until told to stop (``None``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited by fork)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    for fd in close_fds:  # closing our copy never releases the parent's flock (same open file)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     if memory_bytes:
         try:  # address space of this worker: what it has now plus the per-input allowance
             import resource
@@ -213,7 +255,8 @@ def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None) -> None:
 class _Slot:
     def __init__(self, ctx, opts: PrepareOptions, memory_bytes: int | None) -> None:
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, opts, memory_bytes), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, daemon=True,
+                                args=(child, opts, memory_bytes, os.getpid(), tuple(sorted(CLOSE_IN_WORKERS))))
         self.proc.start()
         child.close()
         self.conn = parent

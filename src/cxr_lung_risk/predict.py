@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,31 +128,114 @@ class PhaseTimer:
         return d
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of process ``pid``, or None when there is none:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        if sys.platform.startswith("linux"):
+            return None
+    try:  # no /proc: the pid alone
+        os.kill(pid, 0)
+        return ""
+    except ProcessLookupError:
+        return None
+    except OSError:
+        return ""
+
+
 class _OutputLock:
-    """An exclusive lock on the output folder: a second run into the same ``--out`` is refused."""
+    """An exclusive lock on the output folder: a second run into the same ``--out`` is refused.
+
+    The lock is a ``flock`` on ``.cxr-lung-risk.lock``, which holds the holder's pid and start
+    time. The kernel releases a flock when its holder dies (decode workers close their copy and
+    die with their parent); a lock file left by a run that was killed is taken over with a
+    warning, and so is one still locked by some other process after the recorded run has gone
+    (e.g. an orphaned worker of an older version): the file is replaced.
+    """
 
     def __init__(self, out: Path) -> None:
         self.path = out / LOCK_FILE
         self._fd: int | None = None
+        self.warnings: list[str] = []
 
-    def __enter__(self) -> "_OutputLock":
+    def _open(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags, 0o666)
+            return os.open(self.path, flags, 0o666)
         except OSError as e:
             raise OutputError(f"cannot use the output folder {self.path.parent}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _holder(fd: int) -> tuple[int, str] | None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"another cxr-lung-risk run is writing into {self.path.parent}; wait for it to finish or choose another --out"
-            ) from None
-        self._fd = fd
-        return self
+            text = os.pread(fd, 200, 0).decode("ascii", "replace").split()
+            return int(text[0]), text[1] if len(text) > 1 else ""
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _locked_error(self) -> OutputLockedError:
+        return OutputLockedError(
+            f"another cxr-lung-risk run is writing into {self.path.parent}; wait for it to finish or choose another --out"
+        )
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        say(f"warning: {msg}")
+
+    def __enter__(self) -> "_OutputLock":
+        from .pipeline import CLOSE_IN_WORKERS
+
+        for attempt in (0, 1):
+            fd = self._open()
+            holder = self._holder(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                gone = holder is not None and holder[0] != os.getpid() and _process_start(holder[0]) not in ("", holder[1])
+                if attempt == 0 and gone:
+                    # the recorded run has ended, yet something it left (an orphaned process)
+                    # still holds the lock: replace the file (that process writes nothing here)
+                    self._warn(f"the run (pid {holder[0]}) that locked {self.path.parent} has ended but another "
+                               f"process still holds its lock; taking the folder over")
+                    try:
+                        if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
+                            os.unlink(self.path)
+                    except OSError:
+                        pass
+                    os.close(fd)
+                    continue
+                os.close(fd)
+                raise self._locked_error() from None
+            try:  # locked: is it still the file at the path (not replaced meanwhile)?
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                if attempt == 0:
+                    continue
+                raise self._locked_error()
+            if holder is not None and holder[0] != os.getpid() and not any(
+                    "taking the folder over" in w for w in self.warnings):
+                self._warn(f"an earlier run (pid {holder[0]}) into {self.path.parent} ended without releasing its "
+                           f"lock (killed?); taking it over")
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {_process_start(os.getpid()) or '-'}\n".encode("ascii"), 0)
+            except OSError:
+                pass
+            self._fd = fd
+            CLOSE_IN_WORKERS.add(fd)
+            return self
+        raise self._locked_error()  # pragma: no cover - the loop returns or raises
 
     def __exit__(self, *exc: Any) -> None:
+        from .pipeline import CLOSE_IN_WORKERS
+
         if self._fd is not None:
+            CLOSE_IN_WORKERS.discard(self._fd)
             try:
                 self.path.unlink(missing_ok=True)
             finally:
@@ -291,9 +375,10 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     keys = resolve_models(opts.models)
     out = opts.out
     _prepare_out(out)
-    with _OutputLock(out):
+    with _OutputLock(out) as lock:
         plan = plan_run(opts)
         summary = RunSummary(out=out, inputs=plan.n_inputs)
+        summary.warnings.extend(lock.warnings)
         for r in plan.kept or ():
             summary.counts[str(r.status)] = summary.counts.get(str(r.status), 0) + 1
         summary.resumed = len(plan.kept or ())
