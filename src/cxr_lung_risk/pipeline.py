@@ -112,9 +112,24 @@ def _clean_header_uids(loaded) -> None:
             pass
 
 
+def _is_empty_file(path: Path) -> bool:
+    """A regular file of 0 bytes (``stat`` only: a FIFO is never opened)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     path = item.path
     try:
+        if item.skip:  # discover's verdict (a link to a folder outside the input folder)
+            return Prepared(item, Status.SKIPPED, item.skip)
+        if _is_empty_file(path):  # one rule for predict and preprocess (README: empty files fail)
+            return Prepared(item, Status.FAILED, "failed: the file is empty (0 bytes)")
         if opts.accept_raster and dicom_io.is_raster_image(path):
             img = transforms.open_raster(path)
             crop = transforms.center_crop_resize(img, opts.size)
@@ -250,6 +265,9 @@ def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None, parent_pi
             conn.send((idx, Prepared(item, Status.FAILED, "failed: the decoded image was too large to hand on")))
         except (OSError, EOFError):
             return
+        except Exception as e:  # noqa: BLE001 - e.g. RecursionError pickling a pathological header
+            conn.send((idx, Prepared(item, Status.FAILED, f"failed: the result could not be handed on ({type(e).__name__})",
+                                     list(res.warnings), res.kind)))
 
 
 class _Slot:
@@ -276,6 +294,19 @@ class _Slot:
             self.proc.kill()
             self.proc.join(timeout=5)
         self.conn.close()
+
+
+def _receive(conn) -> tuple[int, Prepared]:
+    """One (index, Prepared) from a worker. Unpickling rebuilds the pydicom header in this
+    process, and pydicom validates values as it does ("Invalid value for VR UI"): those warnings
+    (and its log records) are the input's, not stderr's."""
+    from .dicom_io import _library_messages, _merge_library_messages, _printable
+
+    with _library_messages() as messages:
+        idx, res = conn.recv()
+    if messages and isinstance(res, Prepared):
+        res.warnings = [_printable(w) for w in _merge_library_messages(list(res.warnings), messages)]
+    return idx, res
 
 
 def _death_reason(code: int | None) -> str:
@@ -357,11 +388,14 @@ def iter_prepared(
                 if s.conn in ready or s.proc.sentinel in ready:
                     try:
                         if s.conn.poll():
-                            got_idx, result = s.conn.recv()
+                            got_idx, result = _receive(s.conn)
                             if got_idx != idx:  # pragma: no cover - protocol error
                                 result = Prepared(item, Status.FAILED, "failed: internal error (worker answered for another input)")
                     except (EOFError, OSError):
                         result = None
+                    except Exception as e:  # noqa: BLE001 - a result that cannot be unpickled
+                        result = Prepared(item, Status.FAILED, f"failed: the decode worker's result could not be read "
+                                                               f"({type(e).__name__})")
                     if result is None:
                         s.proc.join(timeout=5)
                         result = Prepared(item, Status.FAILED, _death_reason(s.proc.exitcode))

@@ -77,9 +77,9 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------------- helpers
-def _discover(inputs: Sequence[Path], out: Path | None = None) -> list[InputFile]:
+def _discover(inputs: Sequence[Path], out: Path | None = None, follow_links: bool = False) -> list[InputFile]:
     try:
-        return list(discover(inputs, exclude=[out] if out is not None else None))
+        return list(discover(inputs, exclude=[out] if out is not None else None, follow_links=follow_links))
     except FileNotFoundError as e:
         raise InputNotFoundError(getattr(e, "filename", None) or e) from None
 
@@ -335,9 +335,9 @@ def plan_run(opts: PredictOptions) -> Plan:
     if opts.engine == "ray":
         from .cluster import list_inputs
 
-        files: list[Any] = list_inputs(opts.inputs, exclude=opts.out)
+        files: list[Any] = list_inputs(opts.inputs, exclude=opts.out, follow_links=opts.follow_links)
     else:
-        files = _discover(opts.inputs, opts.out) if opts.inputs or not opts.dicomweb else []
+        files = _discover(opts.inputs, opts.out, opts.follow_links) if opts.inputs or not opts.dicomweb else []
     remote = _remote_items(opts)
     if not files and not remote:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
@@ -592,7 +592,7 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
     from .preprocess import write_png
 
     opts.validate()
-    files = _discover(opts.inputs, opts.out)
+    files = _discover(opts.inputs, opts.out, opts.follow_links)
     if not files:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
     prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version, keep_512=True, accept_raster=False)
