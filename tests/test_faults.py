@@ -260,3 +260,70 @@ def test_lock_still_held_after_its_run_has_gone_is_taken_over(tmp_path, sample_p
     assert p.returncode == 0, p.stderr
     assert f"the run (pid {dead_pid})" in p.stderr and "taking the folder over" in p.stderr
     assert (out / "manifest.csv").exists()
+
+
+# ------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (root needed; skipped with the reason otherwise)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0777", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path, leave_kib: int) -> Path:
+    """A file that takes all but ``leave_kib`` KiB of the file system."""
+    st = os.statvfs(mnt)
+    filler = mnt / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\xff" * (st.f_bavail * st.f_frsize - leave_kib * 1024))
+    return filler
+
+
+def test_disk_full_keeps_rows_whole_closes_the_tables_and_the_rerun_finishes(tmp_path, sample_pngs, synthetic_weights, small_disk):
+    """--out fills up mid-run: before, exit 1 with the JSON unclosed and the CSV and records.jsonl
+    ending mid-row. Now every row is whole, the JSON is a closed list, one sentence says the disk
+    is full and how many inputs are done, and a rerun after freeing space completes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 40
+    for k in range(n):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    out = small_disk / "o"
+    filler = _fill(small_disk, 40)
+    args = ["predict", str(src), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,json",
+            "--batch-size", "4", "--quiet"]
+    p = run_cli(*args)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [l for l in p.stderr.splitlines() if "error:" in l]
+    assert len(lines) == 1 and f"the disk holding {out} is full: " in lines[0], p.stderr
+    done = int(lines[0].split("is full: ")[1].split(" of ")[0])
+    assert 0 < done < n and f"{done} of {n} inputs are done" in lines[0]
+    # every file holds whole rows only, and the same inputs
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]  # each line parses
+    assert (out / "records.jsonl").read_bytes().endswith(b"\n")
+    rows = json.loads((out / "cxr_lung_risk.json").read_text())  # a closed list
+    raw_csv = (out / "cxr_lung_risk.csv").read_bytes()
+    assert raw_csv.endswith(b"\r\n")
+    with open(out / "cxr_lung_risk.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert all(len(r) == len(table[0]) for r in table)
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    assert len(records) == len(manifest) == done
+    assert {r["File"] for r in rows} == {r[0] for r in table[1:]} == {r["File"] for r in manifest}  # PNGs: all ok
+    filler.unlink()  # free space, run again: it resumes and completes
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    with open(out / "manifest.csv", newline="") as f:
+        assert sorted(r["File"] for r in csv.DictReader(f)) == sorted(f"img{k:02d}.png" for k in range(n))
+    assert len(json.loads((out / "cxr_lung_risk.json").read_text())) == n

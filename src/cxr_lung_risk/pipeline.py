@@ -131,8 +131,7 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
         if _is_empty_file(path):  # one rule for predict and preprocess (README: empty files fail)
             return Prepared(item, Status.FAILED, "failed: the file is empty (0 bytes)")
         if opts.accept_raster and dicom_io.is_raster_image(path):
-            img = transforms.open_raster(path)
-            crop = transforms.center_crop_resize(img, opts.size)
+            crop = transforms.raster_crop(path, opts.size, max_pixels=opts.selection.max_pixels)
             return Prepared(item, Status.OK, kind="raster", image=transforms.to_uint8_chw(crop))
         if opts.accept_raster and path.is_file() and not dicom_io.is_dicom_file(path):
             return Prepared(item, Status.SKIPPED, "skipped: not a DICOM file or a PNG/JPEG image")
@@ -147,7 +146,8 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
         if status is not Status.OK:
             return Prepared(item, status, loaded.reason, list(loaded.warnings), "dicom", uids=uids)
         try:
-            gray = preprocess.preprocess_checked(loaded.pixels, loaded.meta, version=opts.im_version)
+            handed, loaded.pixels = [loaded.pixels], None  # freed once rendered (a 100-megapixel image)
+            gray = preprocess.preprocess_checked(handed, loaded.meta, version=opts.im_version)
         except preprocess.ImageRefused as e:
             return Prepared(item, Status.FAILED, f"failed: {e}", list(loaded.warnings), "dicom", dataset=loaded.dataset, uids=uids)
         crop = transforms.center_crop_resize(transforms.gray_to_pil(gray), opts.size)

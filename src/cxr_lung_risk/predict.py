@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,10 +22,10 @@ import torch
 
 from . import __version__
 from .dicom_io import InputFile, discover, is_dicom_file
-from .errors import InputNotFoundError, OutputError, OutputLockedError, UsageError
+from .errors import DiskFullError, InputNotFoundError, OutputError, OutputLockedError, UsageError
 from .options import PredictOptions, PreprocessOptions
 from .outputs.base import UniqueNames, open_output, output_path
-from .outputs.tables import ManifestWriter, RecordWriter
+from .outputs.tables import _FULL, ManifestWriter, RecordWriter
 from .outputs.writer import OutputWriter, record_for
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
@@ -401,7 +402,8 @@ def run_predict(opts: PredictOptions) -> RunSummary:
             timer.add("load", t)
             summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
             _warn_synthetic(summary)
-            _run_models(opts, plan, models, timer, summary)
+            with _stop_when_full(out, summary, plan.n_inputs):
+                _run_models(opts, plan, models, timer, summary)
         if opts.stow:
             t = time.perf_counter()
             summary.stow = _stow_outputs(opts, summary)
@@ -413,6 +415,22 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     if opts.timings is not None:
         _write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
     return summary
+
+
+@contextmanager
+def _stop_when_full(out: Path, summary: RunSummary, n_inputs: int):
+    """A full disk under ``out`` ends the run with one sentence: how many inputs are done (their
+    rows are whole; the tables were closed) and that a rerun after freeing space finishes it."""
+    try:
+        yield
+    except DiskFullError:
+        from .records import RECORDS_JSONL, json_lines
+
+        done = sum(1 for _ in json_lines(out / RECORDS_JSONL))  # the inputs whose record (and rows) are whole
+        raise DiskFullError(
+            f"the disk holding {out} is full: {done} of {n_inputs} inputs are done (their rows are complete); "
+            f"free some space and run the same command again to finish the rest (it resumes)", path=out
+        ) from None
 
 
 def _remote_items(opts: PredictOptions) -> list:
@@ -601,7 +619,8 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
     _prepare_out(out)
     summary = RunSummary(out=out, inputs=len(files))
     names = UniqueNames()
-    with _OutputLock(out), ManifestWriter(out) as manifest, RecordWriter(out) as records:
+    with _OutputLock(out), _stop_when_full(out, summary, len(files)), ManifestWriter(out) as manifest, \
+            RecordWriter(out) as records:
         progress = Progress(len(files), desc="preprocessing", enabled=opts.progress)
         try:
             for p in iter_prepared(files, prep, workers=workers):
@@ -612,6 +631,8 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
                         write_png(output_path(out, rel), p.gray)
                         rec.add_output("png", rel)
                     except OSError as e:
+                        if e.errno in _FULL:  # a full disk stops the run (see _stop_when_full)
+                            raise DiskFullError(f"{e.strerror or e}: {out}", path=out) from None
                         rec.status = Status.FAILED
                         rec.reason = f"failed: cannot write {out / rel}: {e.strerror or e}"
                 manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else _reason(p))
