@@ -15,7 +15,11 @@ tests' own builders, ``tests/hostile_files.py``), plus two normal chest CRs as c
     before it is the case's own peak (``peak_growth_mib``); and its manifest row. ``ru_maxrss``
     is recorded too, but Linux carries the launching process's high-water mark across exec into
     it, so it can only show growth above the benchmark's own RSS;
-(c) unless ``--no-baseline``, runs the same predict on the two controls alone, for comparison.
+(c) unless ``--no-baseline``, runs the same predict on the two controls alone, for comparison;
+(d) for each case of the second round (issue 25: structure bombs, empty file, invalid UID,
+    100-megapixel DICOM and PNG, a 156-megapixel PNG, a folder with a '..' link) a predict run
+    of its own with one decode worker, sampled as in (a): the tree's peak per case.
+    ``--round2-only`` runs (b) and (d) for those cases only.
 
 It is never run as a test. Writes JSON (default ``benchmarks/results/hostile_cpu_2core.json``)
 and prints a table. The goal it checks (the hostile-input issue): no input may make the run
@@ -55,10 +59,14 @@ from hostile_files import (  # noqa: E402 - the tests' builders, found through t
     dataset_start,
     deflated_file,
     explicit,
+    large_dicom,
+    large_png,
     patch_j2k,
     pixel_element_at,
     rg1_crop,
     save,
+    with_empty_items,
+    with_nested_sequences,
     zeros,
 )
 GOAL_BYTES = 2.5e9  # the issue's limit: 2.5 GB RSS for the whole run with the 13 members loaded
@@ -147,6 +155,36 @@ def build_cases(root: Path) -> list[dict[str, Any]]:
     os.write(fd, data)
     os.close(fd)
 
+    # round 2 (issue 25); "new": each also gets a predict run of its own (the tree's peak per case)
+    p = add("13_items_plain_128MiB.dcm", "16.7 M empty sequence items (128 MiB, plain)")
+    with_empty_items(rg1, p, 16 << 20)
+    cases[-1]["new"] = True
+    p = add("14_items_deflated.dcm", "3.5 M empty sequence items, deflated (28 MiB inflated)")
+    with_empty_items(rg1, p, 3_500_000, deflate=True)
+    cases[-1]["new"] = True
+    p = add("15_nested_100.dcm", "sequences nested 100 deep")
+    with_nested_sequences(rg1, p, 100)
+    cases[-1]["new"] = True
+    p = add("16_empty.dcm", "0-byte .dcm")
+    p.write_bytes(b"")
+    cases[-1]["new"] = True
+    p = add("17_invalid_uid.dcm", "StudyInstanceUID '1.2.abc.4' (pydicom warns again when unpickled)")
+    ds = rg1_crop(rg1)
+    ds.StudyInstanceUID = "9.9"
+    raw = save(ds, p).read_bytes()
+    elem = struct.pack("<HH2sH", 0x0020, 0x000D, b"UI", 4) + b"9.9\0"
+    p.write_bytes(raw.replace(elem, struct.pack("<HH2sH", 0x0020, 0x000D, b"UI", 10) + b"1.2.abc.4\0"))
+    cases[-1]["new"] = True
+    p = add("18_dicom_100MP.dcm", "100-megapixel 16-bit DICOM (10000 x 10000, the largest accepted)")
+    large_dicom(rg1, p, 10000, 10000)
+    cases[-1]["new"] = True
+    p = add("19_png_100MP.png", "100-megapixel 8-bit PNG (10000 x 10000)")
+    large_png(rg1, p, 10000, 10000)
+    cases[-1]["new"] = True
+    p = add("20_png_156MP.png", "156-megapixel 8-bit PNG (12490 x 12490), over the limit")
+    large_png(rg1, p, 12490, 12490)
+    cases[-1]["new"] = True
+
     for n in ("RG1_UNCR.dcm", "RG1_J2KR.dcm"):
         p = add(f"control_{n}", f"control: pydicom-data {n} (real chest CR)")
         shutil.copyfile(dicom_data() / n, p)
@@ -156,6 +194,22 @@ def build_cases(root: Path) -> list[dict[str, Any]]:
         c["apparent_bytes"] = st.st_size
         c["disk_bytes"] = st.st_blocks * 512
     return cases
+
+
+def build_link_case(root: Path) -> Path:
+    """A folder of 23 entries with a '..' link, inside a folder of 2,000 other files (issue 25:
+    it became 25,203 inputs). Returned: the folder to give predict."""
+    if root.exists():
+        shutil.rmtree(root)
+    study = root / "study"
+    study.mkdir(parents=True)
+    for k in range(2000):
+        (root / f"other_{k:04d}.txt").write_bytes(b"not selected")
+    for k in range(21):  # + chest.dcm + the link: 23 entries
+        (study / f"note_{k:02d}.txt").write_bytes(b"x")
+    shutil.copyfile(dicom_data() / "RG1_UNCR.dcm", study / "chest.dcm")
+    os.symlink("..", study / "up")
+    return study
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,12 +385,12 @@ def read_scores(out: Path) -> dict[str, str]:
         return {}
 
 
-def predict_run(cases_dir: Path, out: Path, weights: Path, timeout_s: float) -> dict[str, Any]:
+def predict_run(cases_dir: Path | bytes, out: Path, weights: Path, timeout_s: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     timings = out.parent / (out.name + "_timings.json")
-    cmd = [sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(cases_dir), "--out", str(out),
-           "--weights", str(weights), "--format", "csv,sr", "--timings", str(timings), "--quiet"]
+    cmd = [sys.executable, "-m", "cxr_lung_risk.cli", "predict", os.fsdecode(cases_dir), "--out", str(out),
+           "--weights", str(weights), "--format", "csv,sr", "--timings", str(timings), "--quiet", *extra]
     res = run_sampled(cmd, timeout_s=timeout_s)
     res["manifest"] = read_manifest(out)
     scores = read_scores(out)
@@ -459,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds allowed per predict run")
     ap.add_argument("--max-case-s", type=float, default=10.0, help="per-input time bound checked (seconds)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the controls-only predict run")
+    ap.add_argument("--round2-only", action="store_true", help="only the issue-25 cases: each alone (prepare) and "
+                    "one predict run per case (the tree's peak per case); no run on all inputs")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
@@ -482,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(c['disk_bytes'] for c in cases) / 2**20:.1f} MiB on disk, "
           f"{sum(c['apparent_bytes'] for c in cases) / 2**20:.0f} MiB apparent)", flush=True)
 
+    if args.round2_only:
+        cases = [c for c in cases if c.get("new")]
     # (b) each case alone
     per_case = []
     for c in cases:
@@ -501,6 +559,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {c['name']}: {per_case[-1]['status']} in {per_case[-1]['seconds']:.3f} s, "
               f"+{per_case[-1]['peak_growth_mib']:.0f} MiB", flush=True)
     result["per_case"] = per_case
+
+    # (d) issue 25: one predict run per new case, the tree's peak for each (1 decode worker)
+    per_case_tree = []
+    link_case = build_link_case(scratch / "link_case")
+    for name, target in [(c["name"], c["raw"]) for c in cases if c.get("new")] + [("21_folder_with_parent_link/", os.fsencode(link_case))]:
+        print(f"predict on {name} alone ...", flush=True)
+        r = predict_run(target, scratch / "out_case", weights, args.run_timeout, ("--workers", "1"))
+        rows = r["manifest"]
+        per_case_tree.append({
+            "name": name, "exit_code": r["exit_code"], "wall_s": r["wall_s"], "rows": len(rows),
+            "status": ";".join(sorted({row["status"] for row in rows})),
+            "reason": rows[0]["reason"] if len(rows) == 1 else f"{len(rows)} rows: " + ", ".join(
+                f"{k} {sum(1 for row in rows if row['status'] == k)}" for k in ("ok", "skipped", "failed")),
+            "peak_tree_pss_mib": r["peak_tree_pss_mib"], "peak_main_vmhwm_mib": r["peak_main_vmhwm_mib"],
+            "peak_main_plus_worker_private_mib": r["peak_main_plus_worker_private_mib"],
+            # main's high-water mark plus each worker's rise above what it inherited (both 10 Hz):
+            # the tree's peak with the shared weights once, not missed between 1 Hz PSS samples
+            "peak_main_plus_worker_growth_mib": round(r["peak_main_vmhwm_mib"] + sum(w["growth_mib"] for w in r["workers"]), 1),
+            "peak_tree_rss_sum_mib": r["peak_tree_rss_sum_mib"], "workers": r["workers"],
+            "stderr_has_traceback": "Traceback" in r["output_tail"],
+            "stderr_has_raw_warning": "UserWarning" in r["output_tail"] or "Invalid value" in r["output_tail"],
+        })
+        t = per_case_tree[-1]
+        print(f"  {t['status']} ({t['rows']} rows) in {t['wall_s']} s: main VmHWM + worker growth "
+              f"{t['peak_main_plus_worker_growth_mib']:.0f} MiB, tree PSS {t['peak_tree_pss_mib']:.0f} MiB, main VmHWM + "
+              f"worker private {t['peak_main_plus_worker_private_mib']:.0f} MiB, summed RSS {t['peak_tree_rss_sum_mib']:.0f} MiB",
+              flush=True)
+    result["per_case_tree"] = per_case_tree
+    if args.round2_only:
+        result["machine"]["loadavg_end"] = os.getloadavg()
+        result["total_s"] = round(time.perf_counter() - t_all, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.out} (total {result['total_s']} s)")
+        return 0
 
     # (a) one run with every case
     print("predict on all inputs ...", flush=True)

@@ -171,3 +171,159 @@ def test_backslash_in_sop_instance_uid_is_cleaned_for_every_writer(tmp_path, dic
     assert sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == "1.2.840.1234.5678"
     errors, _ = dciodvfy(out / "sr" / "1.2.840.1234.5678.dcm")
     assert errors == []
+
+
+# ------------------------------------------------------------------ a killed run, then a rerun
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+    except OSError:
+        pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_mid_run_leaves_no_worker_and_the_rerun_resumes(tmp_path, sample_pngs, synthetic_weights):
+    """kill -9 of the main process: its decode worker dies with it (it held ~1.4 GB and the
+    --out lock for 15+ minutes), and a rerun at once takes the lock over and resumes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 40
+    for k in range(n):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    out = tmp_path / "o"
+    args = ["predict", str(src), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,json",
+            "--batch-size", "2", "--workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_lung_risk.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            workers = _children(proc.pid)
+            m = out / "manifest.csv"
+            if workers and m.exists() and len(m.read_text().splitlines()) >= 5:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert workers, "no decode worker was started"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    t = time.time()
+    while time.time() - t < 5 and any(_alive(w) for w in workers):
+        time.sleep(0.05)
+    assert not any(_alive(w) for w in workers), "a decode worker outlived its killed parent"
+    assert (out / ".cxr-lung-risk.lock").exists()  # left behind by the killed run
+    p = run_cli(*args)  # at once
+    assert p.returncode == 0, p.stderr
+    assert "another cxr-lung-risk run is writing" not in p.stderr
+    assert "ended without releasing its lock" in p.stderr and "taking it over" in p.stderr
+    assert "already done in" in p.stderr and ", 0 already done" not in p.stderr  # resumed, not redone
+    with open(out / "manifest.csv", newline="") as f:
+        assert sorted(r["File"] for r in csv.DictReader(f)) == sorted(f"img{k:02d}.png" for k in range(n))
+    assert len(json.loads((out / "cxr_lung_risk.json").read_text())) == n
+    assert not (out / ".cxr-lung-risk.lock").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_lock_still_held_after_its_run_has_gone_is_taken_over(tmp_path, sample_pngs, synthetic_weights):
+    """What an orphaned worker of an older version did: it keeps the flock of a run that no longer
+    exists. The recorded holder is gone, so the folder is taken over with a warning."""
+    out = tmp_path / "o"
+    out.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    lock = out / ".cxr-lung-risk.lock"
+    lock.write_text(f"{dead_pid} 12345\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'r+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)", str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        p = run_cli("predict", str(sample_pngs[0]), "--out", str(out), "--weights", str(synthetic_weights))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode == 0, p.stderr
+    assert f"the run (pid {dead_pid})" in p.stderr and "taking the folder over" in p.stderr
+    assert (out / "manifest.csv").exists()
+
+
+# ------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (root needed; skipped with the reason otherwise)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0777", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {p.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt: Path, leave_kib: int) -> Path:
+    """A file that takes all but ``leave_kib`` KiB of the file system."""
+    st = os.statvfs(mnt)
+    filler = mnt / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\xff" * (st.f_bavail * st.f_frsize - leave_kib * 1024))
+    return filler
+
+
+def test_disk_full_keeps_rows_whole_closes_the_tables_and_the_rerun_finishes(tmp_path, sample_pngs, synthetic_weights, small_disk):
+    """--out fills up mid-run: before, exit 1 with the JSON unclosed and the CSV and records.jsonl
+    ending mid-row. Now every row is whole, the JSON is a closed list, one sentence says the disk
+    is full and how many inputs are done, and a rerun after freeing space completes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 40
+    for k in range(n):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    out = small_disk / "o"
+    filler = _fill(small_disk, 40)
+    args = ["predict", str(src), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,json",
+            "--batch-size", "4", "--quiet"]
+    p = run_cli(*args)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [l for l in p.stderr.splitlines() if "error:" in l]
+    assert len(lines) == 1 and f"the disk holding {out} is full: " in lines[0], p.stderr
+    done = int(lines[0].split("is full: ")[1].split(" of ")[0])
+    assert 0 < done < n and f"{done} of {n} inputs are done" in lines[0]
+    # every file holds whole rows only, and the same inputs
+    records = [json.loads(l) for l in (out / "records.jsonl").read_text().splitlines()]  # each line parses
+    assert (out / "records.jsonl").read_bytes().endswith(b"\n")
+    rows = json.loads((out / "cxr_lung_risk.json").read_text())  # a closed list
+    raw_csv = (out / "cxr_lung_risk.csv").read_bytes()
+    assert raw_csv.endswith(b"\r\n")
+    with open(out / "cxr_lung_risk.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert all(len(r) == len(table[0]) for r in table)
+    with open(out / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    assert len(records) == len(manifest) == done
+    assert {r["File"] for r in rows} == {r[0] for r in table[1:]} == {r["File"] for r in manifest}  # PNGs: all ok
+    filler.unlink()  # free space, run again: it resumes and completes
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    with open(out / "manifest.csv", newline="") as f:
+        assert sorted(r["File"] for r in csv.DictReader(f)) == sorted(f"img{k:02d}.png" for k in range(n))
+    assert len(json.loads((out / "cxr_lung_risk.json").read_text())) == n

@@ -277,7 +277,10 @@ def test_directory_symlinks_are_followed_without_cycles(rg1_pixels, tmp_path):
     (root / "a" / "x.dcm").write_bytes(b"x")
     os.symlink(root, root / "a" / "back")  # a cycle
     os.symlink(outside, root / "linked")
-    rels = [f.rel for f in discover([root])]
+    found = list(discover([root]))
+    assert [f.rel for f in found] == ["a/x.dcm", "linked"]  # a link out of the folder is not followed
+    assert found[1].skip.startswith(f"skipped: symbolic link to a folder outside {root} ({outside}); not followed")
+    rels = [f.rel for f in discover([root], follow_links=True)]  # unless asked to
     assert rels == ["a/x.dcm", "linked/o.dcm"]
 
 
@@ -671,3 +674,239 @@ def test_library_warnings_become_file_warnings_not_stderr(rg1_pixels, tmp_path, 
     assert len([w for w in res.warnings if "Expected explicit VR" in w]) == 1  # warning + log record: once
     assert outside == []
     assert capfd.readouterr().err == ""
+
+
+# ------------------------------------------------------------------------------------------
+# H. round 2 (issue 25): structure bombs, links out of the folder, empty files, warnings
+# ------------------------------------------------------------------------------------------
+from hostile_files import run_tree_peak, with_empty_items, with_nested_sequences  # noqa: E402
+
+from cxr_lung_risk import pipeline  # noqa: E402
+from cxr_lung_risk.dicom_io import MAX_HEADER_ELEMENTS, MAX_SEQUENCE_DEPTH  # noqa: E402
+
+_CLI = [sys.executable, "-m", "cxr_lung_risk.cli"]
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    import csv
+
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
+        return {r["File"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("deflate,n", [(False, 16 << 20), (True, 3_500_000)])
+def test_millions_of_empty_sequence_items_are_refused_in_seconds(rg1_pixels, tmp_path, deflate, n):
+    """16.7 M empty items (128 MiB plain) or 3.5 M (28 MiB inflated from 50 KB, inside the 32 MiB
+    inflate cap): before, pydicom built one Dataset per item until the worker's memory limit
+    stopped it after minutes (3.05 GB for the run)."""
+    p = with_empty_items(rg1_pixels, tmp_path / "items.dcm", n, deflate=deflate)
+    size = p.stat().st_size
+    assert size < 600_000 if deflate else size > 8 * n
+    t = time.perf_counter()
+    res = load_image(p)
+    secs = time.perf_counter() - t
+    assert res.status == "failed"
+    assert res.reason.startswith(f"failed: the header holds more than {MAX_HEADER_ELEMENTS:,} data elements and "
+                                 f"sequence items before the pixel data (at byte "), res.reason
+    assert res.reason.endswith("); not parsed")
+    assert secs < 5
+    again, peak, _ = peak_mib(lambda: load_image(p))  # Python allocations (tracemalloc slows it down)
+    assert again.reason == res.reason and peak < 48
+
+
+def test_a_normal_number_of_items_still_reads(rg1_pixels, tmp_path):
+    res = load_image(with_empty_items(rg1_pixels, tmp_path / "items.dcm", 5000))
+    assert res.status == "ok", res.reason
+    assert res.pixels.shape == (64, 64)
+    res = load_image(with_nested_sequences(rg1_pixels, tmp_path / "nested.dcm", MAX_SEQUENCE_DEPTH))
+    assert res.status == "ok", res.reason
+
+
+def test_deep_sequence_nesting_has_its_own_reason_and_no_traceback(rg1_pixels, tmp_path, capfd):
+    """100 nested sequences: before, the worker printed a RecursionError traceback (pickling the
+    header) and the row blamed the worker."""
+    d = tmp_path / "in"
+    d.mkdir()
+    with_nested_sequences(rg1_pixels, d / "deep.dcm", 100)
+    with_nested_sequences(rg1_pixels, d / "ok.dcm", MAX_SEQUENCE_DEPTH)  # the limit itself: through the worker
+    capfd.readouterr()
+    got = {r.file.rel: r for r in pipeline.iter_prepared(list(discover([d])), pipeline.PrepareOptions(), workers=1)}
+    assert got["deep.dcm"].status == "failed"
+    assert got["deep.dcm"].reason.startswith(f"failed: sequence nesting deeper than {MAX_SEQUENCE_DEPTH} (at byte ")
+    assert got["ok.dcm"].status == "ok", got["ok.dcm"].reason
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="samples /proc")
+def test_structure_bombs_in_a_run_the_tree_peak_and_the_time(rg1_pixels, tmp_path):
+    """The cases through the CLI with a decode worker (preprocess: no models, so the tree's
+    peak is what the inputs cost): each refused with its reason within seconds."""
+    d = tmp_path / "in"
+    d.mkdir()
+    with_empty_items(rg1_pixels, d / "items_plain_128MiB.dcm", 16 << 20)
+    with_empty_items(rg1_pixels, d / "items_deflated.dcm", 3_500_000, deflate=True)
+    with_nested_sequences(rg1_pixels, d / "nested_100.dcm", 100)
+    (d / "empty.dcm").write_bytes(b"")
+    save(rg1_crop(rg1_pixels), d / "control.dcm")
+    out = tmp_path / "o"
+    rc, _, err, secs, peak = run_tree_peak([*_CLI, "preprocess", str(d), "--out", str(out), "--workers", "1", "--quiet"],
+                                           timeout=300)
+    assert rc == 2, err
+    assert "Traceback" not in err and "Invalid value" not in err
+    rows = _manifest(out)
+    assert rows["control.dcm"]["status"] == "ok"
+    for name in ("items_plain_128MiB.dcm", "items_deflated.dcm"):
+        assert rows[name]["status"] == "failed" and "data elements and sequence items" in rows[name]["reason"]
+    assert "sequence nesting deeper than" in rows["nested_100.dcm"]["reason"]
+    assert rows["empty.dcm"]["reason"] == "failed: the file is empty (0 bytes)"
+    # before: the worker grew to its 1.5 GiB limit, for minutes
+    assert secs < 60 and peak < 1024, (secs, peak)
+
+
+def test_a_link_to_the_parent_folder_is_not_followed(rg1_pixels, tmp_path):
+    """A '..' link in a folder of 23 entries made 25,203 inputs (the parent's files)."""
+    parent = tmp_path / "archive"
+    d = parent / "study"
+    d.mkdir(parents=True)
+    for k in range(200):
+        (parent / f"other_{k:03d}.dcm").write_bytes(b"not selected")
+    for k in range(22):
+        (d / f"x{k:02d}.txt").write_bytes(b"x")
+    save(rg1_crop(rg1_pixels), d / "chest.dcm")
+    os.symlink("..", d / "up")
+    os.symlink("/", d / "root")
+    found = list(discover([d]))
+    assert len(found) == 25  # the 23 entries and the two links, each listed once
+    skipped = {f.rel: f.skip for f in found if f.skip}
+    assert set(skipped) == {"up", "root"}
+    assert skipped["up"] == (f"skipped: symbolic link to a folder outside {d} ({parent}); not followed "
+                             f"(--follow-links follows it)")
+    p = pipeline.prepare(next(f for f in found if f.rel == "up"), pipeline.PrepareOptions())
+    assert (p.status, p.reason) == ("skipped", skipped["up"])
+    out = tmp_path / "o"
+    rc, _, err, _, _ = run_tree_peak([*_CLI, "preprocess", str(d), "--out", str(out), "--quiet"], timeout=300)
+    rows = _manifest(out)
+    assert len(rows) == 25 and rows["up"]["status"] == "skipped" and rows["chest.dcm"]["status"] == "ok", err
+    # followed on request (still without loops: the parent's own 'study' folder is not walked twice)
+    followed = [f.rel for f in discover([d], follow_links=True) if f.rel.startswith("up/")]
+    assert len([r for r in followed if r.startswith("up/other_")]) == 200
+    assert not any(r.startswith("up/study/") for r in followed)
+
+
+@pytest.mark.parametrize("accept_raster", [True, False])  # predict / preprocess
+def test_an_empty_dcm_fails_in_predict_and_preprocess_alike(tmp_path, accept_raster):
+    p = tmp_path / "empty.dcm"
+    p.write_bytes(b"")
+    (item,) = discover([p])
+    res = pipeline.prepare(item, pipeline.PrepareOptions(accept_raster=accept_raster))
+    assert (res.status, res.reason) == ("failed", "failed: the file is empty (0 bytes)")
+
+
+def test_warnings_of_unpickling_a_worker_result_are_the_inputs(rg1_pixels, tmp_path, capfd):
+    """pydicom validates UIDs again when the worker's header is unpickled in the main process:
+    its 'Invalid value for VR UI' reached stderr raw."""
+    d = tmp_path / "in"
+    d.mkdir()
+    _with_raw_uid(save(rg1_crop(rg1_pixels), d / "uid.dcm"), "StudyInstanceUID", b"1.2.abc.4")
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # what the CLI's interpreter does: print each warning once
+        (res,) = pipeline.iter_prepared(list(discover([d])), pipeline.PrepareOptions(), workers=1)
+    assert res.status == "ok", res.reason
+    assert capfd.readouterr().err == ""
+    vr = [w for w in res.warnings if "Invalid value for VR UI: '1.2.abc.4'" in w]
+    assert len(vr) == 1 and vr[0].startswith("pydicom: "), res.warnings
+
+
+def test_predict_help_tells_the_default_workers(monkeypatch, capsys):
+    from cxr_lung_risk import cli
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert pipeline.default_workers() == 1
+    for cmd in ("predict", "preprocess"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([cmd, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "so 1 on 2 cores" in text and "in-process" not in text, text
+
+
+# large legal images: one pixel limit for every input kind, and a peak under the goal
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height (8-bit gray) and whose data is a stub."""
+    import zlib as _z
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", _z.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", _z.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_the_pixel_limit_applies_to_png_and_jpeg_before_decoding(tmp_path, sample_pngs):
+    """A 156-megapixel PNG was decoded (2.63 GB for the run): the 100 MP limit was DICOM's only."""
+    big = _png_header_only(tmp_path / "big.png", 12490, 12490)
+    (item,) = discover([big])
+    res, peak, secs = peak_mib(lambda: pipeline.prepare(item, pipeline.PrepareOptions()))
+    assert res.status == "failed"
+    assert res.reason == (f"failed: {big}: image is too large (12490 x 12490 = 156,000,100 pixels, limit "
+                          f"100,000,000); not decoded")
+    assert peak < 8 and secs < 1
+    # the same limit object as DICOM's (SelectionOptions.max_pixels), for PNG and JPEG alike
+    from PIL import Image
+
+    jpg = tmp_path / "a.jpg"
+    with Image.open(sample_pngs[0]) as im:
+        im.convert("L").save(jpg)
+    small = SelectionOptions(max_pixels=1000)
+    for path in (sample_pngs[0], jpg):
+        (item,) = discover([path])
+        res = pipeline.prepare(item, pipeline.PrepareOptions(selection=small))
+        assert res.status == "failed" and "pixels, limit 1,000); not decoded" in res.reason, res.reason
+        assert pipeline.prepare(item, pipeline.PrepareOptions()).status == "ok"
+
+
+_PEAK_CHILD = r"""
+import gc, json, sys
+from cxr_lung_risk.dicom_io import discover
+from cxr_lung_risk.pipeline import PrepareOptions, prepare
+
+def status():
+    d = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS", "VmHWM")):
+            d[line.split(":")[0]] = int(line.split()[1])
+    return d
+
+(warm,) = discover([sys.argv[2]])
+assert prepare(warm, PrepareOptions()).status == "ok"
+gc.collect()
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the RSS now
+before = status()["VmRSS"]
+(item,) = discover([sys.argv[1]])
+res = prepare(item, PrepareOptions())
+print(json.dumps({"status": str(res.status), "reason": res.reason, "growth_mib": (status()["VmHWM"] - before) / 1024}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_largest_accepted_images_decode_within_a_small_peak(rg1_pixels, tmp_path):
+    """100 megapixels, the largest accepted image: decoded into the final buffer, the stored
+    values freed once rendered, the first resize pass block by block (bit-exact: the recipe's
+    own arithmetic per output pixel). Before: +1,049 MiB (DICOM) and +769 MiB (PNG) in the decode
+    worker, on top of the main process's 1.5 GB of weights (2.57 GB and 2.63 GB for the tree)."""
+    from hostile_files import large_dicom, large_png
+
+    warm = save(rg1_crop(rg1_pixels), tmp_path / "warm.dcm")
+    dcm = large_dicom(rg1_pixels, tmp_path / "big.dcm", 10000, 10000)
+    png = large_png(rg1_pixels, tmp_path / "big.png", 10000, 10000)
+    import json as _json
+    import subprocess
+
+    for path, limit in ((dcm, 2 * 191 + 64), (png, 191 + 64)):  # the stored values (and their bytes) + slack
+        cp = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path), str(warm)], capture_output=True, text=True,
+                            timeout=300)
+        got = _json.loads(cp.stdout.strip().splitlines()[-1])
+        assert got["status"] == "ok", got
+        assert got["growth_mib"] < limit, (path.name, got)

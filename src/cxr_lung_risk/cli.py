@@ -75,6 +75,12 @@ exit status: 0 inputs scored, none failed (skipped ones are fine); 2 some inputs
 
 
 # ------------------------------------------------------------------------------ arguments
+_WORKERS_HELP = ("decode worker processes, each a fence against a hostile file (memory and time limits) "
+                 "(default: cores-1, at least 1 and at most 8, so 1 on 2 cores; 0 decodes in the main process)")
+_FOLLOW_HELP = ("follow symbolic links to folders outside an input folder (default: such a link is skipped with "
+                "its reason; links within the folder are followed, loops never)")
+
+
 def _add_selection_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOM selection (what is accepted as a frontal chest radiograph)")
     g.add_argument("--allow-lateral", action="store_true", help="score lateral views too (refused by default)")
@@ -128,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("inputs", nargs="+", metavar="INPUT", help="DICOM files or folders (recursive)")
     q.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
-    q.add_argument("--workers", type=int, default=None, metavar="N", help="worker processes")
+    q.add_argument("--workers", type=int, default=None, metavar="N", help=_WORKERS_HELP)
+    q.add_argument("--follow-links", action="store_true", help=_FOLLOW_HELP)
     _add_selection_args(q)
     _add_run_args(q)
 
@@ -251,7 +258,8 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
         "CXR-Age always runs fp32; the SR records what each model used",
     )
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decode/preprocess processes (default: cores-1 when >2 cores, else in-process)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help=_WORKERS_HELP)
+    p.add_argument("--follow-links", action="store_true", help=_FOLLOW_HELP)
     p.add_argument("--per-model", action="store_true", help="also write each member's raw output (columns Lung_Age_081221_<i>)")
     p.add_argument("--all-members", action="store_true", help="also load and run the 7 members whose LASSO weight is 0")
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
@@ -353,6 +361,7 @@ def predict_options(args: argparse.Namespace):
         precision=args.precision,
         batch_size=args.batch_size,
         workers=args.workers,
+        follow_links=args.follow_links,
         per_model=args.per_model,
         all_members=args.all_members,
         formats=parse_formats(args.format),
@@ -395,6 +404,7 @@ def preprocess_options(args: argparse.Namespace):
         inputs=tuple(Path(p) for p in args.inputs),
         out=args.out,
         workers=args.workers,
+        follow_links=args.follow_links,
         selection=_selection(args),
         im_version=args.im_version,
         progress=not args.quiet,

@@ -124,7 +124,7 @@ def _list_url(url: str, prefix: str) -> list[RemoteFile]:
     return [RemoteFile(url, name, root, fs, info.get("size"), _mtime(info))]
 
 
-def list_inputs(inputs: Sequence[Path | str], exclude: Path | None = None) -> list[Any]:
+def list_inputs(inputs: Sequence[Path | str], exclude: Path | None = None, follow_links: bool = False) -> list[Any]:
     """This run's inputs in order: :class:`~cxr_lung_risk.dicom_io.InputFile` for local paths (as
     the local engine finds them), :class:`RemoteFile` for URLs. ``File`` names are unique: with
     several inputs a URL folder's objects are prefixed with the folder's base name."""
@@ -135,7 +135,7 @@ def list_inputs(inputs: Sequence[Path | str], exclude: Path | None = None) -> li
     used: set[str] = set()
     multi = len(inputs) > 1
     if local:
-        files = _discover(local, exclude)
+        files = _discover(local, exclude, follow_links)
         out += files
         used.update(f.rel for f in files)
     for url in (p for p in inputs if is_url(p)):

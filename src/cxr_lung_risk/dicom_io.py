@@ -174,6 +174,9 @@ class InputFile:
     path: Path
     rel: str
     source: Path | None = field(default=None, compare=False)
+    #: Set by :func:`discover` for an entry it lists without reading (a symbolic link to a folder
+    #: outside the folder given): the ``skipped: ...`` reason.
+    skip: str = field(default="", compare=False)
 
 
 def _escape_name(text: str) -> str:
@@ -222,16 +225,18 @@ def _numbered(name: str, n: int, is_file: bool) -> str:
     return f"{name}~{n}"
 
 
-def _walk(root: Path, excluded: Sequence[str]) -> list[tuple[str, Path]]:
-    """(escaped relative path, path) of every non-directory entry under ``root``, sorted.
+def _walk(root: Path, excluded: Sequence[str], follow_links: bool = False) -> list[tuple[str, Path, str]]:
+    """(escaped relative path, path, skip reason) of every non-directory entry under ``root``, sorted.
 
     Directories whose name starts with '.' are not entered; symbolic links to directories are
-    followed, except into a directory already on the current branch (a cycle) or already
-    walked; anything else (regular files, FIFOs, sockets, devices, dangling symbolic links,
-    symbolic link loops) is listed: :func:`load_image` reports it.  Directories under
-    ``excluded`` (real paths) are not entered.
+    followed when they lead inside ``root`` (or, with ``follow_links``, anywhere), except into a
+    directory already on the current branch (a cycle) or already walked; a link to a directory
+    outside ``root`` (``..``, ``/``, a sibling folder) is listed with a skip reason instead.
+    Anything else (regular files, FIFOs, sockets, devices, dangling symbolic links, symbolic
+    link loops) is listed: :func:`load_image` reports it. Directories under ``excluded`` (real
+    paths) are not entered.
     """
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, Path, str]] = []
     root_real = _real(root)
     if _is_under(root_real, excluded):
         return found
@@ -244,7 +249,7 @@ def _walk(root: Path, excluded: Sequence[str]) -> list[tuple[str, Path]]:
                 entries = list(it)
         except OSError:
             if prefix:  # an unreadable sub-folder: listed, so that it gets a manifest row
-                found.append((prefix.rstrip("/"), folder))
+                found.append((prefix.rstrip("/"), folder, ""))
             continue
         for entry in entries:
             name = entry.name
@@ -255,12 +260,16 @@ def _walk(root: Path, excluded: Sequence[str]) -> list[tuple[str, Path]]:
             except OSError:
                 is_dir = False
             if not is_dir:
-                found.append((rel, full))
+                found.append((rel, full, ""))
                 continue
             if name.startswith("."):
                 continue
             real = _real(full)
             if real in walked or _is_under(real, excluded):
+                continue
+            if not follow_links and not _is_under(real, [root_real]):  # a link out of the folder given
+                found.append((rel, full, f"skipped: symbolic link to a folder outside {_escape_name(str(root))} "
+                                         f"({_escape_name(real)}); not followed (--follow-links follows it)"))
                 continue
             walked.add(real)
             stack.append((full, rel + "/"))
@@ -268,7 +277,8 @@ def _walk(root: Path, excluded: Sequence[str]) -> list[tuple[str, Path]]:
     return found
 
 
-def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None = None) -> Iterator[InputFile]:
+def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None = None,
+             follow_links: bool = False) -> Iterator[InputFile]:
     """Yield every file under ``inputs`` (files and directories, recursive), deterministically.
 
     Inputs are visited in the order given; inside a directory files are sorted by their
@@ -278,7 +288,9 @@ def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None 
     :func:`load_image`).  A file reached twice (through two inputs) is yielded once.  Nothing
     under the paths in ``exclude`` (e.g. the output folder) is walked.  ``rel`` is unique over
     the call (see :class:`InputFile`).  Raises :class:`DicomInputError` for an input that does
-    not exist.
+    not exist. A symbolic link to a folder outside the folder given is not followed unless
+    ``follow_links``: it is yielded with its ``skip`` reason (links within the folder are
+    followed; loops never).
     """
     if isinstance(inputs, (str, Path, bytes)):
         inputs = [inputs]
@@ -321,9 +333,9 @@ def discover(inputs: Sequence[str | Path], exclude: Sequence[str | Path] | None 
                     label = _numbered(base, n, False)
                 labels.add(label)
                 prefix = label + "/"
-            for rel, full in _walk(p, excluded):
+            for rel, full, skip in _walk(p, excluded, follow_links):
                 if _once(full):
-                    yield InputFile(full, _unique(prefix + rel, True), p)
+                    yield InputFile(full, _unique(prefix + rel, True), p, skip)
         else:
             if _once(p):
                 name = _escape_name(p.name) or _escape_name(str(p))
@@ -638,6 +650,136 @@ class _InflateSource:
         return bytes(self.buf[offset:offset + n])
 
 
+#: At most this many data elements and sequence items (at any depth) before the pixel data: a
+#: chest radiograph's header has a few hundred; millions of empty items (8 bytes each) would
+#: cost gigabytes and minutes as pydicom objects. Counted by :func:`_scan_structure` before parsing.
+MAX_HEADER_ELEMENTS = 100_000
+#: Sequences nested deeper than this are refused (before parsing; real headers nest a few levels).
+MAX_SEQUENCE_DEPTH = 32
+#: Seconds the structure scan of one header may take.
+MAX_HEADER_SCAN_S = 10.0
+
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_ITEM_DELIM = 0xFFFEE00D
+
+
+class _Window:
+    """Random access to a file's bytes through one sliding buffer (small reads stay cheap)."""
+
+    def __init__(self, src: "_FileSource | _InflateSource | bytes | memoryview", size: int):
+        self.src = src
+        self.size = size
+        self.base = 0
+        self.buf = b""
+
+    def get(self, offset: int, n: int) -> bytes:
+        if isinstance(self.src, (bytes, memoryview)):
+            return bytes(self.src[offset:offset + n])
+        if not (self.base <= offset and offset + n <= self.base + len(self.buf)):
+            self.base = offset
+            self.buf = self.src.read(offset, max(n, 1 << 20))
+        i = offset - self.base
+        return self.buf[i:i + n]
+
+
+def _is_sq_tag(tag: int) -> bool:
+    try:
+        from pydicom.datadict import dictionary_VR
+
+        return dictionary_VR(tag) == "SQ"
+    except (KeyError, ValueError):
+        return False
+
+
+def _scan_structure(data: "_Window", start: int, end: int, implicit: bool, little: bool) -> None:
+    """Walk the element and item headers from ``start`` to the top-level pixel data (or ``end``)
+    without building anything, and refuse a header with more than MAX_HEADER_ELEMENTS elements
+    and items, sequences nested deeper than MAX_SEQUENCE_DEPTH, or a walk longer than
+    MAX_HEADER_SCAN_S. Anything it cannot follow ends the walk silently (the parser decides)."""
+    import time
+
+    e = "<" if little else ">"
+    t0 = time.monotonic()
+    pos, count = start, 0
+    # frames: (kind, end): 'ds' elements up to end (or an item delimiter), 'seq' items up to end (or a
+    # sequence delimiter), 'frag' items whose bytes are skipped (encapsulated data)
+    stack: list[tuple[str, int]] = [("ds", end)]
+    while stack:
+        kind, frame_end = stack[-1]
+        if pos >= frame_end:
+            stack.pop()
+            continue
+        head = data.get(pos, 8)
+        if len(head) < 8:
+            return
+        group, elem = struct.unpack(e + "HH", head[:4])
+        tag = group << 16 | elem
+        count += 1
+        if count > MAX_HEADER_ELEMENTS:
+            raise _fail(f"the header holds more than {MAX_HEADER_ELEMENTS:,} data elements and sequence items before "
+                        f"the pixel data (at byte {pos:,}); not parsed")
+        if not count & 0xFFF and time.monotonic() - t0 > MAX_HEADER_SCAN_S:
+            raise _fail(f"reading the header took longer than {MAX_HEADER_SCAN_S:.0f} s (at byte {pos:,}); not parsed")
+        if group == 0xFFFE:  # item, item delimiter, sequence delimiter: 4-byte length, no VR
+            (length,) = struct.unpack(e + "I", head[4:8])
+            pos += 8
+            if tag == _SEQ_DELIM:
+                if kind in ("seq", "frag"):
+                    stack.pop()  # the sequence ends: back in the data set that holds it
+                continue
+            if tag == _ITEM_DELIM:
+                if kind == "ds" and len(stack) > 1:
+                    stack.pop()
+                continue
+            if tag != _ITEM or kind == "ds":
+                return  # an item where an element should be: the parser decides
+            if kind == "frag":
+                if length == _UNDEFINED:
+                    return
+                pos += length
+                continue
+            depth = sum(1 for k, _ in stack if k == "seq")
+            if depth > MAX_SEQUENCE_DEPTH:
+                raise _fail(f"sequence nesting deeper than {MAX_SEQUENCE_DEPTH} (at byte {pos - 8:,}); not parsed")
+            stack.append(("ds", frame_end if length == _UNDEFINED else min(frame_end, pos + length)))
+            continue
+        if kind != "ds":
+            return
+        if len(stack) == 1 and tag in _PIXEL_TAGS:
+            return
+        if implicit:
+            vr = b""
+            (length,) = struct.unpack(e + "I", head[4:8])
+            pos += 8
+        else:
+            vr = head[4:6]
+            if vr not in _VRS:
+                return
+            if vr in _LONG_VRS:
+                more = data.get(pos + 8, 4)
+                if len(more) < 4:
+                    return
+                (length,) = struct.unpack(e + "I", more)
+                pos += 12
+            else:
+                (length,) = struct.unpack(e + "H", head[6:8])
+                pos += 8
+        if len(stack) == 1 and tag == 0 and length == 0:
+            return  # a run of zero bytes: the parser stops there
+        if length == _UNDEFINED:
+            if vr == b"SQ" or vr == b"UN" or implicit:
+                stack.append(("seq", frame_end))
+            else:
+                stack.append(("frag", frame_end))
+            continue
+        if pos + length > frame_end:
+            return  # declared longer than what is left: the parser refuses it
+        if vr == b"SQ" or (implicit and length and _is_sq_tag(tag)):
+            stack.append(("seq", pos + length))
+            continue
+        pos += length
+
+
 def _parse_dataset(fp: Any, implicit: bool, little: bool, size: int) -> tuple[Dataset, _Stop]:
     """pydicom's top-level data set parse, stopped at the pixel data, at a run of zero bytes or
     at an element longer than what is left of ``size`` bytes (before its value is read)."""
@@ -703,6 +845,8 @@ class _DicomReader:
             implicit, little = known.is_implicit_VR, known.is_little_endian
         else:
             implicit = False
+        _scan_structure(_Window(self.src, self.src.size), start, self.src.size, implicit, little)
+        f.seek(start)
         ds, self.stop = _parse_dataset(f, implicit, little, self.src.size)
         return self._file_dataset(ds, preamble, file_meta, implicit, little)
 
@@ -735,6 +879,11 @@ class _DicomReader:
         while True:
             have = src.available(want)
             complete = src.eof and have >= len(src.buf)
+            view = memoryview(src.buf)[:have]
+            try:  # refuses too many elements/items or too deep a nesting before pydicom builds them
+                _scan_structure(_Window(view, have), 0, have, False, True)
+            finally:
+                view.release()
             error: BaseException | None = None
             logger = logging.getLogger("pydicom")
             disabled, logger.disabled = logger.disabled, True  # partial parses: only the last one's

@@ -21,6 +21,7 @@ __all__ = [
     "WeightsNotFoundError",
     "OutputError",
     "OutputLockedError",
+    "DiskFullError",
 ]
 
 
@@ -58,3 +59,11 @@ class OutputError(CxrLungRiskError):
 
 class OutputLockedError(OutputError):
     """Another run is writing into the same output folder."""
+
+
+class DiskFullError(OutputError):
+    """The output folder's file system is full (or the quota is reached): no row was half written."""
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -90,7 +90,8 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int = 16
-    workers: int | None = None  # decode processes; None: cores-1 when > 2 cores, else in-process
+    workers: int | None = None  # decode processes; None: cores-1 (1 to 8); 0: in this process
+    follow_links: bool = False  # follow symbolic links to folders outside an input folder
     per_model: bool = False
     all_members: bool = False
     formats: frozenset[str] = frozenset({"csv", "sr"})
@@ -213,6 +214,7 @@ class PreprocessOptions:
     inputs: tuple[Path, ...]
     out: Path
     workers: int | None = None
+    follow_links: bool = False
     selection: "SelectionOptions" = field(default_factory=default_selection)
     im_version: str = "6.8.9-9"
     progress: bool = True

@@ -112,12 +112,26 @@ def _clean_header_uids(loaded) -> None:
             pass
 
 
+def _is_empty_file(path: Path) -> bool:
+    """A regular file of 0 bytes (``stat`` only: a FIFO is never opened)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
     path = item.path
     try:
+        if item.skip:  # discover's verdict (a link to a folder outside the input folder)
+            return Prepared(item, Status.SKIPPED, item.skip)
+        if _is_empty_file(path):  # one rule for predict and preprocess (README: empty files fail)
+            return Prepared(item, Status.FAILED, "failed: the file is empty (0 bytes)")
         if opts.accept_raster and dicom_io.is_raster_image(path):
-            img = transforms.open_raster(path)
-            crop = transforms.center_crop_resize(img, opts.size)
+            crop = transforms.raster_crop(path, opts.size, max_pixels=opts.selection.max_pixels)
             return Prepared(item, Status.OK, kind="raster", image=transforms.to_uint8_chw(crop))
         if opts.accept_raster and path.is_file() and not dicom_io.is_dicom_file(path):
             return Prepared(item, Status.SKIPPED, "skipped: not a DICOM file or a PNG/JPEG image")
@@ -132,7 +146,8 @@ def _prepare(item: InputFile, opts: PrepareOptions) -> Prepared:
         if status is not Status.OK:
             return Prepared(item, status, loaded.reason, list(loaded.warnings), "dicom", uids=uids)
         try:
-            gray = preprocess.preprocess_checked(loaded.pixels, loaded.meta, version=opts.im_version)
+            handed, loaded.pixels = [loaded.pixels], None  # freed once rendered (a 100-megapixel image)
+            gray = preprocess.preprocess_checked(handed, loaded.meta, version=opts.im_version)
         except preprocess.ImageRefused as e:
             return Prepared(item, Status.FAILED, f"failed: {e}", list(loaded.warnings), "dicom", dataset=loaded.dataset, uids=uids)
         crop = transforms.center_crop_resize(transforms.gray_to_pil(gray), opts.size)
@@ -176,10 +191,52 @@ def _vm_size() -> int:
     return 0
 
 
-def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None) -> None:
+#: File descriptors a forked decode worker closes first (e.g. the ``--out`` lock: a worker that
+#: outlived its run must never keep the next run out). Registered by the holder, in the parent.
+CLOSE_IN_WORKERS: set[int] = set()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this (forked) worker end when the process that started it ends, even by SIGKILL.
+
+    Linux: ``PR_SET_PDEATHSIG`` (the kernel sends SIGKILL when the parent exits); then, and on
+    other systems, a watcher thread that polls the parent id every half second (a worker blocked
+    in a decoder still dies by the kernel's signal)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError, TypeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None, parent_pid: int | None = None,
+                 close_fds: tuple[int, ...] = ()) -> None:
     """A decode worker: prepare one input per message until told to stop (``None``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler (inherited by fork)
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    for fd in close_fds:  # closing our copy never releases the parent's flock (same open file)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     if memory_bytes:
         try:  # address space of this worker: what it has now plus the per-input allowance
             import resource
@@ -208,12 +265,16 @@ def _worker_main(conn, opts: PrepareOptions, memory_bytes: int | None) -> None:
             conn.send((idx, Prepared(item, Status.FAILED, "failed: the decoded image was too large to hand on")))
         except (OSError, EOFError):
             return
+        except Exception as e:  # noqa: BLE001 - e.g. RecursionError pickling a pathological header
+            conn.send((idx, Prepared(item, Status.FAILED, f"failed: the result could not be handed on ({type(e).__name__})",
+                                     list(res.warnings), res.kind)))
 
 
 class _Slot:
     def __init__(self, ctx, opts: PrepareOptions, memory_bytes: int | None) -> None:
         parent, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, opts, memory_bytes), daemon=True)
+        self.proc = ctx.Process(target=_worker_main, daemon=True,
+                                args=(child, opts, memory_bytes, os.getpid(), tuple(sorted(CLOSE_IN_WORKERS))))
         self.proc.start()
         child.close()
         self.conn = parent
@@ -233,6 +294,19 @@ class _Slot:
             self.proc.kill()
             self.proc.join(timeout=5)
         self.conn.close()
+
+
+def _receive(conn) -> tuple[int, Prepared]:
+    """One (index, Prepared) from a worker. Unpickling rebuilds the pydicom header in this
+    process, and pydicom validates values as it does ("Invalid value for VR UI"): those warnings
+    (and its log records) are the input's, not stderr's."""
+    from .dicom_io import _library_messages, _merge_library_messages, _printable
+
+    with _library_messages() as messages:
+        idx, res = conn.recv()
+    if messages and isinstance(res, Prepared):
+        res.warnings = [_printable(w) for w in _merge_library_messages(list(res.warnings), messages)]
+    return idx, res
 
 
 def _death_reason(code: int | None) -> str:
@@ -314,11 +388,14 @@ def iter_prepared(
                 if s.conn in ready or s.proc.sentinel in ready:
                     try:
                         if s.conn.poll():
-                            got_idx, result = s.conn.recv()
+                            got_idx, result = _receive(s.conn)
                             if got_idx != idx:  # pragma: no cover - protocol error
                                 result = Prepared(item, Status.FAILED, "failed: internal error (worker answered for another input)")
                     except (EOFError, OSError):
                         result = None
+                    except Exception as e:  # noqa: BLE001 - a result that cannot be unpickled
+                        result = Prepared(item, Status.FAILED, f"failed: the decode worker's result could not be read "
+                                                               f"({type(e).__name__})")
                     if result is None:
                         s.proc.join(timeout=5)
                         result = Prepared(item, Status.FAILED, _death_reason(s.proc.exitcode))

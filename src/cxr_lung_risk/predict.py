@@ -11,7 +11,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -20,10 +22,10 @@ import torch
 
 from . import __version__
 from .dicom_io import InputFile, discover, is_dicom_file
-from .errors import InputNotFoundError, OutputError, OutputLockedError, UsageError
+from .errors import DiskFullError, InputNotFoundError, OutputError, OutputLockedError, UsageError
 from .options import PredictOptions, PreprocessOptions
 from .outputs.base import UniqueNames, open_output, output_path
-from .outputs.tables import ManifestWriter, RecordWriter
+from .outputs.tables import _FULL, ManifestWriter, RecordWriter
 from .outputs.writer import OutputWriter, record_for
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
@@ -76,9 +78,9 @@ class RunSummary:
 
 
 # --------------------------------------------------------------------------------- helpers
-def _discover(inputs: Sequence[Path], out: Path | None = None) -> list[InputFile]:
+def _discover(inputs: Sequence[Path], out: Path | None = None, follow_links: bool = False) -> list[InputFile]:
     try:
-        return list(discover(inputs, exclude=[out] if out is not None else None))
+        return list(discover(inputs, exclude=[out] if out is not None else None, follow_links=follow_links))
     except FileNotFoundError as e:
         raise InputNotFoundError(getattr(e, "filename", None) or e) from None
 
@@ -127,31 +129,114 @@ class PhaseTimer:
         return d
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of process ``pid``, or None when there is none:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError, ValueError):
+        if sys.platform.startswith("linux"):
+            return None
+    try:  # no /proc: the pid alone
+        os.kill(pid, 0)
+        return ""
+    except ProcessLookupError:
+        return None
+    except OSError:
+        return ""
+
+
 class _OutputLock:
-    """An exclusive lock on the output folder: a second run into the same ``--out`` is refused."""
+    """An exclusive lock on the output folder: a second run into the same ``--out`` is refused.
+
+    The lock is a ``flock`` on ``.cxr-lung-risk.lock``, which holds the holder's pid and start
+    time. The kernel releases a flock when its holder dies (decode workers close their copy and
+    die with their parent); a lock file left by a run that was killed is taken over with a
+    warning, and so is one still locked by some other process after the recorded run has gone
+    (e.g. an orphaned worker of an older version): the file is replaced.
+    """
 
     def __init__(self, out: Path) -> None:
         self.path = out / LOCK_FILE
         self._fd: int | None = None
+        self.warnings: list[str] = []
 
-    def __enter__(self) -> "_OutputLock":
+    def _open(self) -> int:
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(self.path, flags, 0o666)
+            return os.open(self.path, flags, 0o666)
         except OSError as e:
             raise OutputError(f"cannot use the output folder {self.path.parent}: {e.strerror or e}") from None
+
+    @staticmethod
+    def _holder(fd: int) -> tuple[int, str] | None:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise OutputLockedError(
-                f"another cxr-lung-risk run is writing into {self.path.parent}; wait for it to finish or choose another --out"
-            ) from None
-        self._fd = fd
-        return self
+            text = os.pread(fd, 200, 0).decode("ascii", "replace").split()
+            return int(text[0]), text[1] if len(text) > 1 else ""
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _locked_error(self) -> OutputLockedError:
+        return OutputLockedError(
+            f"another cxr-lung-risk run is writing into {self.path.parent}; wait for it to finish or choose another --out"
+        )
+
+    def _warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        say(f"warning: {msg}")
+
+    def __enter__(self) -> "_OutputLock":
+        from .pipeline import CLOSE_IN_WORKERS
+
+        for attempt in (0, 1):
+            fd = self._open()
+            holder = self._holder(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                gone = holder is not None and holder[0] != os.getpid() and _process_start(holder[0]) not in ("", holder[1])
+                if attempt == 0 and gone:
+                    # the recorded run has ended, yet something it left (an orphaned process)
+                    # still holds the lock: replace the file (that process writes nothing here)
+                    self._warn(f"the run (pid {holder[0]}) that locked {self.path.parent} has ended but another "
+                               f"process still holds its lock; taking the folder over")
+                    try:
+                        if os.fstat(fd).st_ino == os.lstat(self.path).st_ino:
+                            os.unlink(self.path)
+                    except OSError:
+                        pass
+                    os.close(fd)
+                    continue
+                os.close(fd)
+                raise self._locked_error() from None
+            try:  # locked: is it still the file at the path (not replaced meanwhile)?
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
+            except OSError:
+                same = False
+            if not same:
+                os.close(fd)
+                if attempt == 0:
+                    continue
+                raise self._locked_error()
+            if holder is not None and holder[0] != os.getpid() and not any(
+                    "taking the folder over" in w for w in self.warnings):
+                self._warn(f"an earlier run (pid {holder[0]}) into {self.path.parent} ended without releasing its "
+                           f"lock (killed?); taking it over")
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()} {_process_start(os.getpid()) or '-'}\n".encode("ascii"), 0)
+            except OSError:
+                pass
+            self._fd = fd
+            CLOSE_IN_WORKERS.add(fd)
+            return self
+        raise self._locked_error()  # pragma: no cover - the loop returns or raises
 
     def __exit__(self, *exc: Any) -> None:
+        from .pipeline import CLOSE_IN_WORKERS
+
         if self._fd is not None:
+            CLOSE_IN_WORKERS.discard(self._fd)
             try:
                 self.path.unlink(missing_ok=True)
             finally:
@@ -251,9 +336,9 @@ def plan_run(opts: PredictOptions) -> Plan:
     if opts.engine == "ray":
         from .cluster import list_inputs
 
-        files: list[Any] = list_inputs(opts.inputs, exclude=opts.out)
+        files: list[Any] = list_inputs(opts.inputs, exclude=opts.out, follow_links=opts.follow_links)
     else:
-        files = _discover(opts.inputs, opts.out) if opts.inputs or not opts.dicomweb else []
+        files = _discover(opts.inputs, opts.out, opts.follow_links) if opts.inputs or not opts.dicomweb else []
     remote = _remote_items(opts)
     if not files and not remote:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
@@ -291,9 +376,10 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     keys = resolve_models(opts.models)
     out = opts.out
     _prepare_out(out)
-    with _OutputLock(out):
+    with _OutputLock(out) as lock:
         plan = plan_run(opts)
         summary = RunSummary(out=out, inputs=plan.n_inputs)
+        summary.warnings.extend(lock.warnings)
         for r in plan.kept or ():
             summary.counts[str(r.status)] = summary.counts.get(str(r.status), 0) + 1
         summary.resumed = len(plan.kept or ())
@@ -316,7 +402,8 @@ def run_predict(opts: PredictOptions) -> RunSummary:
             timer.add("load", t)
             summary.weights = {m.spec.key: dict(m.weights_identity) for m in models}
             _warn_synthetic(summary)
-            _run_models(opts, plan, models, timer, summary)
+            with _stop_when_full(out, summary, plan.n_inputs):
+                _run_models(opts, plan, models, timer, summary)
         if opts.stow:
             t = time.perf_counter()
             summary.stow = _stow_outputs(opts, summary)
@@ -328,6 +415,22 @@ def run_predict(opts: PredictOptions) -> RunSummary:
     if opts.timings is not None:
         _write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
     return summary
+
+
+@contextmanager
+def _stop_when_full(out: Path, summary: RunSummary, n_inputs: int):
+    """A full disk under ``out`` ends the run with one sentence: how many inputs are done (their
+    rows are whole; the tables were closed) and that a rerun after freeing space finishes it."""
+    try:
+        yield
+    except DiskFullError:
+        from .records import RECORDS_JSONL, json_lines
+
+        done = sum(1 for _ in json_lines(out / RECORDS_JSONL))  # the inputs whose record (and rows) are whole
+        raise DiskFullError(
+            f"the disk holding {out} is full: {done} of {n_inputs} inputs are done (their rows are complete); "
+            f"free some space and run the same command again to finish the rest (it resumes)", path=out
+        ) from None
 
 
 def _remote_items(opts: PredictOptions) -> list:
@@ -507,7 +610,7 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
     from .preprocess import write_png
 
     opts.validate()
-    files = _discover(opts.inputs, opts.out)
+    files = _discover(opts.inputs, opts.out, opts.follow_links)
     if not files:
         raise UsageError("no input files found in " + ", ".join(map(str, opts.inputs)))
     prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version, keep_512=True, accept_raster=False)
@@ -516,7 +619,8 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
     _prepare_out(out)
     summary = RunSummary(out=out, inputs=len(files))
     names = UniqueNames()
-    with _OutputLock(out), ManifestWriter(out) as manifest, RecordWriter(out) as records:
+    with _OutputLock(out), _stop_when_full(out, summary, len(files)), ManifestWriter(out) as manifest, \
+            RecordWriter(out) as records:
         progress = Progress(len(files), desc="preprocessing", enabled=opts.progress)
         try:
             for p in iter_prepared(files, prep, workers=workers):
@@ -527,6 +631,8 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
                         write_png(output_path(out, rel), p.gray)
                         rec.add_output("png", rel)
                     except OSError as e:
+                        if e.errno in _FULL:  # a full disk stops the run (see _stop_when_full)
+                            raise DiskFullError(f"{e.strerror or e}: {out}", path=out) from None
                         rec.status = Status.FAILED
                         rec.reason = f"failed: cannot write {out / rel}: {e.strerror or e}"
                 manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else _reason(p))

@@ -146,11 +146,18 @@ def dcmj2pnm_8bit(pixels: np.ndarray, meta: PixelMeta) -> np.ndarray:
         base = absmin
     lut = np.trunc(float(low) + (vals - base) * gradient)
     lut = np.clip(lut, 0, 255).astype(np.uint8)
-    # mask the bits above BitsStored, sign-extend, index the table
-    idx = p.astype(np.int64, copy=False) & (nvals - 1)
-    if signed:
-        idx = idx ^ (nvals >> 1)  # two's complement -> offset binary == value - smin
-    return lut[idx]
+    # mask the bits above BitsStored, sign-extend, index the table: block by block in an
+    # unsigned type of the pixels' width (no int64 copies of a 100-megapixel image)
+    out = np.empty(p.shape, dtype=np.uint8)
+    udt = np.dtype(f"u{max(p.dtype.itemsize, 2)}")
+    step = max(1, _BLOCK_ELEMS // max(1, p.shape[1]))
+    for r0 in range(0, p.shape[0], step):
+        idx = p[r0:r0 + step].astype(udt)  # two's complement bits of a signed value, as & sees them
+        idx &= nvals - 1
+        if signed:
+            idx ^= nvals >> 1  # two's complement -> offset binary == value - smin
+        np.take(lut, idx, out=out[r0:r0 + step])
+    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -172,14 +179,30 @@ def _srgb_to_linear_q16(single: bool) -> np.ndarray:
     return np.clip(out, 0, _QR).astype(np.int64)
 
 
+#: Elements per block where a whole-image temporary would be large (a 100-megapixel image).
+_BLOCK_ELEMS = 1 << 22
+
+
 def _trim_box(img: np.ndarray) -> tuple[int, int, int, int] | None:
     """ImageMagick's ``-trim`` bounding box (fuzz 0): (top, bottom, left, right) inclusive."""
     tl, tr, bl = img[0, 0], img[0, -1], img[-1, 0]
-    d_tl = img != tl
-    cols_tl = np.flatnonzero(d_tl.any(axis=0))
-    rows_tl = np.flatnonzero(d_tl.any(axis=1))
-    cols_tr = np.flatnonzero((img != tr).any(axis=0))
-    rows_bl = np.flatnonzero((img != bl).any(axis=1))
+    h, w = img.shape
+    any_cols_tl = np.zeros(w, dtype=bool)
+    any_cols_tr = np.zeros(w, dtype=bool)
+    any_rows_tl = np.zeros(h, dtype=bool)
+    any_rows_bl = np.zeros(h, dtype=bool)
+    step = max(1, _BLOCK_ELEMS // max(1, w))
+    for r0 in range(0, h, step):  # block by block: no image-sized boolean temporaries
+        blk = img[r0:r0 + step]
+        d = blk != tl
+        any_cols_tl |= d.any(axis=0)
+        any_rows_tl[r0:r0 + step] = d.any(axis=1)
+        any_cols_tr |= (blk != tr).any(axis=0)
+        any_rows_bl[r0:r0 + step] = (blk != bl).any(axis=1)
+    cols_tl = np.flatnonzero(any_cols_tl)
+    rows_tl = np.flatnonzero(any_rows_tl)
+    cols_tr = np.flatnonzero(any_cols_tr)
+    rows_bl = np.flatnonzero(any_rows_bl)
     right = int(cols_tr[-1]) if cols_tr.size else 0
     bottom = int(rows_bl[-1]) if rows_bl.size else 0
     if right == 0 or bottom == 0 or not cols_tl.size or not rows_tl.size:
@@ -325,6 +348,33 @@ def _resize(q: np.ndarray, single: bool) -> np.ndarray:
     return _filter_axis(tmp, new_w, 1, enlarge, single)
 
 
+def _resize_mapped(a: np.ndarray, table: np.ndarray, single: bool) -> np.ndarray:
+    """``_resize(table[a], single)`` without the image-sized float copy: the first (separable)
+    pass runs block by block on ``table[block]`` (rows for a horizontal first pass, columns for a
+    vertical one), each output value computed exactly as the whole-image pass computes it."""
+    h, w = a.shape
+    s = max(TARGET / w, TARGET / h)
+    new_w = int(math.floor(s * w + 0.5))
+    new_h = int(math.floor(s * h + 0.5))
+    ft = np.float32 if single else np.float64
+    xf = ft(new_w) / ft(w)
+    yf = ft(new_h) / ft(h)
+    if (new_w == w and new_h == h) or a.size <= _BLOCK_ELEMS:
+        return _resize(table[a], single)
+    enlarge = float(xf) * float(yf) > 1.0 if not single else bool(ft(xf * yf) > 1.0)
+    if xf > yf:  # horizontal first: blocks of rows
+        tmp = np.empty((h, new_w), dtype=ft)
+        step = max(1, _BLOCK_ELEMS // w)
+        for r0 in range(0, h, step):
+            tmp[r0:r0 + step] = _filter_axis(table[a[r0:r0 + step]], new_w, 1, enlarge, single)
+        return _filter_axis(tmp, new_h, 0, enlarge, single)
+    tmp = np.empty((new_h, w), dtype=ft)  # vertical first: blocks of columns
+    step = max(1, _BLOCK_ELEMS // h)
+    for c0 in range(0, w, step):
+        tmp[:, c0:c0 + step] = _filter_axis(table[a[:, c0:c0 + step]], new_h, 0, enlarge, single)
+    return _filter_axis(tmp, new_w, 1, enlarge, single)
+
+
 def _quantum_to_char(q: np.ndarray) -> np.ndarray:
     """ScaleQuantumToChar of a Q16 build: 6.8.9's PNG coder at depth 8 (rounds)."""
     qi = q.astype(np.int64)
@@ -379,7 +429,11 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS, *, max_aspec
     _guard_shape(a.shape, max_aspect)
     # -colorspace RGB: sRGB EOTF to Q16 linear light (a 256-entry table, applied lazily)
     eotf = _srgb_to_linear_q16(single)
-    present = np.flatnonzero(np.bincount(a.ravel(), minlength=256))
+    counts = np.zeros(256, dtype=np.int64)
+    step = max(1, _BLOCK_ELEMS // max(1, a.shape[1]))
+    for r0 in range(0, a.shape[0], step):  # (ravel of the trimmed view would copy the image)
+        counts += np.bincount(a[r0:r0 + step].ravel(), minlength=256)
+    present = np.flatnonzero(counts)
     # -auto-level: range of the linear values over the trimmed image
     lo, hi = float(eotf[present].min()), float(eotf[present].max())
     if abs(hi - lo) >= (1e-15 if single else 1e-12):
@@ -406,8 +460,7 @@ def imagemagick_recipe(img8: np.ndarray, version: str = IM_AUTHORS, *, max_aspec
             table = np.trunc(table * 255 / _QR + 0.5).astype(np.int64) * 257
         else:
             table = (table // 257) * 257
-    q = table.astype(np.float32 if single else np.float64)[a]
-    out = _resize(q, single)
+    out = _resize_mapped(a, table.astype(np.float32 if single else np.float64), single)
     if single:
         return _quantum_to_char(out)
     # 6.9.11's PNG coder scales 16 -> 8 bits with ScaleQuantumToAny, which floors
@@ -436,8 +489,14 @@ def preprocess_checked(pixels: np.ndarray, meta: PixelMeta, version: str = IM_AU
                        max_aspect: float | None = MAX_ASPECT) -> np.ndarray:
     """:func:`preprocess_pixels` for scoring: the same pixels, or :class:`ImageRefused` when the
     trimmed image is more elongated than ``max_aspect`` (or its resize too large) or the result
-    has no contrast (:func:`check_rendered`)."""
-    gray = imagemagick_recipe(dcmj2pnm_8bit(pixels, meta), version, max_aspect=max_aspect)
+    has no contrast (:func:`check_rendered`). ``pixels`` may be a one-element list: the array
+    is then taken out of it and freed as soon as it is rendered to 8 bits (large images)."""
+    if isinstance(pixels, list):  # [array]: handed over, freed once rendered to 8 bits
+        img8 = dcmj2pnm_8bit(pixels.pop(), meta)
+    else:
+        img8 = dcmj2pnm_8bit(pixels, meta)
+    gray = imagemagick_recipe(img8, version, max_aspect=max_aspect)
+    del img8
     why = check_rendered(gray)
     if why:
         raise ImageRefused(why)

@@ -76,7 +76,7 @@ def add_warnings(caught: Any, into: list[str]) -> None:
     one line each, at most 200 characters, each message once."""
     for w in caught:
         msg = " ".join(str(w.message).split())[:200]
-        if msg and msg not in into:
+        if msg and not any(msg[:150] in note for note in into):  # also once when a reader already has it as 'pydicom: ...'
             into.append(msg)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["RasterError", "open_raster", "gray_to_pil", "fastai_crop_box", "center_crop_resize", "to_uint8_chw", "normalize"]
+__all__ = ["RasterError", "open_raster", "raster_crop", "gray_to_pil", "fastai_crop_box", "center_crop_resize", "to_uint8_chw", "normalize"]
 
 
 from .errors import CxrLungRiskError
@@ -23,7 +23,7 @@ class RasterError(CxrLungRiskError):
     """A PNG/JPEG input cannot be used (one sentence)."""
 
 
-def open_raster(path: str | Path) -> Image.Image:
+def open_raster(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Open a PNG/JPEG as fastai's ``PILImage.create`` does, returning an RGB image.
 
     16-bit grayscale PNGs are scaled to 8 bits (``round(v / 257)``) first: Pillow's own
@@ -32,13 +32,10 @@ def open_raster(path: str | Path) -> Image.Image:
     """
     try:
         with Image.open(path) as im:
+            _check_pixels(path, im, max_pixels)
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.int64)
-                if a.max(initial=0) > 65535 or a.min(initial=0) < 0:
-                    raise RasterError(f"{path}: 32-bit integer images are not supported")
-                a = np.floor(a / 257.0 + 0.5).astype(np.uint8)
-                return Image.fromarray(a, mode="L").convert("RGB")
+                return _16bit_to_l(im, path).convert("RGB")
             if im.mode == "F":
                 raise RasterError(f"{path}: floating-point images are not supported")
             return im.convert("RGB")
@@ -46,6 +43,50 @@ def open_raster(path: str | Path) -> Image.Image:
         raise
     except Exception as e:  # PIL raises many kinds for broken files
         raise RasterError(f"{path}: cannot read the image ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def _check_pixels(path, im: Image.Image, max_pixels: int | None) -> None:
+    w, h = im.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise RasterError(f"{path}: image is too large ({w} x {h} = {w * h:,} pixels, limit {max_pixels:,}); not decoded")
+
+
+def _16bit_to_l(im: Image.Image, path) -> Image.Image:
+    """A 16-bit (or 32-bit integer) gray image as 8-bit ``L``: ``round(v / 257)``, block by block
+    (no 64-bit copy of the whole image)."""
+    a = np.asarray(im)
+    out = np.empty(a.shape, dtype=np.uint8)
+    step = max(1, (1 << 22) // max(1, a.shape[1] if a.ndim == 2 else 1))
+    for r0 in range(0, a.shape[0], step):
+        blk = a[r0:r0 + step].astype(np.int64)
+        if blk.max(initial=0) > 65535 or blk.min(initial=0) < 0:
+            raise RasterError(f"{path}: 32-bit integer images are not supported")
+        out[r0:r0 + step] = np.floor(blk / 257.0 + 0.5)
+    return Image.fromarray(out, mode="L")
+
+
+def raster_crop(path: str | Path, size: int = 224, max_pixels: int | None = None) -> Image.Image:
+    """``center_crop_resize(open_raster(path), size)`` with less memory: the pixel count is checked
+    against ``max_pixels`` from the header before decoding (the DICOM limit, for every input kind),
+    the crop is taken before the RGB conversion (a per-pixel map), and an 8-bit gray crop is
+    resized before it is converted (PIL resamples each band alike: the same pixels)."""
+    try:
+        with Image.open(path) as im:
+            _check_pixels(path, im, max_pixels)
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                im = _16bit_to_l(im, path)
+            elif im.mode == "F":
+                raise RasterError(f"{path}: floating-point images are not supported")
+            crop = im.crop(fastai_crop_box(im.width, im.height, size))
+            del im
+    except RasterError:
+        raise
+    except Exception as e:  # PIL raises many kinds for broken files
+        raise RasterError(f"{path}: cannot read the image ({type(e).__name__}: {str(e)[:120]})") from None
+    if crop.mode == "L":
+        return crop.resize((size, size), Image.BILINEAR).convert("RGB")
+    return crop.convert("RGB").resize((size, size), Image.BILINEAR)
 
 
 def gray_to_pil(img8: np.ndarray) -> Image.Image:

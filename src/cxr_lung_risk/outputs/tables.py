@@ -13,12 +13,15 @@ written in parts of :data:`PARQUET_ROWS` rows (and at the end); it needs pyarrow
 from __future__ import annotations
 
 import csv
+import errno
+import io
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import DiskFullError
 from .base import open_output
 
 __all__ = [
@@ -41,6 +44,66 @@ RESULTS_CSV = "cxr_lung_risk.csv"
 RESULTS_JSON = "cxr_lung_risk.json"
 MANIFEST_CSV = "manifest.csv"
 MANIFEST_COLUMNS = ("File", "status", "reason")
+
+
+_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
+
+
+class _RowFile:
+    """An output file written a whole row at a time: a row is in the file completely or not at
+    all (a write that fails, e.g. on a full disk, is cut back to the last whole row), and the
+    file always ends with its ``tail`` (the JSON list's closing bracket), so it is complete
+    after every row, also when the run is killed or the disk fills up. Unbuffered: each row is
+    in the file (the page cache) when :meth:`append` returns."""
+
+    def __init__(self, out_dir: Path, rel: str) -> None:
+        self.path = Path(out_dir) / rel
+        self._f = open_output(out_dir, rel, "wb", buffering=0)
+        self.size = 0  # bytes of whole rows
+        self.tail = b""
+
+    def append(self, data: bytes, tail: bytes | None = None) -> None:
+        tail = self.tail if tail is None else tail
+        blob, fd = data + tail, self._f.fileno()
+        try:
+            done = 0
+            while done < len(blob):
+                done += os.pwrite(fd, blob[done:], self.size + done)
+        except OSError as e:
+            self.rollback((self.size, self.tail))  # back to the last whole row
+            if e.errno in _FULL:
+                raise DiskFullError(f"{e.strerror or e}: {self.path}", path=self.path) from None
+            raise
+        old_end, self.size, self.tail = self.size + len(self.tail), self.size + len(data), tail
+        if old_end > self.size + len(tail):  # pragma: no cover - tails only grow
+            os.ftruncate(fd, self.size + len(tail))
+
+    def mark(self) -> tuple[int, bytes]:
+        return self.size, self.tail
+
+    def rollback(self, mark: tuple[int, bytes]) -> None:
+        """Cut the file back to ``mark`` (:meth:`mark`); the tail's bytes were in the file there
+        before, so rewriting them needs no new space."""
+        self.size, self.tail = mark
+        try:
+            os.ftruncate(self._f.fileno(), self.size + len(self.tail))
+            os.pwrite(self._f.fileno(), self.tail, self.size)
+        except OSError:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def _csv_bytes(rows: Sequence[Sequence[Any]]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode("utf-8")
 
 
 def _fmt(v: Any) -> str:
@@ -172,11 +235,8 @@ class ResultWriter:
         out_dir.mkdir(parents=True, exist_ok=True)
         if csv_out:
             old = _kept_csv_rows(out_dir / RESULTS_CSV, keep, self.columns) if keep else []
-            self._csv_f = open_output(out_dir, RESULTS_CSV, "w", newline="", encoding="utf-8")
-            self._csv = csv.writer(self._csv_f)
-            self._csv.writerow(self.columns)
-            self._csv.writerows(old)
-            self._csv_f.flush()
+            self._csv_f = _RowFile(out_dir, RESULTS_CSV)
+            self._csv_f.append(_csv_bytes([self.columns, *old]))
         if json_out:
             old_json = []
             if keep:
@@ -185,43 +245,60 @@ class ResultWriter:
                     if r.get("File") in keep and r.get("File") not in seen and list(r) == self.columns:
                         seen.add(r["File"])
                         old_json.append(r)
-            self._json_f = open_output(out_dir, RESULTS_JSON, "w", encoding="utf-8")
-            self._json_f.write("[")
+            self._json_f = _RowFile(out_dir, RESULTS_JSON)
+            self._json_f.append(b"[", b"]\n")  # a complete (empty) list from the start
             for r in old_json:
                 self._write_json(r)
         if parquet_out:
             self._parquet = ParquetWriter(out_dir, self.columns, value_columns, keep=keep)
 
     def _write_json(self, obj: dict[str, Any]) -> None:
-        self._json_f.write(("," if self._n_json else "") + "\n  " + json.dumps(obj, ensure_ascii=False))
-        self._json_f.flush()
+        text = ("," if self._n_json else "") + "\n  " + json.dumps(obj, ensure_ascii=False)
+        self._json_f.append(text.encode("utf-8"), b"\n]\n")
         self._n_json += 1
 
     def write(self, row: dict[str, Any]) -> None:
-        if self._csv_f is not None:
-            self._csv.writerow([_fmt(row.get(c)) for c in self.columns])
-            self._csv_f.flush()
-        if self._json_f is not None:
-            obj = {c: row.get(c) for c in self.columns}
-            obj = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in obj.items()}
-            self._write_json(obj)
+        """One row into every table; on a full disk (:class:`DiskFullError`) no table holds it
+        (a table that took it already is cut back)."""
+        mark = self.mark()
+        try:
+            if self._csv_f is not None:
+                self._csv_f.append(_csv_bytes([[_fmt(row.get(c)) for c in self.columns]]))
+            if self._json_f is not None:
+                obj = {c: row.get(c) for c in self.columns}
+                obj = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in obj.items()}
+                self._write_json(obj)
+        except (OSError, DiskFullError):
+            self.rollback(mark)
+            raise
         if self._parquet is not None:
             self._parquet.write(row)
 
+    def mark(self) -> Any:
+        """Where the CSV and JSON tables end now (:meth:`rollback` cuts them back to it)."""
+        return self._n_json, [(f, f.mark()) for f in (self._csv_f, self._json_f) if f is not None]
+
+    def rollback(self, mark: Any) -> None:
+        self._n_json, marks = mark
+        for f, m in marks:
+            f.rollback(m)
+
     def flush(self) -> None:
-        """Write the Parquet rows gathered so far (CSV and JSON are flushed row by row)."""
+        """Write the Parquet rows gathered so far (CSV and JSON are written row by row)."""
         if self._parquet is not None:
             self._parquet.flush()
 
     def close(self) -> None:
+        """Close the tables; the JSON list is already closed after every row (nothing to write)."""
         if self._parquet is not None:
-            self._parquet.close()
-            self._parquet = None
+            try:
+                self._parquet.close()
+            finally:
+                self._parquet = None
         if self._csv_f is not None:
             self._csv_f.close()
             self._csv_f = None
         if self._json_f is not None:
-            self._json_f.write("\n]\n" if self._n_json else "]\n")
             self._json_f.close()
             self._json_f = None
 
@@ -238,17 +315,13 @@ class ManifestWriter:
     def __init__(self, out_dir: Path, keep: set[str] | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         old = _kept_csv_rows(out_dir / MANIFEST_CSV, keep, MANIFEST_COLUMNS) if keep else []
-        self._f = open_output(out_dir, MANIFEST_CSV, "w", newline="", encoding="utf-8")
-        self._w = csv.writer(self._f)
-        self._w.writerow(MANIFEST_COLUMNS)
-        self._w.writerows(old)
-        self._f.flush()
+        self._f = _RowFile(out_dir, MANIFEST_CSV)
+        self._f.append(_csv_bytes([MANIFEST_COLUMNS, *old]))
         self.counts = {"ok": 0, "skipped": 0, "failed": 0}
 
     def write(self, file: str, status: str, reason: str = "") -> None:
         status = str(status)
-        self._w.writerow([file, status, reason])
-        self._f.flush()
+        self._f.append(_csv_bytes([[file, status, reason]]))
         self.counts[status] = self.counts.get(status, 0) + 1
 
     def close(self) -> None:
@@ -270,13 +343,12 @@ class RecordWriter:
         from ..records import RECORDS_JSONL
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._f = open_output(out_dir, RECORDS_JSONL, "w", encoding="utf-8")
+        self._f = _RowFile(out_dir, RECORDS_JSONL)
         for rec in keep or ():  # resume: the kept inputs' records (InputRecord objects), first
             self.write(rec)
 
     def write(self, record: Any) -> None:
-        self._f.write(json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n")
-        self._f.flush()
+        self._f.append((json.dumps(record.to_json(), ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8"))
 
     def close(self) -> None:
         if not self._f.closed:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..records import InputRecord, Status, add_warnings
+from ..errors import DiskFullError
 from .base import UidPolicy, UniqueNames, dataset_bytes, output_path, write_bytes
-from .tables import ManifestWriter, RecordWriter, ResultWriter
+from .tables import _FULL, ManifestWriter, RecordWriter, ResultWriter
 
 __all__ = ["OutputWriter", "ObjectBuilder", "Built", "record_for"]
 
@@ -211,16 +212,28 @@ class OutputWriter:
                     rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
             add_warnings(caught, rec.warnings)
         except Exception as e:  # one object that cannot be written must not lose the others
+            if isinstance(e, OSError) and e.errno in _FULL:  # a full disk: the run stops (no row)
+                raise DiskFullError(f"{e.strerror or e}: {self.out}", path=self.out) from None
             rec.status = Status.FAILED
             detail = str(e) if isinstance(e, _BuildError) else f"{type(e).__name__}: {str(e)[:160]}"
             rec.reason = f"failed: scored but writing its DICOM output failed: {detail}"
+        mark = self.tables.mark()
         self.tables.write(row)
-        return self._finish(rec)
+        try:
+            return self._finish(rec)
+        except (OSError, DiskFullError):  # a full disk: the input is in no table either
+            self.tables.rollback(mark)
+            raise
 
     def _finish(self, rec: InputRecord) -> InputRecord:
         reason = rec.reason if rec.status is not Status.OK else "; ".join(f"warning: {w}" for w in rec.warnings)
+        mark = self.manifest._f.mark()
         self.manifest.write(rec.file, rec.status, reason)
-        self.records.write(rec)
+        try:
+            self.records.write(rec)
+        except (OSError, DiskFullError):  # a full disk: the input is in neither file
+            self.manifest._f.rollback(mark)
+            raise
         return rec
 
     def close(self) -> None:
