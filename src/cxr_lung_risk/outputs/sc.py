@@ -171,7 +171,7 @@ def derived_secondary_capture(
     scs = decide_character_set(source, [series_description, derivation, manufacturer, image_comments, *texts])
 
     policy = UidPolicy.of(deterministic)
-    key = "|".join([str(source.SOPInstanceUID), *map(str, uid_key)])
+    key = "|".join([str(source.SOPInstanceUID), str(source.get("SeriesInstanceUID", "")), *map(str, uid_key)])
     series_uid = new_uid(["series", str(source.StudyInstanceUID), *uid_key] if policy.stable_uids else None, namespace=namespace)
     sop_uid = new_uid(["instance", key] if policy.stable_uids else None, namespace=namespace)
 

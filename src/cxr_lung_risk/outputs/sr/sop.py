@@ -15,8 +15,8 @@ equipment, acquisition, image or private attributes.
 
 UIDs and dates follow ``deterministic`` (a :class:`~cxr_lung_risk.outputs.base.UidPolicy` or a
 bool). RANDOM (``False``): random ``2.25.<uuid4>`` UIDs and the current time. STABLE: UIDs are
-``2.25.<int of a UUIDv5>`` -- the SOP Instance UID and tracking UIDs from (source SOP Instance
-UID, the measurements reported (names and codes, never their values), the algorithms' names,
+``2.25.<int of a UUIDv5>`` -- the SOP Instance UID and tracking UIDs from (source SOP Instance,
+Series Instance and Study Instance UIDs, the measurements reported (names and codes, never their values), the algorithms' names,
 versions and weights' identity, software version, device, numbers); the Series Instance UID
 from (Study Instance UID, the same algorithms and weights, device, software version, series
 number), so one study's reports share a series -- and the current time: the same instance
@@ -197,6 +197,9 @@ def build_measurement_report(
     ]
     content_key = {
         "source": source_uid,
+        # the source's study and series too: two images that claim one SOP Instance UID (a broken
+        # archive) still get two reports
+        "source_series": [str(source.get("StudyInstanceUID", "")), str(source.get("SeriesInstanceUID", ""))],
         "measurements": [[m.name, m.code_value, m.code_meaning, m.unit, sorted(m.members or {})] for m in measurements],
         "algorithm": algorithm_key,
         "software": SOFTWARE_VERSION,
