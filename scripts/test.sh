@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from the repository's own files, then run them.
 #   bash scripts/test.sh [pytest args...]
-# Installs Debian's dcmtk + ImageMagick (and docker.io + debootstrap for the Docker tests, which
+# Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps) (and docker.io + debootstrap for the Docker tests, which
 # start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
 # .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), and the [ray] extra
@@ -20,6 +20,8 @@ command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build t
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
+# PixelMed's DicomSRValidator (IHE connectathons' SR validator; pulls in libpixelmed-java and a headless JRE)
+{ command -v java >/dev/null 2>&1 && ls /usr/share/java/pixelmed*.jar >/dev/null 2>&1; } || need_apt+=(pixelmed-apps)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing Debian packages: ${need_apt[*]}"

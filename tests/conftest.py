@@ -159,6 +159,43 @@ def dsrdump(path: Path) -> tuple[int, bytes, list[str]]:
     return proc.returncode, proc.stdout, proc.stderr.decode("latin-1").splitlines()
 
 
+PIXELMED_SR_VALIDATOR = "com.pixelmed.validate.DicomSRValidator"
+# Debian's Java limits XPath expressions below what PixelMed's compiled SR templates need.
+PIXELMED_JAVA_FLAGS = ("-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0")
+
+
+def pixelmed_jar() -> str | None:
+    """PixelMed's jar (Debian ``libpixelmed-java``, pulled in by ``pixelmed-apps``), or None."""
+    import glob
+
+    for cand in ["/usr/share/java/pixelmed.jar", *sorted(glob.glob("/usr/share/java/pixelmed*.jar"))]:
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def pixelmed_sr(path: Path, iod: str) -> tuple[list[str], list[str]]:
+    """Run PixelMed's ``DicomSRValidator`` (what IHE connectathons check SR with): (error lines,
+    all lines). Skips when Java or PixelMed is absent (``apt-get install pixelmed-apps``).
+
+    Fails unless PixelMed found the ``iod`` (e.g. ``Comprehensive3DSR``), the TID 1500 root
+    template and completed both validations; "Error" lines are returned for the caller to check.
+    """
+    import subprocess
+
+    java, jar = shutil.which("java"), pixelmed_jar()
+    if java is None or jar is None:
+        pytest.skip("PixelMed's SR validator needs Java and PixelMed (apt-get install pixelmed-apps)")
+    proc = subprocess.run([java, *PIXELMED_JAVA_FLAGS, "-cp", jar, PIXELMED_SR_VALIDATOR, str(path)],
+                          capture_output=True, timeout=300)
+    lines = (proc.stdout + proc.stderr).decode("utf-8", "replace").splitlines()
+    assert proc.returncode == 0, lines[-20:]
+    for expected in (f"Found {iod} IOD", "Found Root Template TID_1500 (MeasurementReport)",
+                     "Root Template Validation Complete", "IOD validation complete"):
+        assert expected in lines, (expected, lines[-20:])
+    return [l for l in lines if l.startswith("Error") or "Exception" in l], lines
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_weights_cache(tmp_path_factory):
     """Every test (and every CLI it starts) uses a cache folder of its own, never the user's

@@ -233,10 +233,31 @@ def test_mixed_folder_writes_one_sr_per_scored_dicom(mixed_run, dicom_data):
         assert rc == 0 and stderr == [], stderr
         values = read_measurements(out / "sr" / name)
         assert values["CXR-Lung-Risk"] == pytest.approx(float(rows[rel]["CXR_Lung_Risk"]), abs=1e-9)
+        assert pydicom.dcmread(out / "sr" / name).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
         # the run's arithmetic is part of the provenance (TID 4019 algorithm parameters)
         texts = _text_values(pydicom.dcmread(out / "sr" / name).ContentSequence)
         assert "precision=fp32" in texts and "device=cpu" in texts  # what was used, not "auto"
         assert "weights=SYNTHETIC" in texts
+
+
+def test_sr_class_comprehensive(tmp_path, dicom_data, synthetic_weights):
+    """``--sr-class comprehensive``: Comprehensive SR (...88.33) for archives without the 3D class."""
+    from cxr_lung_risk.outputs.sr import read_measurements
+
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(dicom_data / "RG1_UNCR.dcm", d / "cr.dcm")
+    p = run_cli("predict", str(d), "--out", str(tmp_path / "o"), "--weights", str(synthetic_weights),
+                "--sr-class", "comprehensive", "--deterministic")
+    assert p.returncode == 0, p.stderr
+    [sr] = (tmp_path / "o" / "sr").glob("*.dcm")
+    ds = pydicom.dcmread(sr)
+    assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"
+    [row] = read_csv(tmp_path / "o" / "cxr_lung_risk.csv")
+    assert read_measurements(sr)["CXR-Lung-Risk"] == pytest.approx(float(row["CXR_Lung_Risk"]), abs=1e-9)
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["options"]["sr_class"] == "comprehensive"
+    errors, _ = dciodvfy(sr)
+    assert errors == [], errors
 
 
 def _text_values(seq) -> list[str]:

@@ -246,7 +246,7 @@ def test_stow_puts_sr_and_result_image_into_the_study(pulled, tmp_path):
     for inst in o.study_instances(STUDY):
         by_class.setdefault(o.tags(inst["ID"])["SOPClassUID"], []).append(inst["ID"])
     assert len(o.study_instances(STUDY)) == 4  # CR, CT, our SR, our result image
-    [sr_id] = by_class["1.2.840.10008.5.1.4.1.1.88.33"]  # Comprehensive SR
+    [sr_id] = by_class["1.2.840.10008.5.1.4.1.1.88.34"]  # Comprehensive 3D SR (the default)
     [sc_id] = by_class[SC_STORAGE]
 
     sr_path = tmp_path / "sr.dcm"

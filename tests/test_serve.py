@@ -24,7 +24,7 @@ from pacs_node import (  # noqa: E402
 
 pytestmark = pytest.mark.pacs
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR (IHE AIR), the default
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
 CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 DELIVERY_TIMEOUT = 600  # seconds: scoring on a loaded 2-core CI machine is slow, but bounded
@@ -188,7 +188,8 @@ def test_orthanc_send_to_modality_of_a_mixed_study(node, orthanc, synthetic_weig
     for f in (cr, ct, foreign_sr, own_sr, own_image):
         orthanc.upload(f)
     before = {k: len(v) for k, v in _orthanc_objects(orthanc, study_uid).items()}
-    assert before == {"1.2.840.10008.5.1.4.1.1.1": 1, CT_CLASS: 1, SR_CLASS: 2, SC_CLASS: 1}
+    # the foreign SR is a Comprehensive SR (...88.33), ours a Comprehensive 3D SR
+    assert before == {"1.2.840.10008.5.1.4.1.1.1": 1, CT_CLASS: 1, "1.2.840.10008.5.1.4.1.1.88.33": 1, SR_CLASS: 1, SC_CLASS: 1}
 
     job = orthanc.send_study(study_uid, "node")  # raises when Orthanc's job fails
     assert job.get("FailedInstancesCount", 0) == 0 and job.get("InstancesCount") == 5, job

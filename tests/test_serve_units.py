@@ -46,6 +46,23 @@ def test_yaml_config_and_command_line_override(tmp_path):
     assert [d.aet for d in c2.send_to] == ["A", "B"] and c2.result_image is True and c2.metrics_port is None
 
 
+def test_sr_class_option(tmp_path):
+    """--sr-class (serve and predict): Comprehensive 3D SR by default, ``comprehensive`` keeps ...88.33."""
+    assert _cfg(["--spool", str(tmp_path / "s")]).sr_class == "3d"
+    assert _cfg(["--spool", str(tmp_path / "s"), "--sr-class", "comprehensive"]).sr_class == "comprehensive"
+    y = tmp_path / "serve.yaml"
+    y.write_text("spool: %s\nsr-class: comprehensive\n" % (tmp_path / "spool"))
+    assert _cfg(["--config", str(y)]).sr_class == "comprehensive"
+    y.write_text("spool: %s\nsr-class: enhanced\n" % (tmp_path / "spool"))
+    with pytest.raises(UsageError, match="--sr-class"):
+        _cfg(["--config", str(y)])
+    predict = lambda *a: cli.predict_options(cli.build_parser().parse_args(["predict", str(tmp_path), "--out", str(tmp_path / "o"), *a]))
+    assert predict().sr_class == "3d"
+    assert predict("--sr-class", "comprehensive").sr_class == "comprehensive"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--sr-class", "enhanced"])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -240,6 +240,9 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
     a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
     a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
+    a("--sr-class", choices=["3d", "comprehensive"],
+      help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = Comprehensive SR "
+      "(1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
 
 
 def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
@@ -265,6 +268,9 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
     p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
+    p.add_argument("--sr-class", choices=["3d", "comprehensive"], default="3d",
+                   help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = "
+                   "Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="CXR-Age: plain single pass")
@@ -371,6 +377,7 @@ def predict_options(args: argparse.Namespace):
         saliency_method=args.saliency_method,
         selection=_selection(args),
         im_version=args.im_version,
+        sr_class=args.sr_class,
         timings=args.timings,
         progress=not args.quiet,
         engine=args.engine,
@@ -502,7 +509,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
     "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
-    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version", "strict_sop_class",
+    "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version", "sr_class", "strict_sop_class",
     "degraded_after", "demo_weights",
 )
 

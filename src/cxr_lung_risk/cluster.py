@@ -206,7 +206,8 @@ class ScoreActor:
             torch.set_num_threads(threads)  # (the same arithmetic, so the same scores to the last bit)
         t = time.perf_counter()
         self.scorer = Scorer.load(opts.models, options_for=opts.model_options, linkage=opts.linkage)
-        self.builder = ObjectBuilder(self.scorer.models, formats=opts.formats, deterministic=opts.uid_policy, im_version=opts.im_version)
+        self.builder = ObjectBuilder(self.scorer.models, formats=opts.formats, deterministic=opts.uid_policy, im_version=opts.im_version,
+                                     sr_class=opts.sr_class)
         self.info_ = {
             "models": models_info(self.scorer.models),
             "weights": {m.spec.key: dict(m.weights_identity) for m in self.scorer.models},

@@ -73,6 +73,8 @@ def _check_common(opts) -> None:
         raise UsageError("--workers must be 0 (decode in process) or more")
     if opts.im_version not in IM_VERSIONS:
         raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
+    if getattr(opts, "sr_class", "3d") not in ("3d", "comprehensive"):
+        raise UsageError("--sr-class must be 3d or comprehensive")
     if opts.inputs or not getattr(opts, "dicomweb", ()):  # DICOMweb sources alone are enough
         _check_inputs(opts.inputs)
     if opts.out.exists() and not opts.out.is_dir():
@@ -104,6 +106,7 @@ class PredictOptions:
     timings: Path | None = None
     progress: bool = True  # per-image progress on stderr (a bar on a terminal, log lines otherwise)
     result_image: bool = False  # a Secondary Capture showing the scores per scored DICOM image
+    sr_class: str = "3d"  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": Comprehensive SR (...88.33)
     # DICOMweb (cxr_lung_risk.dicomweb, extra [pacs]): sources "dicomweb+http(s)://.../studies/<uid>[/series/<uid>]",
     # the STOW-RS URL results are sent to after the run, and each side's HttpOptions (token, TLS)
     dicomweb: tuple[str, ...] = ()

@@ -104,6 +104,7 @@ def resume_key(opts: Any) -> dict[str, Any]:
         "saliency": opts.saliency_method if opts.saliency else None,
         "selection": repr(sel),
         "im_version": opts.im_version,
+        "sr_class": getattr(opts, "sr_class", "3d"),
         "linkage": bool(getattr(opts, "linkage", False)),
     }
 

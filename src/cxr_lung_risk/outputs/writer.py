@@ -64,9 +64,10 @@ class ObjectBuilder:
     writing files: ``models`` are the loaded models (their measurements and algorithm identity)."""
 
     def __init__(self, models: Sequence[Any], *, formats: Sequence[str] = ("csv", "sr"), deterministic: "UidPolicy | bool" = True,
-                 im_version: str = "6.8.9-9") -> None:
+                 im_version: str = "6.8.9-9", sr_class: str = "3d") -> None:
         self.models = list(models)
         self.deterministic = deterministic
+        self.sr_class = sr_class  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": ...88.33
         self.sr = None
         if "sr" in set(formats):
             from . import sr
@@ -85,7 +86,8 @@ class ObjectBuilder:
                 measurements = []
                 for m in self.models:
                     measurements += m.measurements(row)
-                ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic)
+                ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic,
+                                                     sr_class=self.sr_class)
                 b.sr = dataset_bytes(ds)
             add_warnings(caught, b.warnings)
         except Exception as e:  # one object that cannot be made fails only its input
@@ -122,6 +124,7 @@ class OutputWriter:
         deterministic: "UidPolicy | bool" = True,
         saliency: str | None = None,
         im_version: str = "6.8.9-9",
+        sr_class: str = "3d",
         result_image: bool = False,
         value_columns: Sequence[str] | None = None,
         resume: Sequence[InputRecord] | None = None,
@@ -141,7 +144,8 @@ class OutputWriter:
                                    parquet_out="parquet" in formats, value_columns=self.value_columns, keep=keep)
         self.manifest = ManifestWriter(self.out, keep=keep)
         self.records = RecordWriter(self.out, keep=kept)
-        self.builder = ObjectBuilder(models, formats=formats, deterministic=deterministic, im_version=im_version) if models else None
+        self.builder = ObjectBuilder(models, formats=formats, deterministic=deterministic, im_version=im_version,
+                                     sr_class=sr_class) if models else None
         self.saliency = None
         if saliency:
             from ..saliency import SaliencyWriter

@@ -84,6 +84,7 @@ class ServeConfig:
     batch_size: int = 16
     result_image: bool = True
     im_version: str = "6.8.9-9"
+    sr_class: str = "3d"  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": Comprehensive SR (...88.33)
     retry_initial: float = 2.0
     retry_max: float = 300.0
     max_attempts: int = 0  # 0: retry for ever; else an object refused this often goes to outbox/failed
@@ -154,6 +155,8 @@ class ServeConfig:
         check_compute(self.device, self.precision)
         if self.im_version not in IM_VERSIONS:
             raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
+        if self.sr_class not in ("3d", "comprehensive"):
+            raise UsageError("--sr-class must be 3d or comprehensive")
         for u in self.stow:
             if not re.match(r"^https?://", u):
                 raise UsageError(f"--stow takes an http(s) URL (got {u!r})")

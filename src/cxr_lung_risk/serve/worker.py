@@ -99,7 +99,7 @@ class Worker(threading.Thread):
     def _writer(self, out: Path):
         kw: dict[str, Any] = {"result_image": True} if self.cfg.result_image else {}
         return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=FORMATS, deterministic="stable",
-                                im_version=self.cfg.im_version, **kw)
+                                im_version=self.cfg.im_version, sr_class=self.cfg.sr_class, **kw)
 
     def process(self, batch: Sequence[Pending]) -> None:
         t0 = time.time()

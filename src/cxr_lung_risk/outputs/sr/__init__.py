@@ -1,6 +1,7 @@
 """DICOM Structured Report output: a TID 1500 Imaging Measurement Report per image.
 
-Comprehensive SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.33) built with highdicom:
+Comprehensive 3D SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.34, IHE AI Results) by default, or
+Comprehensive SR (...88.33) with ``sr_class="comprehensive"``, built with highdicom:
 
 - one TID 1501 Measurement Group per result (CXR-Lung-Risk, CXR-Age; UCUM ``a`` = year),
   plus an optional group with the ensemble members' raw outputs (UCUM ``1``), each with
@@ -15,7 +16,8 @@ Public API::
     AlgorithmInfo(name, version, parameters)
     build_measurement_report(source, measurements, *, algorithm, device_name='cxr-lung-risk',
                              manufacturer='cxr-lung-risk open implementation',
-                             deterministic=False, series_number=9001, instance_number=1)
+                             deterministic=False, series_number=9001, instance_number=1,
+                             sr_class='3d')   # or 'comprehensive' (...88.33)
     write_sr(ds, path) -> Path
     read_measurements(path) -> dict[str, float]   # by concept name (code meaning)
     sr_filename(source_sop_instance_uid) -> str   # '<uid>.dcm', sanitised
@@ -27,7 +29,10 @@ from __future__ import annotations
 from .content import AlgorithmInfo, Measurement
 from .enum import CODING_SCHEME_DESIGNATOR, CxrCodes, StandardCodes
 from .sop import (
+    COMPREHENSIVE_3D_SR_STORAGE,
     COMPREHENSIVE_SR_STORAGE,
+    SR_CLASSES,
+    SR_STORAGE_CLASSES,
     build_measurement_report,
     read_measurements,
     sr_filename,
@@ -46,6 +51,9 @@ __all__ = [
     "weights_parameters",
     "CODING_SCHEME_DESIGNATOR",
     "COMPREHENSIVE_SR_STORAGE",
+    "COMPREHENSIVE_3D_SR_STORAGE",
+    "SR_CLASSES",
+    "SR_STORAGE_CLASSES",
     "CxrCodes",
     "StandardCodes",
 ]

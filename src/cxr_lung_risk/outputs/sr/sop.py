@@ -1,4 +1,8 @@
-"""The DICOM Comprehensive SR document: a TID 1500 Imaging Measurement Report per source image.
+"""The DICOM SR document: a TID 1500 Imaging Measurement Report per source image.
+
+Comprehensive 3D SR (SOP Class 1.2.840.10008.5.1.4.1.1.88.34, what IHE AI Results asks for) by
+default; ``sr_class="comprehensive"`` writes Comprehensive SR (...88.33) for archives that lack
+the 3D class. The content is the same in both.
 
 Public API::
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 from highdicom import ContributingEquipment
-from highdicom.sr import ComprehensiveSR, MeasurementReport
+from highdicom.sr import Comprehensive3DSR, ComprehensiveSR, MeasurementReport
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
@@ -69,6 +73,9 @@ __all__ = [
     "Measurement",
     "AlgorithmInfo",
     "COMPREHENSIVE_SR_STORAGE",
+    "COMPREHENSIVE_3D_SR_STORAGE",
+    "SR_CLASSES",
+    "SR_STORAGE_CLASSES",
     "build_measurement_report",
     "write_sr",
     "read_measurements",
@@ -79,6 +86,13 @@ __all__ = [
 
 #: SOP Class UID of Comprehensive SR Storage.
 COMPREHENSIVE_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+#: SOP Class UID of Comprehensive 3D SR Storage (IHE AI Results' class; the default).
+COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
+#: ``sr_class`` option values -> SOP Class UID written.
+SR_CLASSES = {"3d": COMPREHENSIVE_3D_SR_STORAGE, "comprehensive": COMPREHENSIVE_SR_STORAGE}
+#: The SOP classes this package writes (and reads back).
+SR_STORAGE_CLASSES = frozenset(SR_CLASSES.values())
+_SR_CONSTRUCTORS = {"3d": Comprehensive3DSR, "comprehensive": ComprehensiveSR}
 
 _NS = "sr"
 
@@ -134,8 +148,9 @@ def build_measurement_report(
     deterministic: UidPolicy | bool = False,
     series_number: int = 9001,
     instance_number: int = 1,
+    sr_class: str = "3d",
 ) -> pydicom.Dataset:
-    """Build a Comprehensive SR (TID 1500 Imaging Measurement Report) for one source image.
+    """Build a Comprehensive 3D SR or Comprehensive SR (TID 1500 Imaging Measurement Report) for one source image.
 
     Args:
         source: the source image's dataset (pixel data not needed: ``stop_before_pixels``).
@@ -151,14 +166,20 @@ def build_measurement_report(
             ``UidPolicy.STABLE``: stable UIDs, dated now; ``False``: random UIDs, dated now).
         series_number: Series Number of the report.
         instance_number: Instance Number of the report.
+        sr_class: ``"3d"`` (default): Comprehensive 3D SR (1.2.840.10008.5.1.4.1.1.88.34, IHE
+            AIR); ``"comprehensive"``: Comprehensive SR (...88.33) for archives without the 3D
+            class. The stable UIDs differ between the two (one UID, one class).
 
     Returns:
-        A ``highdicom.sr.ComprehensiveSR`` (a ``pydicom.Dataset``) ready for :func:`write_sr`.
+        A ``highdicom.sr.Comprehensive3DSR`` or ``ComprehensiveSR`` (a ``pydicom.Dataset``) ready
+        for :func:`write_sr`.
 
     Raises:
-        ValueError: no measurement, or the source lacks the UIDs a report must reference, or
+        ValueError: unknown ``sr_class``, no measurement, or the source lacks the UIDs a report must reference, or
             its SOP class is not an image storage class.
     """
+    if sr_class not in SR_CLASSES:
+        raise ValueError(f"sr_class must be one of {', '.join(SR_CLASSES)} (got {sr_class!r}).")
     if not measurements:
         raise ValueError("At least one measurement is needed to build a report.")
     for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
@@ -206,6 +227,10 @@ def build_measurement_report(
         "device": [manufacturer, device_name],
         "numbers": [series_number, instance_number],
     }
+    # One UID, one SOP class: a 3D SR never takes the UIDs of the Comprehensive SR of the same
+    # result (those stay what earlier versions wrote).
+    class_key = {"sop_class": SR_CLASSES[sr_class]} if sr_class != "comprehensive" else {}
+    content_key.update(class_key)
     if policy.stable_uids:
         def uid_for(label: str) -> str:
             return new_uid({"label": label, **content_key}, namespace=_NS)
@@ -218,6 +243,7 @@ def build_measurement_report(
                 "software": SOFTWARE_VERSION,
                 "device": [manufacturer, device_name],
                 "series_number": series_number,
+                **class_key,
             },
             namespace=_NS,
         )
@@ -251,7 +277,7 @@ def build_measurement_report(
         # The source's names are copied as they are; highdicom's style advice is not for users.
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
         try:
-            sr = ComprehensiveSR(
+            sr = _SR_CONSTRUCTORS[sr_class](
                 evidence=[evidence],
                 content=report[0],
                 series_instance_uid=series_uid,
@@ -325,6 +351,7 @@ def read_measurements(path: str | os.PathLike) -> dict[str, float]:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001 - one clear sentence for the user
         raise ValueError(f"{path} is not a readable DICOM file ({exc}).") from exc
+    # Any SR class with a content tree: Comprehensive 3D SR (the default) and Comprehensive SR.
     if ds.get("Modality") != "SR" or "ContentSequence" not in ds:
         raise ValueError(f"{path} is not a DICOM Structured Report.")
     out: dict[str, float] = {}
