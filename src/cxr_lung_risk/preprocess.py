@@ -328,18 +328,25 @@ def _filter_axis(img: np.ndarray, n_out: int, axis: int, enlarge: bool, single: 
     return out if axis == 0 else out.T
 
 
-def _resize(q: np.ndarray, single: bool) -> np.ndarray:
-    """``-resize 512x512^`` on a Q16 gray image (values as float)."""
-    h, w = q.shape
+def _resize_geometry(h: int, w: int, single: bool):
+    """``-resize 512x512^``'s target size and factors: (new_w, new_h, float type, x factor,
+    y factor, enlarge), computed as ImageMagick does in single or double precision."""
     s = max(TARGET / w, TARGET / h)
     new_w = int(math.floor(s * w + 0.5))
     new_h = int(math.floor(s * h + 0.5))
     ft = np.float32 if single else np.float64
     xf = ft(new_w) / ft(w)
     yf = ft(new_h) / ft(h)
+    enlarge = float(xf) * float(yf) > 1.0 if not single else bool(ft(xf * yf) > 1.0)
+    return new_w, new_h, ft, xf, yf, enlarge
+
+
+def _resize(q: np.ndarray, single: bool) -> np.ndarray:
+    """``-resize 512x512^`` on a Q16 gray image (values as float)."""
+    h, w = q.shape
+    new_w, new_h, ft, xf, yf, enlarge = _resize_geometry(h, w, single)
     if new_w == w and new_h == h:
         return q
-    enlarge = float(xf) * float(yf) > 1.0 if not single else bool(ft(xf * yf) > 1.0)
     src = q.astype(ft, copy=False)
     if xf > yf:
         tmp = _filter_axis(src, new_w, 1, enlarge, single)
@@ -353,15 +360,9 @@ def _resize_mapped(a: np.ndarray, table: np.ndarray, single: bool) -> np.ndarray
     pass runs block by block on ``table[block]`` (rows for a horizontal first pass, columns for a
     vertical one), each output value computed exactly as the whole-image pass computes it."""
     h, w = a.shape
-    s = max(TARGET / w, TARGET / h)
-    new_w = int(math.floor(s * w + 0.5))
-    new_h = int(math.floor(s * h + 0.5))
-    ft = np.float32 if single else np.float64
-    xf = ft(new_w) / ft(w)
-    yf = ft(new_h) / ft(h)
+    new_w, new_h, ft, xf, yf, enlarge = _resize_geometry(h, w, single)
     if (new_w == w and new_h == h) or a.size <= _BLOCK_ELEMS:
         return _resize(table[a], single)
-    enlarge = float(xf) * float(yf) > 1.0 if not single else bool(ft(xf * yf) > 1.0)
     if xf > yf:  # horizontal first: blocks of rows
         tmp = np.empty((h, new_w), dtype=ft)
         step = max(1, _BLOCK_ELEMS // w)
