@@ -19,6 +19,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import CxrLungRiskError
+from .options import SR_CLASS_CHOICES
 
 EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -240,7 +241,7 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
     a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
     a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
-    a("--sr-class", choices=["3d", "comprehensive"],
+    a("--sr-class", choices=SR_CLASS_CHOICES,
       help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = Comprehensive SR "
       "(1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
 
@@ -268,7 +269,7 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
     p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
-    p.add_argument("--sr-class", choices=["3d", "comprehensive"], default="3d",
+    p.add_argument("--sr-class", choices=SR_CLASS_CHOICES, default="3d",
                    help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = "
                    "Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
     tta = p.add_mutually_exclusive_group()

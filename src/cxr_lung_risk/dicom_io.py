@@ -498,6 +498,12 @@ class LoadedImage:
     #: Clean UID strings by keyword, computed once by :func:`load_image` (see :func:`_clean_uid`).
     uids: dict[str, str] = field(default_factory=dict, repr=False)
 
+    @property
+    def sentence(self) -> str:
+        """The reason without its leading status word ("failed: ", "skipped: ")."""
+        prefix = f"{self.status}: "
+        return self.reason[len(prefix):] if self.reason.startswith(prefix) else self.reason
+
     def _uid(self, keyword: str) -> str:
         if keyword in self.uids:
             return self.uids[keyword]
@@ -1498,9 +1504,9 @@ def _expected_native_bytes(rows: int, cols: int, frames: int, bits_allocated: in
 
 
 def _native_element(reader: _DicomReader, rows: int, cols: int, frames: int, meta: PixelMeta,
-                    notes: list[str]) -> DataElement:
+                    notes: list[str], read: bool = True) -> DataElement | None:
     """The native PixelData element, its declared length checked against the data left and
-    only the bytes the image needs read."""
+    only the bytes the image needs read (``read`` False: the checks only, nothing read)."""
     stop, src = reader.stop, reader.src
     declared, offset = stop.length, stop.offset
     need = _expected_native_bytes(rows, cols, frames, meta.bits_allocated)
@@ -1519,15 +1525,18 @@ def _native_element(reader: _DicomReader, rows: int, cols: int, frames: int, met
         raise _fail(f"pixel data is truncated ({declared:,} bytes, expected {need:,} for {shape})")
     if declared > need + 1:
         notes.append(f"pixel data has {declared - need:,} bytes more than expected; extra bytes ignored")
+    if not read:
+        return None
     value = src.read(offset, min(declared, need + (need & 1)))
     vr = stop.vr if stop.vr in ("OB", "OW") else ("OB" if meta.bits_allocated <= 8 else "OW")
     return DataElement(_PIXEL_DATA, vr, value)
 
 
 def _encapsulated_element(reader: _DicomReader, ds: Dataset, rows: int, cols: int, meta: PixelMeta,
-                          opts: SelectionOptions, notes: list[str]) -> DataElement:
+                          opts: SelectionOptions, notes: list[str], read: bool = True) -> DataElement | None:
     """The encapsulated PixelData element, walked item by item (each length checked against the
-    data left), with frame 1's codestream header checked against the DICOM header."""
+    data left), with frame 1's codestream header checked against the DICOM header (``read``
+    False: the checks only, the fragments' bytes not read)."""
     src, start = reader.src, reader.stop.offset
     pos = start
     fragments: list[tuple[int, int]] = []  # (offset, length); the first item is the offset table
@@ -1564,6 +1573,8 @@ def _encapsulated_element(reader: _DicomReader, ds: Dataset, rows: int, cols: in
             break
     samples = _int(ds, "SamplesPerPixel", 1) or 1
     _check_codestream(peek, rows, cols, samples, meta, opts, notes)
+    if not read:
+        return None
     return DataElement(_PIXEL_DATA, "OB", src.read(start, pos - start), is_undefined_length=True)
 
 
@@ -1593,10 +1604,10 @@ def _decode(ds: Dataset, reader: _DicomReader, rows: int, cols: int, frames: int
         actual = "encapsulated (compressed)" if encapsulated else "native (uncompressed)"
         raise _fail(f"transfer syntax {_ts_name(ds)} says {claim} but the pixel data is {actual}")
     if encapsulated:
-        elem = _encapsulated_element(reader, ds, rows, cols, meta, opts, notes)
+        elem = _encapsulated_element(reader, ds, rows, cols, meta, opts, notes, read=decode)
     else:
-        elem = _native_element(reader, rows, cols, frames, meta, notes)
-    if not decode:  # screening: every check that needs no decoding has passed
+        elem = _native_element(reader, rows, cols, frames, meta, notes, read=decode)
+    if elem is None:  # screening: every check that needs no decoding has passed, nothing was read
         return None
     ds[_PIXEL_DATA] = elem
     try:
@@ -1637,10 +1648,7 @@ def load_image(path: str | Path, options: SelectionOptions | None = None) -> Loa
     ``'skipped'`` or ``'failed'`` :class:`LoadedImage` with a one-sentence reason.  Warnings of
     the libraries (pydicom, numpy, Pillow, decoders) and pydicom's log messages become entries
     of ``warnings`` ('pydicom: ...', 'decoder: ...') instead of reaching stderr."""
-    with _library_messages() as messages:
-        res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions())
-    res.warnings = [_printable(w) for w in _merge_library_messages(res.warnings, messages)]
-    return res
+    return _load_reporting(path, options, decode=True)
 
 
 def screen_image(path: str | Path, options: SelectionOptions | None = None) -> LoadedImage:
@@ -1650,8 +1658,13 @@ def screen_image(path: str | Path, options: SelectionOptions | None = None) -> L
     the file is eligible and not certainly broken (``pixels`` is None); a ``failed`` or
     ``skipped`` result is what :func:`load_image` would say. Used by the PACS node to answer a
     C-STORE before acknowledging it."""
+    return _load_reporting(path, options, decode=False)
+
+
+def _load_reporting(path: str | Path, options: SelectionOptions | None, decode: bool) -> LoadedImage:
+    """:func:`_load_image` with the libraries' warnings and log messages made the input's."""
     with _library_messages() as messages:
-        res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions(), decode=False)
+        res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions(), decode=decode)
     res.warnings = [_printable(w) for w in _merge_library_messages(res.warnings, messages)]
     return res
 

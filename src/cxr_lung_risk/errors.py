@@ -12,6 +12,8 @@ report mistakes before the models are imported.
 """
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CxrLungRiskError",
     "UsageError",
@@ -22,6 +24,7 @@ __all__ = [
     "OutputError",
     "OutputLockedError",
     "DiskFullError",
+    "disk_full",
 ]
 
 
@@ -67,3 +70,15 @@ class DiskFullError(OutputError):
     def __init__(self, message: str, path: object = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+#: errno values that mean "no space left" (a full disk, a quota, a file-size limit).
+_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
+
+
+def disk_full(exc: BaseException, path: object) -> DiskFullError | None:
+    """A :class:`DiskFullError` about ``path`` when ``exc`` is an OSError saying the disk is full,
+    else None (the caller raises it, or handles ``exc`` as before)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        return DiskFullError(f"{exc.strerror or exc}: {path}", path=path)
+    return None

@@ -23,6 +23,9 @@ FORMATS = ("csv", "sr", "json", "parquet")
 ENGINES = ("local", "ray")
 SALIENCY_METHODS = ("gradient", "gradcam")
 IM_VERSIONS = ("6.8.9-9", "6.9.11")
+#: ``--sr-class`` values (:data:`cxr_lung_risk.outputs.sr.SR_CLASSES` maps them to SOP classes):
+#: Comprehensive 3D SR (IHE AI Results, the default) or Comprehensive SR.
+SR_CLASS_CHOICES = ("3d", "comprehensive")
 PRECISION_CHOICES = ("fp32", "tf32", "bf16", "fp16")  # = runtime.PRECISIONS (kept here: no torch import)
 
 
@@ -40,6 +43,11 @@ def parse_formats(text: str | Sequence[str]) -> frozenset[str]:
     if bad or not fmts:
         raise UsageError(f"--format takes a comma-separated list among {', '.join(FORMATS)} (got {','.join(items)!r})")
     return frozenset(fmts)
+
+
+def check_sr_class(sr_class: str) -> None:
+    if sr_class not in SR_CLASS_CHOICES:
+        raise UsageError(f"--sr-class must be one of {', '.join(SR_CLASS_CHOICES)} (got {sr_class!r})")
 
 
 def check_compute(device: str, precision: str) -> None:
@@ -73,8 +81,7 @@ def _check_common(opts) -> None:
         raise UsageError("--workers must be 0 (decode in process) or more")
     if opts.im_version not in IM_VERSIONS:
         raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
-    if getattr(opts, "sr_class", "3d") not in ("3d", "comprehensive"):
-        raise UsageError("--sr-class must be 3d or comprehensive")
+    check_sr_class(getattr(opts, "sr_class", "3d"))
     if opts.inputs or not getattr(opts, "dicomweb", ()):  # DICOMweb sources alone are enough
         _check_inputs(opts.inputs)
     if opts.out.exists() and not opts.out.is_dir():

@@ -22,10 +22,10 @@ import torch
 
 from . import __version__
 from .dicom_io import InputFile, discover, is_dicom_file
-from .errors import DiskFullError, InputNotFoundError, OutputError, OutputLockedError, UsageError
+from .errors import DiskFullError, InputNotFoundError, OutputError, OutputLockedError, UsageError, disk_full
 from .options import PredictOptions, PreprocessOptions
 from .outputs.base import UniqueNames, open_output, output_path
-from .outputs.tables import _FULL, ManifestWriter, RecordWriter
+from .outputs.tables import ManifestWriter, RecordWriter
 from .outputs.writer import OutputWriter, record_for
 from .pipeline import PrepareOptions, Prepared, default_workers, iter_prepared
 from .progress import Progress, say
@@ -633,8 +633,9 @@ def run_preprocess(opts: PreprocessOptions) -> RunSummary:
                         write_png(output_path(out, rel), p.gray)
                         rec.add_output("png", rel)
                     except OSError as e:
-                        if e.errno in _FULL:  # a full disk stops the run (see _stop_when_full)
-                            raise DiskFullError(f"{e.strerror or e}: {out}", path=out) from None
+                        full = disk_full(e, out)
+                        if full is not None:  # a full disk stops the run (see _stop_when_full)
+                            raise full from None
                         rec.status = Status.FAILED
                         rec.reason = f"failed: cannot write {out / rel}: {e.strerror or e}"
                 manifest.write(rec.file, rec.status, rec.reason if rec.status is not Status.OK else _reason(p))

@@ -224,16 +224,10 @@ def derived_secondary_capture(
     sc.LossyImageCompression = "00"
     sc.SoftwareVersions = software_version or "unknown"
     sc.ImageComments = image_comments
-    if policy.fixed_dates:
-        when = fixed_datetime(source)
-        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
-        sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
-        sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
-    else:
-        now = datetime.datetime.now()
-        sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(now.date()), TM(now.time())
-        sc.ContentDate, sc.ContentTime = DA(now.date()), TM(now.time())
-        sc.SeriesDate, sc.SeriesTime = DA(now.date()), TM(now.time())
+    when = fixed_datetime(source) if policy.fixed_dates else datetime.datetime.now()
+    sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
+    sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
+    sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
     return sc
 
 

@@ -13,7 +13,6 @@ written in parts of :data:`PARQUET_ROWS` rows (and at the end); it needs pyarrow
 from __future__ import annotations
 
 import csv
-import errno
 import io
 import json
 import math
@@ -21,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import DiskFullError
+from ..errors import DiskFullError, disk_full
 from .base import open_output
 
 __all__ = [
@@ -46,9 +45,6 @@ MANIFEST_CSV = "manifest.csv"
 MANIFEST_COLUMNS = ("File", "status", "reason")
 
 
-_FULL = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG})
-
-
 class _RowFile:
     """An output file written a whole row at a time: a row is in the file completely or not at
     all (a write that fails, e.g. on a full disk, is cut back to the last whole row), and the
@@ -71,8 +67,9 @@ class _RowFile:
                 done += os.pwrite(fd, blob[done:], self.size + done)
         except OSError as e:
             self.rollback((self.size, self.tail))  # back to the last whole row
-            if e.errno in _FULL:
-                raise DiskFullError(f"{e.strerror or e}: {self.path}", path=self.path) from None
+            full = disk_full(e, self.path)
+            if full is not None:
+                raise full from None
             raise
         old_end, self.size, self.tail = self.size + len(self.tail), self.size + len(data), tail
         if old_end > self.size + len(tail):  # pragma: no cover - tails only grow
@@ -323,6 +320,13 @@ class ManifestWriter:
         status = str(status)
         self._f.append(_csv_bytes([[file, status, reason]]))
         self.counts[status] = self.counts.get(status, 0) + 1
+
+    def mark(self) -> tuple[int, bytes]:
+        """Where the manifest ends now (:meth:`rollback` cuts it back to it)."""
+        return self._f.mark()
+
+    def rollback(self, mark: tuple[int, bytes]) -> None:
+        self._f.rollback(mark)
 
     def close(self) -> None:
         if not self._f.closed:

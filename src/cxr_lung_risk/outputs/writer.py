@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..records import InputRecord, Status, add_warnings
-from ..errors import DiskFullError
+from ..errors import DiskFullError, disk_full
 from .base import UidPolicy, UniqueNames, dataset_bytes, output_path, write_bytes
-from .tables import _FULL, ManifestWriter, RecordWriter, ResultWriter
+from .tables import ManifestWriter, RecordWriter, ResultWriter
 
 __all__ = ["OutputWriter", "ObjectBuilder", "Built", "record_for"]
 
@@ -216,8 +216,9 @@ class OutputWriter:
                     rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
             add_warnings(caught, rec.warnings)
         except Exception as e:  # one object that cannot be written must not lose the others
-            if isinstance(e, OSError) and e.errno in _FULL:  # a full disk: the run stops (no row)
-                raise DiskFullError(f"{e.strerror or e}: {self.out}", path=self.out) from None
+            full = disk_full(e, self.out)
+            if full is not None:  # a full disk: the run stops (no row)
+                raise full from None
             rec.status = Status.FAILED
             detail = str(e) if isinstance(e, _BuildError) else f"{type(e).__name__}: {str(e)[:160]}"
             rec.reason = f"failed: scored but writing its DICOM output failed: {detail}"
@@ -231,12 +232,12 @@ class OutputWriter:
 
     def _finish(self, rec: InputRecord) -> InputRecord:
         reason = rec.reason if rec.status is not Status.OK else "; ".join(f"warning: {w}" for w in rec.warnings)
-        mark = self.manifest._f.mark()
+        mark = self.manifest.mark()
         self.manifest.write(rec.file, rec.status, reason)
         try:
             self.records.write(rec)
         except (OSError, DiskFullError):  # a full disk: the input is in neither file
-            self.manifest._f.rollback(mark)
+            self.manifest.rollback(mark)
             raise
         return rec
 

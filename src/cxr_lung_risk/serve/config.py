@@ -115,6 +115,14 @@ class ServeConfig:
         return self.audit_log or self.spool / "audit.jsonl"
 
     @property
+    def selection(self):
+        """The selection rules of the node: the listener screens with them before acknowledging,
+        the worker prepares with them (``predict``'s defaults)."""
+        from ..dicom_io import SelectionOptions
+
+        return SelectionOptions()
+
+    @property
     def weights_map(self) -> dict[str, Path]:
         if self.demo_weights:
             from ..demo import demo_weights
@@ -129,7 +137,7 @@ class ServeConfig:
         return w
 
     def validate(self) -> "ServeConfig":
-        from ..options import IM_VERSIONS, check_compute
+        from ..options import IM_VERSIONS, check_compute, check_sr_class
         from ..registry import resolve_models
 
         resolve_models(self.model)
@@ -143,7 +151,9 @@ class ServeConfig:
         if self.demo_weights and (self.weights is not None or self.age_weights is not None):
             raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
         if self.demo_weights:
-            self.weights_map  # noqa: B018 - says what to do when demo has not made them yet
+            from ..demo import demo_weights
+
+            demo_weights()  # says what to do when demo has not made them yet
         if self.degraded_after < 0:
             raise UsageError("--degraded-after must be 0 (never) or more failed rounds")
         if self.batch_size < 1:
@@ -155,8 +165,7 @@ class ServeConfig:
         check_compute(self.device, self.precision)
         if self.im_version not in IM_VERSIONS:
             raise UsageError(f"--im-version must be one of {', '.join(IM_VERSIONS)}")
-        if self.sr_class not in ("3d", "comprehensive"):
-            raise UsageError("--sr-class must be 3d or comprehensive")
+        check_sr_class(self.sr_class)
         for u in self.stow:
             if not re.match(r"^https?://", u):
                 raise UsageError(f"--stow takes an http(s) URL (got {u!r})")

@@ -122,9 +122,7 @@ class StoreSCP:
         self._lock = threading.Lock()
         self._assoc_studies: dict[int, set[str]] = {}  # association -> studies it delivered
         self._released: dict[str, float] = {}  # study -> when an association that delivered it ended
-        from ..dicom_io import SelectionOptions
-
-        self.selection = SelectionOptions()  # the worker's rules (cxr_lung_risk.serve.worker)
+        self.selection = cfg.selection  # the worker's rules
         ae = self.ae = AE(ae_title=cfg.ae_title)
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:  # every transfer syntax: refusals are explained per C-STORE
@@ -209,11 +207,9 @@ class StoreSCP:
 
         res = screen_image(path, self.selection)
         if res.status == "failed":
-            reason = res.reason[len("failed: "):] if res.reason.startswith("failed: ") else res.reason
-            raise _Refused(STATUS_WILL_FAIL, reason)
+            raise _Refused(STATUS_WILL_FAIL, res.sentence)
         if res.status == "skipped":
-            reason = res.reason[len("skipped: "):] if res.reason.startswith("skipped: ") else res.reason
-            raise _Refused(0x0000, reason, outcome="ignored")
+            raise _Refused(0x0000, res.sentence, outcome="ignored")
 
     def _on_store(self, event: Any) -> Any:
         from ..dicom_io import own_result

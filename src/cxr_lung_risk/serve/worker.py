@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .. import api
-from ..dicom_io import SelectionOptions
 from ..pipeline import PrepareOptions
 from .audit import AuditLog
 from .config import ServeConfig
@@ -67,7 +66,7 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.on_queued = on_queued
         self.released = released  # study -> when an association that delivered it was released
-        self.prepare_options = PrepareOptions(selection=SelectionOptions(), im_version=cfg.im_version)
+        self.prepare_options = PrepareOptions(selection=cfg.selection, im_version=cfg.im_version)
         self.busy = False
         self.error: str = ""
         self.batches = 0
