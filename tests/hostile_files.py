@@ -175,14 +175,19 @@ def _tree_rss_kib(root: int) -> int:
         except (OSError, ValueError, IndexError):
             continue
         info[int(d)] = (ppid, rss)
+    return sum(info[p][1] for p in _descendants(root, {p: pp for p, (pp, _) in info.items()}) if p in info)
+
+
+def _descendants(root: int, parent: dict[int, int]) -> set[int]:
+    """``root`` and every process whose parent chain (``parent``: pid -> ppid) leads to it."""
     tree, changed = {root}, True
     while changed:
         changed = False
-        for pid, (ppid, _) in info.items():
-            if pid not in tree and ppid in tree:
+        for pid, pp in parent.items():
+            if pid not in tree and pp in tree:
                 tree.add(pid)
                 changed = True
-    return sum(info[p][1] for p in tree if p in info)
+    return tree
 
 
 def _tree_pids(root: int) -> set[int]:
@@ -196,14 +201,7 @@ def _tree_pids(root: int) -> set[int]:
                     parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-    tree, changed = {root}, True
-    while changed:
-        changed = False
-        for pid, pp in parent.items():
-            if pid not in tree and pp in tree:
-                tree.add(pid)
-                changed = True
-    return {p for p in tree if p in parent}
+    return {p for p in _descendants(root, parent) if p in parent}
 
 
 def tree_pss_kib(root: int) -> int | None:

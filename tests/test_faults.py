@@ -16,6 +16,14 @@ from pathlib import Path
 import pytest
 
 
+def _png_folder(d: Path, sample_pngs, n: int) -> Path:
+    """``d`` holding ``n`` copies of the authors' sample PNGs (img00.png, img01.png, ...)."""
+    d.mkdir()
+    for k in range(n):
+        shutil.copy(sample_pngs[k % len(sample_pngs)], d / f"img{k:02d}.png")
+    return d
+
+
 def _env() -> dict:
     e = dict(os.environ)
     e.setdefault("OMP_NUM_THREADS", "2")
@@ -50,10 +58,7 @@ def test_unwritable_timings_file_is_a_warning_not_a_failure(tmp_path, sample_png
 def test_sigterm_is_handled_like_ctrl_c(tmp_path, sample_pngs, synthetic_weights):
     """docker stop / Kubernetes / timeout send SIGTERM: a message, exit 143, valid JSON, and the
     finished rows kept."""
-    src = tmp_path / "in"
-    src.mkdir()
-    for k in range(40):
-        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    src = _png_folder(tmp_path / "in", sample_pngs, 40)
     out = tmp_path / "o"
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(src), "--out", str(out), "--weights", str(synthetic_weights),
@@ -90,11 +95,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, sample_pngs, synthetic_weights
 def _inputs(tmp_path: Path, sample_pngs, n: int):
     from cxr_lung_risk.dicom_io import discover
 
-    d = tmp_path / "fence"
-    d.mkdir()
-    for k in range(n):
-        shutil.copy(sample_pngs[k % len(sample_pngs)], d / f"img{k:02d}.png")
-    return list(discover([d]))
+    return list(discover([_png_folder(tmp_path / "fence", sample_pngs, n)]))
 
 
 def _killing_prepare(item, opts):
@@ -196,11 +197,8 @@ def _alive(pid: int) -> bool:
 def test_sigkill_mid_run_leaves_no_worker_and_the_rerun_resumes(tmp_path, sample_pngs, synthetic_weights):
     """kill -9 of the main process: its decode worker dies with it (it held ~1.4 GB and the
     --out lock for 15+ minutes), and a rerun at once takes the lock over and resumes."""
-    src = tmp_path / "in"
-    src.mkdir()
     n = 40
-    for k in range(n):
-        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    src = _png_folder(tmp_path / "in", sample_pngs, n)
     out = tmp_path / "o"
     args = ["predict", str(src), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,json",
             "--batch-size", "2", "--workers", "1"]
@@ -292,11 +290,8 @@ def test_disk_full_keeps_rows_whole_closes_the_tables_and_the_rerun_finishes(tmp
     """--out fills up mid-run: before, exit 1 with the JSON unclosed and the CSV and records.jsonl
     ending mid-row. Now every row is whole, the JSON is a closed list, one sentence says the disk
     is full and how many inputs are done, and a rerun after freeing space completes."""
-    src = tmp_path / "in"
-    src.mkdir()
     n = 40
-    for k in range(n):
-        shutil.copy(sample_pngs[k % len(sample_pngs)], src / f"img{k:02d}.png")
+    src = _png_folder(tmp_path / "in", sample_pngs, n)
     out = small_disk / "o"
     filler = _fill(small_disk, 40)
     args = ["predict", str(src), "--out", str(out), "--weights", str(synthetic_weights), "--format", "csv,json",
