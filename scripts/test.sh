@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from the repository's own files, then run them.
 #   bash scripts/test.sh [pytest args...]
-# Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps) (and docker.io + debootstrap for the Docker tests, which
+# Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps), chromium +
+# chromium-driver (the web page's browser tests) (and docker.io + debootstrap for the Docker tests, which
 # start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
 # .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), and the [ray] extra
@@ -20,6 +21,9 @@ command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build t
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
+# the web page's browser tests (marker browser): Debian's chromium driven through its chromedriver
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 # PixelMed's DicomSRValidator (IHE connectathons' SR validator; pulls in libpixelmed-java and a headless JRE)
 { command -v java >/dev/null 2>&1 && ls /usr/share/java/pixelmed*.jar >/dev/null 2>&1; } || need_apt+=(pixelmed-apps)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -1,4 +1,4 @@
-"""Command-line interface: ``cxr-lung-risk predict | preprocess | demo | fetch-weights | merge``.
+"""Command-line interface: ``cxr-lung-risk predict | preprocess | demo | fetch-weights | merge | serve | web``.
 
 The only place that knows argparse, messages and exit codes. It turns arguments into typed
 options (:mod:`cxr_lung_risk.options`), validates them before torch is imported (a typo costs no
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
     _add_serve_parser(sub, model_choices())
+    from .web import add_parser as _add_web_parser  # the web page (extra [web])
+
+    _add_web_parser(sub, model_choices())
     return parser
 
 
@@ -541,7 +544,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(cfg)
 
 
-_COMMANDS = {"merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
+def _cmd_web(args: argparse.Namespace) -> int:
+    from .web import main_command
+
+    return main_command(args)
+
+
+_COMMANDS = {"web": _cmd_web, "merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
 
 
 class _Terminated(BaseException):
