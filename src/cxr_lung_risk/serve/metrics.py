@@ -56,9 +56,12 @@ class Metrics:
 
 
 class HttpEndpoint:
-    """A small threaded HTTP server: ``GET /metrics`` and ``GET /healthz`` (200 healthy, 503 not)."""
+    """A small threaded HTTP server: ``GET /metrics`` and ``GET /healthz`` (200 healthy, 503 not);
+    ``pages(path)`` answers the other paths ((body, content type, status) or None: 404), e.g. the
+    status page (:mod:`cxr_lung_risk.serve.status`)."""
 
-    def __init__(self, metrics: Metrics, health: Callable[[], dict[str, Any]], host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics, health: Callable[[], dict[str, Any]], host: str, port: int,
+                 pages: Callable[[str], tuple[bytes, str, int] | None] | None = None) -> None:
         m, h = metrics, health
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,7 +74,11 @@ class HttpEndpoint:
                     body = (json.dumps(state, default=str) + "\n").encode()
                     ctype, code = "application/json", 200 if state.get("status") == "ok" else 503
                 else:
-                    body, ctype, code = b"not found\n", "text/plain", 404
+                    try:
+                        page = pages(path) if pages is not None else None
+                    except Exception as e:  # noqa: BLE001 - a page's bug must not take the endpoint down
+                        page = (f"error: {type(e).__name__}\n".encode(), "text/plain", 500)
+                    body, ctype, code = page if page is not None else (b"not found\n", "text/plain", 404)
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

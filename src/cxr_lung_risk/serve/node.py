@@ -21,6 +21,7 @@ from .config import ServeConfig, describe
 from .metrics import HttpEndpoint, Metrics
 from .outbox import Sender
 from .scp import StoreSCP
+from .status import StatusBoard
 from .spool import Spool
 from .worker import Worker
 
@@ -67,6 +68,7 @@ class Node:
         self.worker: Worker | None = None
         self.senders: list[Sender] = []
         self.state = "starting"
+        self.status = StatusBoard(self)  # the status page on the metrics port
 
     def health(self) -> dict[str, Any]:
         w = self.worker
@@ -94,7 +96,7 @@ class Node:
     def start(self) -> "Node":
         cfg = self.cfg
         self.spool = Spool(cfg.spool).open()
-        self.audit = AuditLog(cfg.audit_path)
+        self.audit = self.status.tee(AuditLog(cfg.audit_path))
         for rel, n in self.spool.recover_inflight(MAX_CRASHES):
             _say(f"quarantined {rel}: it was being scored at {n} crashes of the node", logging.WARNING)
             self.metrics.failed.inc()
@@ -110,7 +112,7 @@ class Node:
         wake = lambda *_: self.worker and self.worker.wake.set()  # noqa: E731
         self.scp = StoreSCP(cfg, self.spool, self.audit, self.metrics, on_received=wake, on_released=wake).start()
         if cfg.metrics_port is not None:
-            self.http = HttpEndpoint(self.metrics, self.health, cfg.metrics_bind, cfg.metrics_port).start()
+            self.http = HttpEndpoint(self.metrics, self.health, cfg.metrics_bind, cfg.metrics_port, pages=self.status.page).start()
         _say(f"listening: {describe(cfg).replace(f':{cfg.port}', f':{self.scp.port}', 1)}"
              + (f"; metrics on http://{cfg.metrics_bind}:{self.http.port}/metrics" if self.http else ""))
         from .. import api
