@@ -9,6 +9,7 @@ go to ``tests/artifacts/``.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -148,6 +149,19 @@ def test_page_scores_a_cr_and_a_png_like_predict_downloads_a_valid_sr_and_delete
     assert cr["status"] == png["status"] == "ok", rows
     assert "SYNTHETIC" in cr["weights"] and "synthetic-text" in cr["weightsClass"]
     assert cr["links"] == ["dl-sr", "dl-result", "dl-card"] and png["links"] == ["dl-card"]  # a PNG has no DICOM outputs
+    # the result image is the one the node sends (no overlay tile): its pixels are the card's
+    import numpy as np
+    from PIL import Image
+
+    cookie = "; ".join(f"{c['name']}={c['value']}" for c in d.get_cookies())
+
+    def fetch(path: str) -> bytes:
+        with _NO_PROXY.open(urllib.request.Request(web.url + path, headers={"Cookie": cookie}), timeout=30) as r:
+            return r.read()
+
+    result = pydicom.dcmread(io.BytesIO(fetch(f"api/items/{cr['id']}/result")))
+    card_px = np.asarray(Image.open(io.BytesIO(fetch(f"api/items/{cr['id']}/card"))).convert("RGB"))
+    assert np.array_equal(result.pixel_array, card_px)
 
     # the scores equal predict's for the same files and weights
     expected = _predict(synthetic_weights, [SAMPLE_CR, SAMPLE_PNG], tmp_path / "predict")
@@ -161,7 +175,9 @@ def test_page_scores_a_cr_and_a_png_like_predict_downloads_a_valid_sr_and_delete
     card = d.find_element(By.CSS_SELECTOR, f"#card-{cr['id']} img")
     wait_for(lambda: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", card) > 0, 30, "the card")
     width_plain = d.execute_script("return arguments[0].naturalWidth", card)
-    d.find_element(By.CSS_SELECTOR, f"#card-{cr['id']} .overlay-toggle").click()
+    toggle = d.find_element(By.CSS_SELECTOR, f"#card-{cr['id']} .overlay-toggle")
+    wait_for(lambda: toggle.is_enabled(), 300, "the saliency overlay (computed after the scores)")
+    toggle.click()
     wait_for(lambda: card.get_attribute("src").endswith("/card_overlay")
              and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", card) > 0, 30, "the overlay card")
     assert d.execute_script("return arguments[0].naturalWidth", card) >= width_plain
@@ -204,6 +220,7 @@ def test_page_scores_a_cr_and_a_png_like_predict_downloads_a_valid_sr_and_delete
     folder = Path(folder_text.split("kept in ", 1)[1].split(" until", 1)[0])
     assert folder.is_dir() and folder.parent in web.private_folders()
     assert oct(folder.parent.stat().st_mode & 0o777) == oct(0o700)
+    wait_for(lambda: "computing" not in d.find_element(By.ID, "cards").text, 300, "every overlay to be done")
     d.find_element(By.ID, "delete").click()
     wait_for(lambda: not folder.exists(), 30, "the session folder to be deleted")
     wait_for(lambda: _rows(d) == {}, 10, "the table to empty")

@@ -92,6 +92,7 @@ class Item:
     files: dict[str, Path] = field(default_factory=dict)  # sr, result, saliency, card, card_overlay
     uploaded: float = field(default_factory=time.time)
     finished: float | None = None
+    overlay: str = ""  # the saliency overlay: "", pending, ok, or failed: reason
 
     @property
     def done(self) -> bool:
@@ -101,7 +102,7 @@ class Item:
         return {
             "id": self.id, "name": self.name, "status": self.status, "progress": round(self.progress, 3),
             "reason": self.reason, "warnings": list(self.warnings), "scores": list(self.scores),
-            "risk_group": _risk_group(self.row), "files": sorted(self.files),
+            "risk_group": _risk_group(self.row), "files": sorted(self.files), "overlay": self.overlay,
             "seconds": None if self.finished is None else round(self.finished - self.uploaded, 3),
         }
 
@@ -175,15 +176,13 @@ class Engine:
         return s if s is not None and not s.deleted else None
 
     def delete_session(self, s: Session) -> None:
-        """Forget the session's items and delete its folder (after the batch in progress, if it is
-        this session's)."""
+        """Forget the session's items and delete its folder now (and once more when the batch in
+        progress, if it is this session's, has finished: what it still writes goes too)."""
         with self.lock:
             s.deleted = True
             self.sessions.pop(s.id, None)
             self.queue = deque((ss, it) for ss, it in self.queue if ss is not s)
-            busy = self.busy is s
-        if not busy:
-            shutil.rmtree(s.dir, ignore_errors=True)
+        shutil.rmtree(s.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ state
     @property
@@ -306,6 +305,7 @@ class Engine:
         self.weights = ResultImageWriter(self.root, self.scorer.models, deterministic=True, names=None).weights
 
     def _run(self) -> None:
+        _lower_priority()  # the page's requests come first (the models' threads inherit this)
         try:
             self._load()
             self.state = "ready"
@@ -349,8 +349,11 @@ class Engine:
                 self.on_batch(time.perf_counter() - t0, len(batch))
 
     def process(self, s: Session, batch: list[Item]) -> None:
+        """Read, score and write one batch. The rows are done (status ``ok``, scores, SR, result
+        image: the one the node sends) before the saliency overlay is computed for them (the
+        overlay card follows; ``overlay`` says ``pending`` until then)."""
         from .. import __version__, api
-        from ..outputs.result_image import render_result
+        from ..outputs.result_image import ResultValue, render_result
 
         scorer = self.scorer
         prepared = []
@@ -363,55 +366,85 @@ class Engine:
                 it.status, it.progress = "scoring", 0.3
             else:
                 it.status, it.reason, it.progress, it.finished = str(p.status), p.reason, 1.0, time.time()
+                self._drop_upload(it)
         if not prepared:
             return
 
         def step(f: float) -> None:
             for it, _ in prepared:
-                it.progress = min(0.7, it.progress + 0.4 * f)
+                it.progress = min(0.8, it.progress + 0.5 * f)
 
         rows = scorer.score([p for _, p in prepared], on_step=step)
         for it, _ in prepared:
-            it.status, it.progress = "writing", 0.75
+            it.status, it.progress = "writing", 0.85
         s.batches += 1
         out = s.dir / "out" / f"batch-{s.batches:04d}-{secrets.token_hex(3)}"
-        with api.OutputWriter(out, scorer.models, scorer.columns(), formats=("csv", "json", "sr"),
-                              saliency="gradient" if self.cfg.saliency else None, result_image=True) as w:
+        with api.OutputWriter(out, scorer.models, scorer.columns(), formats=("csv", "json", "sr"), result_image=True) as w:
             records = w.write_scored([p for _, p in prepared], rows)
         cards = s.dir / "card"
         cards.mkdir(exist_ok=True)
+        models = [m for m in scorer.models]
+        done = []
         for (it, p), row, rec in zip(prepared, rows, records):
-            from ..outputs.result_image import ResultValue
-
-            values = [ResultValue(m.spec.title, float(row[m.spec.column]), m.spec.unit) for m in scorer.models if m.spec.column in row]
+            scored = [m for m in models if m.spec.column in row]
+            values = [ResultValue(m.spec.title, float(row[m.spec.column]), m.spec.unit) for m in scored]
             it.scores = [{"title": v.title, "column": m.spec.column, "value": v.value, "unit": _UNITS.get(v.unit, v.unit), "text": v.text}
-                         for v, m in zip(values, [m for m in scorer.models if m.spec.column in row])]
+                         for v, m in zip(values, scored)]
             it.row = dict(row)
             it.warnings = list(rec.warnings)
             for kind, rels in rec.outputs.items():
                 if rels:
                     it.files[{"result_image": "result"}.get(kind, kind)] = out / rels[0]
-            try:
-                card = render_result(p.image, values, self.weights, software_version=__version__)
-                it.files["card"] = _save_png(card, cards / f"{it.id}.png")
-                sal = it.files.get("saliency")
-                if sal is not None:
-                    from PIL import Image
-                    import numpy as np
-
-                    with Image.open(sal) as im:
-                        overlay = np.asarray(im.convert("RGB"))
-                    card = render_result(p.image, values, self.weights, software_version=__version__, overlay=overlay,
-                                         overlay_title=f"Saliency overlay ({scorer.models[0].spec.title})")
-                    it.files["card_overlay"] = _save_png(card, cards / f"{it.id}.overlay.png")
+            try:  # the card: the result image's pixels, for DICOM and PNG inputs alike
+                it.files["card"] = _save_png(render_result(p.image, values, self.weights, software_version=__version__),
+                                             cards / f"{it.id}.png")
             except Exception as e:  # noqa: BLE001 - the scores stand; the card is missing
                 it.warnings.append(f"the result card could not be drawn: {type(e).__name__}: {str(e)[:160]}")
             it.status = str(rec.status)
             it.reason = rec.reason if rec.status is not api.Status.OK else ""
             it.progress, it.finished = 1.0, time.time()
-            if it.path is not None:  # the upload itself is not needed any more
-                shutil.rmtree(it.path.parent, ignore_errors=True)
-                it.path = None
+            self._drop_upload(it)
+            if rec.status is api.Status.OK:
+                done.append((it, p, row, values))
+                it.overlay = "pending" if self.cfg.saliency else ""
+        if self.cfg.saliency and done and not s.deleted:
+            self._overlays(out, w.names, done)
+
+    def _overlays(self, out: Path, names: Any, done: list) -> None:
+        """The saliency overlay (PNG + DICOM SC) and the overlay card of each scored item."""
+        from .. import __version__
+        from ..outputs.result_image import render_result
+        from ..saliency import SaliencyWriter
+
+        scorer = self.scorer
+        try:
+            sw = SaliencyWriter(out, scorer.models, method="gradient", deterministic=True, names=names)
+            written = sw.write_batch([p for _, p, _, _ in done])
+        except Exception as e:  # noqa: BLE001 - the scores stand; no overlay
+            for it, *_ in done:
+                it.overlay = f"failed: {type(e).__name__}: {str(e)[:160]}"
+            return
+        import numpy as np
+        from PIL import Image
+
+        for (it, p, row, values), files in zip(done, written):
+            try:
+                for kind, rel in files:
+                    it.files.setdefault(kind, out / rel)
+                with Image.open(it.files["saliency"]) as im:
+                    overlay = np.asarray(im.convert("RGB"))
+                card = render_result(p.image, values, self.weights, software_version=__version__, overlay=overlay,
+                                     overlay_title=f"Saliency overlay ({scorer.models[0].spec.title})")
+                it.files["card_overlay"] = _save_png(card, out.parent.parent / "card" / f"{it.id}.overlay.png")
+                it.overlay = "ok"
+            except Exception as e:  # noqa: BLE001 - this item has no overlay
+                it.overlay = f"failed: {type(e).__name__}: {str(e)[:160]}"
+
+    @staticmethod
+    def _drop_upload(it: Item) -> None:
+        if it.path is not None:  # the upload itself is not needed any more
+            shutil.rmtree(it.path.parent, ignore_errors=True)
+            it.path = None
 
     # ------------------------------------------------------------------ tables
     def columns(self) -> list[str]:
@@ -421,6 +454,22 @@ class Engine:
         with self.lock:
             items = list(s.items.values())
         return [it.row for it in items if it.row is not None and it.status == "ok"]
+
+
+#: How much lower the scoring thread's CPU priority is than the request threads' (Linux ``nice``).
+SCORING_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Lower this thread's CPU priority (Linux: per thread; the compute threads it starts inherit
+    it), so a request is answered at once while a batch is scored."""
+    import os
+    import threading
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SCORING_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the same priority
+        pass
 
 
 def _is_zip(path: Path) -> bool:

@@ -105,7 +105,9 @@
         el("td"), el("td"), el("td"), el("td")));
     }
     for (const it of items) tbody.append(row(it, state));
-    for (const it of items) if (it.status === "ok" && it.files.includes("card") && !cardsShown.has(it.id)) addCard(it);
+    for (const it of items) {
+      if (it.status === "ok" && it.files.includes("card")) { if (!cardsShown.has(it.id)) addCard(it); else updateCard(it); }
+    }
     for (const id of Array.from(cardsShown)) if (!items.find((x) => x.id === id)) { cardsShown.delete(id); const c = $("card-" + id); if (c) c.remove(); }
   }
 
@@ -136,13 +138,24 @@
     cardsShown.add(it.id);
     const img = el("img", { src: "api/items/" + it.id + "/card", alt: "result card of " + it.name, class: "card-img" });
     const toggle = el("input", { type: "checkbox", class: "overlay-toggle" });
-    const label = el("label", {}, toggle, " saliency overlay");
-    if (!it.files.includes("card_overlay")) { toggle.disabled = true; label.title = "no saliency overlay for this image"; }
+    const note = el("span", { class: "dim overlay-note" });
+    const label = el("label", {}, toggle, " saliency overlay ", note);
     toggle.addEventListener("change", () => {
       img.src = "api/items/" + it.id + "/" + (toggle.checked ? "card_overlay" : "card");
     });
-    $("cards").append(el("div", { class: "card", id: "card-" + it.id },
-      el("h3", { text: it.name }), label, img));
+    $("cards").append(el("div", { class: "card", id: "card-" + it.id }, el("h3", { text: it.name }), label, img));
+    updateCard(it);
+  }
+
+  // the overlay comes a little after the scores: the toggle is enabled when it is there
+  function updateCard(it) {
+    const card = $("card-" + it.id);
+    if (!card) return;
+    const toggle = card.querySelector(".overlay-toggle");
+    const ready = it.files.includes("card_overlay");
+    toggle.disabled = !ready;
+    card.querySelector(".overlay-note").textContent = ready ? "" : it.overlay === "pending" ? "(computing…)" :
+      (it.overlay ? "(" + it.overlay + ")" : "(off)");
   }
 
   // ---------------------------------------------------------------- delete my results
