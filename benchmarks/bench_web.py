@@ -5,10 +5,10 @@ Runs the page's own code in this process (the :class:`~cxr_lung_risk.web.engine.
 scoring thread, the Flask app, waitress on a free 127.0.0.1 port) with the models loaded once,
 and talks to it over HTTP like the browser does:
 
-* model time: ``Scorer.score`` of the sample CR alone (median of 3), and the whole work of one
-  image as the page does it (``prepare_input`` + score + saliency + outputs), measured directly;
-* single CR, idle server: upload, then poll ``/api/state`` every 50 ms until the row says ``ok``
-  (median and max of ``--repeat``); goal: at most model time + 2 s;
+* model time: ``Scorer.score`` of the sample CR alone (warm), measured before each single-CR run;
+* single CR, idle server: the model time, then upload and poll ``/api/state`` every 50 ms until
+  the row says ``ok`` (and until its overlay is ready), ``--repeat`` times; goal: at most the
+  model time + 2 s;
 * page during a batch: ``--batch`` uploads (CR and PNG copies) queued at once, and while they are
   scored ``GET /`` and ``GET /api/state`` every 100 ms: p50 / p95 / max; goal: under 200 ms.
 
@@ -86,14 +86,15 @@ def main() -> int:
     scorer = api.load_scorer("lung-risk", weights={"lung-risk": weights}, device="cpu")
     load_s = time.perf_counter() - t
 
-    # model time of one CR, and the page's whole work for it, measured directly
+    # model time of one CR (warm: the first calls set up oneDNN), measured again before each run
     p = api.prepare_input(CR)
-    model = []
-    for _ in range(3):
+    for _ in range(2):
+        scorer.score([p])
+
+    def model_time() -> float:
         t = time.perf_counter()
         scorer.score([p])
-        model.append(time.perf_counter() - t)
-    model_s = statistics.median(model)
+        return time.perf_counter() - t
 
     cfg = WebConfig(port=0, device="cpu", temp_parent=scratch)
     engine = Engine(cfg, scorer=scorer)
@@ -108,22 +109,27 @@ def main() -> int:
         _get(url)
         # warm-up (first saliency pass, first outputs)
         _upload(url, CR, "warmup.dcm")
-        while not all(i["status"] in ("ok", "failed", "skipped") for i in _state(url)["items"]):
+        while not all(i["status"] in ("ok", "failed", "skipped") and i["overlay"] != "pending" for i in _state(url)["items"]):
             time.sleep(0.05)
-        work = [s for s, n in batches if n == 1]
-        # single CR on the idle server
-        single = []
+        # single CR on the idle server: model time, then upload -> row "ok" (-> overlay ready)
+        single, model, overlay = [], [], []
         for k in range(a.repeat):
+            model.append(model_time())
             t = time.perf_counter()
             iid = _upload(url, CR, f"single{k}.dcm")[0]["id"]
+            seen_ok = None
             while True:
                 it = next(i for i in _state(url)["items"] if i["id"] == iid)
-                if it["status"] in ("ok", "failed", "skipped"):
+                if seen_ok is None and it["status"] in ("ok", "failed", "skipped"):
+                    seen_ok = time.perf_counter() - t
+                    assert it["status"] == "ok", it
+                if seen_ok is not None and it["overlay"] != "pending":
                     break
                 time.sleep(0.05)
-            single.append(time.perf_counter() - t)
-            assert it["status"] == "ok", it
-        work = [s for s, n in batches[1:] if n == 1]
+            single.append(seen_ok)
+            overlay.append(time.perf_counter() - t)
+        model_s = statistics.median(model)
+        work = [s_ for s_, n in batches[1:] if n == 1]
         work_s = statistics.median(work) if work else float("nan")
 
         # the page while a batch is scored
@@ -151,11 +157,13 @@ def main() -> int:
         "machine": {"cpu": _cpu_name(), "cores": cores, "torch_threads": torch.get_num_threads()},
         "weights": "SYNTHETIC (scores meaningless; times only)" if a.weights is None else str(a.weights),
         "load_s": round(load_s, 2),
-        "model_s_one_cr": round(model_s, 3),
+        "model_s_one_cr": {"median": round(model_s, 3), "runs": [round(x, 3) for x in model]},
         "page_work_s_one_cr": round(work_s, 3),
         "single_cr_result_s": {"median": round(statistics.median(single), 3), "max": round(max(single), 3), "runs": [round(x, 3) for x in single]},
-        "single_cr_goal_s": round(model_s + 2.0, 3),
-        "single_cr_goal_met": max(single) <= model_s + 2.0,
+        "single_cr_overlay_s": {"median": round(statistics.median(overlay), 3), "runs": [round(x, 3) for x in overlay]},
+        "single_cr_over_model_s": [round(x - m, 3) for x, m in zip(single, model)],
+        "single_cr_goal": "result <= model time + 2 s (each run against the model time measured just before it)",
+        "single_cr_goal_met": all(x <= m + 2.0 for x, m in zip(single, model)),
         "during_batch": {
             "uploads": a.batch, "scored_in_s": round(batch_s, 1), "requests": len(page) + len(state),
             "page_ms": {"p50": round(1000 * _pct(page, 0.5), 1), "p95": round(1000 * _pct(page, 0.95), 1), "max": round(1000 * max(page), 1)},

@@ -6,11 +6,12 @@ writes (SR, result image, saliency overlay, tables) and ``card/`` the result car
 page. Nothing is written anywhere else; :meth:`Engine.delete_session` and :meth:`Engine.close`
 remove it.
 
-Scoring runs in one background thread that loads the models once (:func:`cxr_lung_risk.api.load_scorer`)
-and takes the queued files in batches: :func:`~cxr_lung_risk.api.prepare_input` (the exact
+Scoring runs in one background thread (at a lower CPU priority) that loads the models once
+(:func:`cxr_lung_risk.api.load_scorer`) and takes the queued files in batches: :func:`~cxr_lung_risk.api.prepare_input` (the exact
 published preprocessing and the hostile-input-safe reader), :meth:`~cxr_lung_risk.scoring.Scorer.score`,
-:class:`~cxr_lung_risk.api.OutputWriter`. Request threads only queue work and read state, so the
-page answers while a batch is scored.
+:class:`~cxr_lung_risk.api.OutputWriter`; then, unless new files are waiting (their scores
+come first), the saliency overlays of the batch. Request threads only queue work and read state,
+so the page answers while a batch is scored.
 """
 from __future__ import annotations
 
@@ -134,6 +135,7 @@ class Engine:
         self.lock = threading.Condition()
         self.sessions: dict[str, Session] = {}
         self.queue: deque[tuple[Session, Item]] = deque()
+        self.overlay_jobs: deque[tuple[Any, ...]] = deque()  # (session, out, names, items): saliency after the scores
         self.scorer = scorer
         self.state = "ready" if scorer is not None else "loading"
         self.error = ""
@@ -153,6 +155,7 @@ class Engine:
         with self.lock:
             self.stopping = True
             self.queue.clear()
+            self.overlay_jobs.clear()
             self.lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(120)
@@ -182,6 +185,7 @@ class Engine:
             s.deleted = True
             self.sessions.pop(s.id, None)
             self.queue = deque((ss, it) for ss, it in self.queue if ss is not s)
+            self.overlay_jobs = deque(j for j in self.overlay_jobs if j[0] is not s)
         shutil.rmtree(s.dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ state
@@ -312,25 +316,33 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - shown on the page; queued files fail with it
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
         while True:
+            job = None
             with self.lock:
-                while not self.queue and not self.stopping:
+                while not self.queue and not self.overlay_jobs and not self.stopping:
                     self.lock.wait()
                 if self.stopping:
                     return
-                s, first = self.queue.popleft()
-                batch = [first]
-                rest = deque()
-                while self.queue and len(batch) < self.cfg.batch_size:
-                    ss, it = self.queue.popleft()
-                    if ss is s:
-                        batch.append(it)
-                    else:
-                        rest.append((ss, it))
-                self.queue.extendleft(reversed(rest))
+                if self.queue:  # new files first: their scores before the overlays of earlier ones
+                    s, first = self.queue.popleft()
+                    batch = [first]
+                    rest = deque()
+                    while self.queue and len(batch) < self.cfg.batch_size:
+                        ss, it = self.queue.popleft()
+                        if ss is s:
+                            batch.append(it)
+                        else:
+                            rest.append((ss, it))
+                    self.queue.extendleft(reversed(rest))
+                else:
+                    job = self.overlay_jobs.popleft()
+                    s, batch = job[0], []
                 self.busy = s
             t0 = time.perf_counter()
             try:
-                if self.state != "ready":
+                if job is not None:
+                    if not s.deleted:
+                        self._overlays(*job[1:])
+                elif self.state != "ready":
                     for it in batch:
                         self._fail(it, f"failed: the models could not be loaded: {self.error}")
                 else:
@@ -345,7 +357,7 @@ class Engine:
                     self.busy = None
                     if s.deleted:
                         shutil.rmtree(s.dir, ignore_errors=True)
-            if self.on_batch is not None:
+            if self.on_batch is not None and job is None:
                 self.on_batch(time.perf_counter() - t0, len(batch))
 
     def process(self, s: Session, batch: list[Item]) -> None:
@@ -407,8 +419,9 @@ class Engine:
             if rec.status is api.Status.OK:
                 done.append((it, p, row, values))
                 it.overlay = "pending" if self.cfg.saliency else ""
-        if self.cfg.saliency and done and not s.deleted:
-            self._overlays(out, w.names, done)
+        if self.cfg.saliency and done and not s.deleted:  # next, unless new files are waiting
+            with self.lock:
+                self.overlay_jobs.append((s, out, w.names, done))
 
     def _overlays(self, out: Path, names: Any, done: list) -> None:
         """The saliency overlay (PNG + DICOM SC) and the overlay card of each scored item."""
