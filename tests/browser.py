@@ -34,7 +34,9 @@ def chromium_driver(downloads: Path | None = None, width: int = 1400, height: in
         downloads.mkdir(parents=True, exist_ok=True)
         opts.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False,
                                                "download.directory_upgrade": True, "safebrowsing.enabled": False})
-    # an explicit driver path: selenium-manager downloads nothing
+    # an explicit driver path and browser binary, and Selenium Manager told to stay offline:
+    # nothing is downloaded
+    os.environ.setdefault("SE_OFFLINE", "true")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     if downloads is not None:
         try:
