@@ -20,6 +20,11 @@ command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build t
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
+# the cohort report's oracle (R's survival package) and its browser test (Chromium + chromedriver)
+command -v Rscript >/dev/null 2>&1 || need_apt+=(r-base-core)
+[ -d /usr/lib/R/site-library/survival ] || [ -d /usr/lib/R/library/survival ] || need_apt+=(r-cran-survival)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # PixelMed's DicomSRValidator (IHE connectathons' SR validator; pulls in libpixelmed-java and a headless JRE)
 { command -v java >/dev/null 2>&1 && ls /usr/share/java/pixelmed*.jar >/dev/null 2>&1; } || need_apt+=(pixelmed-apps)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -40,6 +45,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ray extra (Ray, pyarrow, fsspec) into .venv"
 if ! .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[ray]"; then
   echo "warning: the [ray] extra could not be installed; the ray suite (marker: ray) will skip" >&2
+fi
+echo "== report extra (lifelines, scikit-survival, matplotlib, jinja2, pandas) into .venv"
+if ! .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[report]"; then
+  echo "warning: the [report] extra could not be installed; the report suite (marker: report) will skip" >&2
 fi
 if [ -f tools/oracle/setup_venv.sh ]; then
   echo "== oracle venv (.venvs/oracle)"
