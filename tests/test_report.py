@@ -413,11 +413,19 @@ def test_every_figure_renders_in_headless_chromium(sim_report, tmp_path):
 def test_predict_then_report_end_to_end(tmp_path, synthetic_weights):
     from cohort import cr_copy
 
+    import numpy as np
+    import pydicom
+
     inp = tmp_path / "in"
     ids = []
-    for i in range(4):
-        cr_copy(inp / f"cr_{i}.dcm", i)
-        ids.append(f"P{i % 7:03d}")
+    for i in range(6):  # the chest CR sample, each copy's pixels changed a little (distinct scores)
+        f = cr_copy(inp / f"cr_{i}.dcm", i)
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array.astype(np.int64)
+        arr[: arr.shape[0] // (2 + i)] = arr[: arr.shape[0] // (2 + i)] // 2
+        ds.set_pixel_data(arr.astype(ds.pixel_array.dtype), ds.PhotometricInterpretation, int(ds.BitsStored))
+        ds.save_as(f, enforce_file_format=True)
+        ids.append(ds.PatientID)
     out = tmp_path / "pred"
     assert run("predict", inp, "--out", out, "--weights", synthetic_weights, "--device", "cpu", "--linkage-columns",
                "--format", "csv,json", "--quiet") == 0
@@ -426,12 +434,13 @@ def test_predict_then_report_end_to_end(tmp_path, synthetic_weights):
     assert list(rows[0])[-2:] == ["CXR_Lung_Risk_Group", "Chronological_Age"]
     # synthetic weights give near-equal scores: cut-points around them so that groups differ
     scores = sorted(float(r["CXR_Lung_Risk"]) for r in rows)
-    cuts = f"{(scores[0] + scores[1]) / 2!r},{(scores[2] + scores[3]) / 2!r}"
+    assert len(set(scores)) == 6, scores
+    cuts = f"{(scores[1] + scores[2]) / 2!r},{(scores[3] + scores[4]) / 2!r}"
     oc = tmp_path / "outcomes.csv"
     oc.write_text("PatientID,time,event\n" + "".join(f"{p},{2.0 + i},{i % 2}\n" for i, p in enumerate(ids)) + "NOTSCORED,3.0,1\n")
     rep = tmp_path / "report"
     assert run("report", out, "--outcomes", oc, "--out", rep, "--cut-points", cuts, "--bootstrap", "0", "--horizons", "3",
                "--quiet") == 0
     rj = json.loads((rep / "report.json").read_text())
-    assert rj["flow"]["patients_analysed"] == 4 and rj["flow"]["unjoined_outcomes_keys"] == 1
+    assert rj["flow"]["patients_analysed"] == 6 and rj["flow"]["unjoined_outcomes_keys"] == 1
     assert (rep / "report.html").is_file() and (rep / "figures" / "kaplan_meier.png").is_file()

@@ -119,6 +119,10 @@ def analyse(cohort: Cohort, *, groups, covariates: Sequence[Covariate], p_adjust
 
     say = progress or (lambda msg: None)
     df = cohort.baseline.copy()
+    if df["_score"].nunique() < 2:
+        from ..errors import UsageError
+
+        raise UsageError(f"the score {score_name} has one value ({df['_score'].iloc[0]:g}) for all {len(df)} joined patients; there is nothing to compare")
     labels = list(groups.labels)
     df["_group"] = pd.Categorical([groups.label(s) for s in df["_score"]], categories=labels)
     T, E = df["_time"].to_numpy(float), df["_event"].to_numpy(float)
