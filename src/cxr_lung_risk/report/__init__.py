@@ -62,9 +62,14 @@ class ReportOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_T0 = [0.0]
+
+
 def _say(opts: ReportOptions, msg: str) -> None:
+    import time
+
     if not opts.quiet:
-        print(f"report: {msg} ...", file=sys.stderr, flush=True)
+        print(f"report: {time.perf_counter() - _T0[0]:6.1f} s: {msg} ...", file=sys.stderr, flush=True)
 
 
 def _check_out(out: Path) -> None:
@@ -100,6 +105,9 @@ def _versions() -> dict[str, str]:
 
 def run_report(opts: ReportOptions) -> dict[str, Any]:
     """Build the report into ``opts.out``; returns the numbers (what ``report.json`` holds)."""
+    import time
+
+    _T0[0] = time.perf_counter()
     missing = missing_extra()
     if missing:
         raise UsageError(f"report needs the [report] extra ({missing} is missing): pip install 'cxr-lung-risk[report]'")

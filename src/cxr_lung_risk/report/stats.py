@@ -353,14 +353,17 @@ def analyse(cohort: Cohort, *, groups, covariates: Sequence[Covariate], p_adjust
         say("trajectories")
         first = multi.groupby("_key")["_date"].transform("min")
         multi["years_from_first"] = (multi["_date"] - first).dt.days / 365.25
-        traj = []
-        for k, g in multi.groupby("_key"):
-            g = g.sort_values("_date")
-            span = float(g["years_from_first"].max())
-            slope = float(np.polyfit(g["years_from_first"], g["_score"], 1)[0]) if span > 0 else None
-            traj.append({"key": k, "radiographs": int(len(g)), "years": span, "first_score": float(g["_score"].iloc[0]),
-                         "last_score": float(g["_score"].iloc[-1]), "slope_per_year": slope})
-        t = pd.DataFrame(traj)
+        multi = multi.sort_values(["_key", "_date", "_order"])
+        g = multi.groupby("_key", sort=True)
+        x, y = multi["years_from_first"], multi["_score"]
+        xc = x - g["years_from_first"].transform("mean")
+        yc = y - g["_score"].transform("mean")
+        sxy = (xc * yc).groupby(multi["_key"]).sum()
+        sxx = (xc * xc).groupby(multi["_key"]).sum()
+        t = pd.DataFrame({"key": sxx.index, "radiographs": g.size().to_numpy(), "years": g["years_from_first"].max().to_numpy(),
+                          "first_score": g["_score"].first().to_numpy(), "last_score": g["_score"].last().to_numpy(),
+                          # least-squares slope of score on years (numpy.polyfit's, per patient, vectorised)
+                          "slope_per_year": np.where(sxx.to_numpy() > 0, sxy.to_numpy() / np.where(sxx.to_numpy() > 0, sxx.to_numpy(), 1.0), np.nan)})
         numbers["trajectories"] = {"patients": int(len(t)), "radiographs": int(len(multi)),
                                    "median_slope_per_year": _f(t["slope_per_year"].dropna().median()) if t["slope_per_year"].notna().any() else None}
         tables["trajectories"] = t
