@@ -53,7 +53,7 @@ def sim_report(sim):
     d, res, out = sim
     rep = d / "report"
     assert run("report", res, "--outcomes", out, "--out", rep, "--covariates", "age,sex:cat,smoking:cat", "--bootstrap", "30",
-               "--horizons", "1,3,5,10", "--quiet") == 0
+               "--horizons", "1,3,5,10", "--also-event", "lung_cancer", "--quiet") == 0
     return rep, json.loads((rep / "report.json").read_text())
 
 
@@ -222,6 +222,11 @@ def test_report_files(sim_report):
     assert page.count("data:image/png;base64,") == len(rj["figures"])
     assert "Benjamini-Hochberg" in page and "Cohort flow" in page
     assert [s["level"] for s in rj["subgroups"] if s["variable"] == "sex"] == ["F", "M"]
+    # the second outcome (lung-cancer death): its own KM, log-rank and Cox
+    sec = rj["secondary_outcomes"]["lung_cancer"]
+    assert 0 < sec["events"] < rj["flow"]["events"] and sec["logrank"]["overall"]["p"] < 0.05
+    assert sec["cox"]["per5_univariable"]["terms"]["score_per5"]["hr"] > 1
+    assert "kaplan_meier__lung_cancer" in rj["figures"] and "Second outcome: lung_cancer" in page
     assert {s["level"] for s in rj["subgroups"] if s["variable"] == "age"} == {"< 65", ">= 65"}
 
 
@@ -365,6 +370,22 @@ def test_competing_risks_and_custom_cut_points(tmp_path):
     assert {"cumulative_incidence", "trajectories"} <= set(rj["figures"])
     assert rj["trajectories"]["patients"] == rj["flow"]["patients_with_repeat_radiographs"] > 0
     assert rj["flow"]["radiographs_joined"] > rj["flow"]["patients_analysed"]
+
+
+def test_parquet_and_json_results_and_outcomes(small):
+    tmp, res, out = small
+    (tmp / "p").mkdir()
+    res.iloc[:150].to_parquet(tmp / "p" / "a.parquet")
+    res.iloc[150:].to_json(tmp / "p" / "b.json", orient="records")
+    out.to_parquet(tmp / "o.parquet")
+    rep = tmp / "rep"
+    assert run("report", tmp / "p" / "a.parquet", tmp / "p" / "b.json", "--outcomes", tmp / "o.parquet", "--out", rep,
+               "--bootstrap", "0", "--quiet") == 0
+    rj = json.loads((rep / "report.json").read_text())
+    assert rj["flow"]["results_rows_read"] == 300 and rj["flow"]["patients_analysed"] == 300
+    # an earlier report in --out is replaced as a whole
+    assert run("report", tmp / "p" / "a.parquet", "--outcomes", tmp / "o.parquet", "--out", rep, "--bootstrap", "0", "--quiet") == 0
+    assert json.loads((rep / "report.json").read_text())["flow"]["patients_analysed"] == 150
 
 
 def test_report_refuses_a_foreign_out_folder(small, capsys):

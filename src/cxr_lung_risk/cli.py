@@ -202,6 +202,8 @@ def _add_report_parser(sub) -> None:
     r.add_argument("--time", default="time", metavar="COL", help="follow-up in years (default column: time)")
     r.add_argument("--event", default="event", metavar="COL", help="0/1, or an event type with 0/empty for censored (default column: event)")
     r.add_argument("--event-of-interest", default=None, metavar="TYPE", help="with event types: the outcome (others compete)")
+    r.add_argument("--also-event", default="", metavar="COL,...", help="second outcomes (e.g. lung-cancer death, 0/1): "
+                   "Kaplan-Meier, log-rank, Cox and C for each too")
     r.add_argument("--covariates", default="", metavar="A,B:cat,...", help="covariates for the multivariable models; NAME:cat declares a categorical one")
     r.add_argument("--score", default="CXR_Lung_Risk", metavar="COL", help="the score column (default CXR_Lung_Risk)")
     r.add_argument("--cut-points", default=None, metavar="A,B", help="risk-group cut-points (default: the paper's 65,75)")
@@ -232,6 +234,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     opts = ReportOptions(
         results=args.results, outcomes=args.outcomes, out=args.out, key=args.key, time=args.time, event=args.event,
         event_of_interest=args.event_of_interest, covariates=args.covariates, score=args.score,
+        also_events=[c.strip() for c in args.also_event.split(",") if c.strip()],
         cut_points=_numbers(args.cut_points, "--cut-points"), p_adjust=args.p_adjust, horizons=_numbers(args.horizons, "--horizons") or (),
         bootstrap=max(0, args.bootstrap), bootstrap_size=max(1, args.bootstrap_size), baseline=args.baseline, seed=args.seed,
         title=args.title, quiet=args.quiet,

@@ -48,6 +48,7 @@ class ReportOptions:
     time: str = "time"
     event: str = "event"
     event_of_interest: str | None = None
+    also_events: Sequence[str] = ()  # second outcomes (e.g. lung-cancer death): KM, log-rank, Cox, C
     covariates: str = ""
     score: str = "CXR_Lung_Risk"
     cut_points: Sequence[float] | None = None
@@ -145,8 +146,27 @@ def run_report(opts: ReportOptions) -> dict[str, Any]:
                  age_gap=gap, age=age, progress=None if opts.quiet else (lambda m: _say(opts, m)))
     from .figures import make_figures
 
+    secondary: dict[str, Any] = {}
+    sec_figs = []
+    for col in opts.also_events:
+        if col == opts.event:
+            continue
+        _say(opts, f"second outcome {col}")
+        c2 = build_cohort(results, outcomes, key=opts.key, time=opts.time, event=col, score=opts.score, covariates=covariates,
+                          baseline=opts.baseline, event_of_interest=None)
+        a2 = analyse(c2, groups=groups, covariates=covariates, p_adjust_method=opts.p_adjust, horizons=opts.horizons, bootstrap=0,
+                     seed=opts.seed, score_name=opts.score)
+        secondary[col] = {k: a2.numbers[k] for k in ("groups", "kaplan_meier", "logrank", "cox", "concordance", "time_dependent_auc",
+                                                     "lr_test", "warnings") if k in a2.numbers}
+        secondary[col]["events"] = c2.flow["events"]
+        for name in ("kaplan_meier", "cox", "logrank_pairwise"):
+            if name in a2.tables:
+                an.tables[f"{name}__{_safe(col)}"] = a2.tables[name]
+        for f in make_figures(a2, c2, groups, opts.score, only=("kaplan_meier",)):
+            f.name, f.title = f"kaplan_meier__{_safe(col)}", f"Kaplan-Meier curves per risk group: {col}"
+            sec_figs.append((col, f))
     _say(opts, "figures")
-    figs = make_figures(an, cohort, groups, opts.score)
+    figs = make_figures(an, cohort, groups, opts.score) + [f for _, f in sec_figs]
     created = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     numbers = {
         "software": {"cxr_lung_risk": __version__, **_versions()},
@@ -156,6 +176,7 @@ def run_report(opts: ReportOptions) -> dict[str, Any]:
                     for k, v in asdict(opts).items() if k not in ("results", "outcomes", "out", "quiet", "extra")},
         "flow": cohort.flow,
         **an.numbers,
+        **({"secondary_outcomes": secondary} if secondary else {}),
         "figures": [f.name for f in figs],
         "tables": sorted(list(an.tables) + ["excluded"]),
     }
@@ -186,6 +207,13 @@ def run_report(opts: ReportOptions) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return numbers
+
+
+def _safe(name: str) -> str:
+    """A column name as part of a file name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))[:60] or "outcome"
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -236,7 +264,15 @@ def _html(numbers, an, cohort, figs, opts, sources, created) -> str:
     conc = n["concordance"]
     conc_rows = [{"measure": "Harrell's C", "C": conc["harrell"]["c"], "lower": conc["harrell"]["lower"], "upper": conc["harrell"]["upper"]},
                  {"measure": f"Uno's C (tau {conc['uno']['tau']:.3g} y)", "C": conc["uno"]["c"], "lower": conc["uno"]["lower"], "upper": conc["uno"]["upper"]}]
-    tables = {k: table(v) for k, v in an.tables.items() if k not in ("kaplan_meier", "cumulative_incidence", "trajectories")}
+    tables = {k: table(v) for k, v in an.tables.items() if k not in ("kaplan_meier", "cumulative_incidence", "trajectories")
+              and not k.startswith("kaplan_meier__")}
+    secondary = []
+    for col, s in n.get("secondary_outcomes", {}).items():
+        lr = s.get("logrank", {}).get("overall")
+        secondary.append({"name": col, "events": s["events"], "figure": next((figure(f) for f in figs if f.name == f"kaplan_meier__{_safe(col)}"), ""),
+                          "cox": tables.get(f"cox__{_safe(col)}", ""), "pairwise": tables.get(f"logrank_pairwise__{_safe(col)}", ""),
+                          "logrank": f"overall log-rank chi-square {lr['chi2']:.2f} on {lr['df']} df, p = {_fmtp(lr['p'])}" if lr else "",
+                          "harrell": s["concordance"]["harrell"]["c"], "warnings": s.get("warnings", [])})
     tables["km_summary"] = table(pd.DataFrame(km_rows))
     tables["concordance"] = table(pd.DataFrame(conc_rows))
     if "competing_risks" in n:
@@ -255,5 +291,5 @@ def _html(numbers, an, cohort, figs, opts, sources, created) -> str:
         excluded_rows=exc.head(200).to_dict("records"), n_excluded=len(exc), cut_points=", ".join(f"{c:g}" for c in n["groups"]["cut_points"]),
         tables=tables, figures={f.name: figure(f) for f in figs}, logrank=n["logrank"], p_adjust_name=n["options"]["p_adjust_name"],
         reference=n["groups"]["labels"][0], lr_test=n["lr_test"], concordance=conc, trajectories=n.get("trajectories", {}),
-        age_gap=n.get("age_gap"), versions=n["software"], fmt=_fmt, fmtp=_fmtp,
+        age_gap=n.get("age_gap"), versions=n["software"], fmt=_fmt, fmtp=_fmtp, secondary=secondary,
     )

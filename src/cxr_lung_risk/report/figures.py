@@ -33,7 +33,13 @@ def _save(fig, name: str, title: str, caption: str) -> Figure:
     return Figure(name, title, caption, png.getvalue(), svg.getvalue())
 
 
-def make_figures(an, cohort, groups, score_name: str) -> list[Figure]:
+def make_figures(an, cohort, groups, score_name: str, only: tuple[str, ...] | None = None) -> list[Figure]:
+    """The figures of an analysis (``only``: just these names)."""
+    figs = _make_figures(an, cohort, groups, score_name)
+    return [f for f in figs if only is None or f.name in only]
+
+
+def _make_figures(an, cohort, groups, score_name: str) -> list[Figure]:
     import matplotlib
 
     matplotlib.use("Agg")

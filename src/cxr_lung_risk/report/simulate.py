@@ -57,7 +57,10 @@ def simulate(n: int = 3000, *, hr_per5: float = 1.6, hr_sex: float = 1.3, seed: 
         extra["CXR_Lung_Risk"] = (extra["CXR_Lung_Risk"] + rng.normal(1.0, 2.0, k.sum())).round(4)
         extra["CXR_Lung_Risk_Group"] = [groups.label(s) for s in extra["CXR_Lung_Risk"]]
         res = pd.concat([res, extra], ignore_index=True)
-    out = pd.DataFrame({"PatientID": ids, "time": t, "event": event, "age": age, "sex": np.where(male == 1, "M", "F"),
+    # a second outcome (lung-cancer death): 40 % of the events of interest
+    second = ((event == 1) if not competing else (event == "lung")) & (rng.random(n) < 0.4)
+    out = pd.DataFrame({"PatientID": ids, "time": t, "event": event, "lung_cancer": second.astype(int), "age": age,
+                        "sex": np.where(male == 1, "M", "F"),
                         "smoking": rng.choice(["never", "former", "current"], n, p=[0.4, 0.4, 0.2])})
     return res, out
 
