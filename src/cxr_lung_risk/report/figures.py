@@ -116,6 +116,14 @@ def _make_figures(an, cohort, groups, score_name: str) -> list[Figure]:
         ax.errorbar(hr, y, xerr=[hr - lo, hi - hr], fmt="s", color="#333", ecolor="#333", capsize=2, ms=4)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+        lo_x, hi_x = float(np.min(lo)), float(np.max(hi))
+        ticks = [v for v in (0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128) if lo_x / 2 <= v <= hi_x * 2] or [1]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.set_xticklabels([f"{v:g}" for v in ticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks(y)
         ax.set_yticklabels([r[0] for r in rows])
         ax.set_xlabel("hazard ratio (95 % CI, log scale)")
