@@ -130,6 +130,11 @@ def run_report(opts: ReportOptions) -> dict[str, Any]:
     cohort = build_cohort(results, outcomes, key=opts.key, time=opts.time, event=opts.event, score=opts.score,
                           covariates=covariates, baseline=opts.baseline, event_of_interest=opts.event_of_interest,
                           extra_numeric=("CXR_Age", "CXR_Age_Gap", "Chronological_Age"))
+    for col in opts.also_events:  # checked before any analysis runs
+        if col not in outcomes.columns:
+            from .data import _found
+
+            raise UsageError(f"the outcomes have no column {col!r} for --also-event (found: {_found(outcomes)})")
     base = cohort.baseline
     age = base["Chronological_Age"] if "Chronological_Age" in base.columns and base["Chronological_Age"].notna().any() else None
     if age is None:

@@ -64,9 +64,17 @@ def _cox(df: pd.DataFrame, cols: Sequence[str], *, strata_note: str = "") -> tup
 
     data = df[["_time", "_event", *cols]].dropna()
     cph = CoxPHFitter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cph.fit(data, duration_col="_time", event_col="_event")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cph.fit(data, duration_col="_time", event_col="_event")
+    except Exception as e:  # noqa: BLE001 - lifelines' ConvergenceError and friends: one sentence
+        from ..errors import UsageError
+
+        names = ", ".join(c.split(":", 1)[-1] for c in cols)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"the Cox model on {names} ({len(data)} patients) could not be fitted ({first[:200]}); "
+                         "a covariate may be constant or separate the outcome perfectly") from None
     s = cph.summary
     terms = {}
     for name in cols:
@@ -300,14 +308,22 @@ def analyse(cohort: Cohort, *, groups, covariates: Sequence[Covariate], p_adjust
             row["note"] = "fewer than 2 events: not estimable"
             sub_rows.append(row)
             continue
-        fit, _ = _cox(sub, ["score_per5"])
+        try:
+            fit, _ = _cox(sub, ["score_per5"])
+        except Exception as e:  # noqa: BLE001 - a subgroup that cannot be fitted is reported, the rest goes on
+            row["note"] = f"not estimable: {e}"
+            sub_rows.append(row)
+            continue
         t = fit["terms"]["score_per5"]
         row.update(hr_per5=t["hr"], lower=t["lower"], upper=t["upper"], p=t["p"])
         sub_cols = [c for c in grp_cols if sub[c].sum() > 0 and sub.loc[sub[c] == 1, "_event"].sum() > 0]
         ref_ok = sub.loc[sub["_group"] == ref, "_event"].sum() > 0
         if sub_cols and ref_ok:
             gs = sub[sub["_group"].isin([ref] + [c.split(":", 1)[1] for c in sub_cols])]
-            gfit, _ = _cox(gs, sub_cols)
+            try:
+                gfit, _ = _cox(gs, sub_cols)
+            except Exception:  # noqa: BLE001 - per group not estimable in this subgroup
+                sub_cols, gfit = [], None
             for col in sub_cols:
                 gt = gfit["terms"][col]
                 row[f"hr {grp_labels[col]}"] = gt["hr"]
@@ -421,12 +437,18 @@ def _discrimination(df: pd.DataFrame, horizons: Sequence[float], bootstrap: int,
     m = min(n, int(bootstrap_size)) if bootstrap_size else n
     rng = np.random.default_rng(seed)
     bh, bu = [], []
+    import sys
+
     it = range(int(bootstrap))
-    if progress is not None and bootstrap:
+    tty = progress is not None and bootstrap and sys.stderr.isatty()
+    if tty:  # a bar on a terminal; elsewhere (logs, pipes) a line per quarter
         from tqdm import tqdm
 
-        it = tqdm(it, desc="bootstrap", unit="rep", file=__import__("sys").stderr, mininterval=2.0, leave=False)
-    for _ in it:
+        it = tqdm(it, desc="bootstrap", unit="rep", file=sys.stderr, mininterval=1.0, leave=False)
+    step = max(1, int(bootstrap) // 4)
+    for i in it:
+        if progress is not None and not tty and i and i % step == 0:
+            progress(f"bootstrap {i}/{int(bootstrap)} (m = {m})")
         idx = rng.integers(0, n, m)
         t, e, s = T[idx], E[idx], S[idx]
         if not e.any():
