@@ -4,8 +4,9 @@
 # Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps) (and docker.io + debootstrap for the Docker tests, which
 # start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
-# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), and the [ray] extra
-# (the ray suite starts a local Ray on loopback). Suites whose dependencies could not be
+# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), the [ray] extra
+# (the ray suite starts a local Ray on loopback) and the [report] extra (the cohort report, checked
+# against Debian's R survival package; its HTML opened in Debian's Chromium). Suites whose dependencies could not be
 # installed are skipped with a message; all others must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
