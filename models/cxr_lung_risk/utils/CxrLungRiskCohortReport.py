@@ -12,4 +12,11 @@ from mhubio.modules.exporter.ReportExporter import ReportExporter
 
 
 class CxrLungRiskCohortReport(ReportExporter):
-    """``ReportExporter`` configured under ``CxrLungRiskCohortReport`` (globalreport: true)."""
+    """``ReportExporter`` configured under ``CxrLungRiskCohortReport`` (globalreport: true); writes
+    nothing when no instance was scored (the run then fails visibly, with no result files)."""
+
+    def task(self) -> None:
+        if not list(self.config.data.instances):
+            self.log("no scored instance: no cohort report", level="NOTICE")
+            return
+        super().task()
