@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Set up everything the tests need from the repository's own files, then run them.
 #   bash scripts/test.sh [pytest args...]
-# Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps), chromium +
-# chromium-driver (the web page's browser tests) (and docker.io + debootstrap for the Docker tests, which
+# Installs Debian's dcmtk + ImageMagick + PixelMed's SR validator (pixelmed-apps) (and docker.io + debootstrap for the Docker tests, which
 # start dockerd themselves) when missing (needs root), the package with its test
 # extras into .venv, and, when they can be installed, the separate venvs of the slow suites:
-# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), and the [ray] extra
-# (the ray suite starts a local Ray on loopback). Suites whose dependencies could not be
+# .venvs/oracle (original fastai pipeline) and .venvs/mhub (mhubio 0.0.2), the [ray] extra
+# (the ray suite starts a local Ray on loopback) and the [report] extra (the cohort report, checked
+# against Debian's R survival package; its HTML opened in Debian's Chromium). Suites whose dependencies could not be
 # installed are skipped with a message; all others must pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,9 +21,11 @@ command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)  # ... build t
 command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 ls /usr/share/orthanc/plugins*/libOrthancDicomWeb.so >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)  # the TLS tests' throw-away certificates
-# the web page's browser tests (marker browser): Debian's chromium driven through its chromedriver
-[ -x /usr/bin/chromium ] || need_apt+=(chromium)
-[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# the cohort report's oracle (R's survival package) and its browser test (Chromium + chromedriver)
+command -v Rscript >/dev/null 2>&1 || need_apt+=(r-base-core)
+[ -d /usr/lib/R/site-library/survival ] || [ -d /usr/lib/R/library/survival ] || need_apt+=(r-cran-survival)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 # PixelMed's DicomSRValidator (IHE connectathons' SR validator; pulls in libpixelmed-java and a headless JRE)
 { command -v java >/dev/null 2>&1 && ls /usr/share/java/pixelmed*.jar >/dev/null 2>&1; } || need_apt+=(pixelmed-apps)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -44,6 +46,10 @@ export PATH="$PWD/.venv/bin:$PATH"
 echo "== ray extra (Ray, pyarrow, fsspec) into .venv"
 if ! .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[ray]"; then
   echo "warning: the [ray] extra could not be installed; the ray suite (marker: ray) will skip" >&2
+fi
+echo "== report extra (lifelines, scikit-survival, matplotlib, jinja2, pandas) into .venv"
+if ! .venv/bin/python -m pip --disable-pip-version-check -q install -e ".[report]"; then
+  echo "warning: the [report] extra could not be installed; the report suite (marker: report) will skip" >&2
 fi
 if [ -f tools/oracle/setup_venv.sh ]; then
   echo "== oracle venv (.venvs/oracle)"

@@ -196,7 +196,8 @@ def test_mixed_folder_results_table(mixed_run, dicom_data):
     assert set(rows) == {"RG1_UNCR.dcm", "sub/chest_no_suffix", "A.png"}
     cols = list(next(iter(rows.values())).keys())
     active = [m.name for m in SPEC.active_members()]
-    assert cols == ["File", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "CXR_Lung_Risk", *active, "Weights"]
+    assert cols == ["File", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "CXR_Lung_Risk", *active, "Weights",
+                    "CXR_Lung_Risk_Group"]
     assert {r["Weights"] for r in rows.values()} == {"lung-risk=SYNTHETIC"}
     src = pydicom.dcmread(dicom_data / "RG1_UNCR.dcm", stop_before_pixels=True)
     r = rows["RG1_UNCR.dcm"]
@@ -291,7 +292,7 @@ def test_clean_run_exit_0_and_deterministic_on_cpu(tmp_path, sample_pngs, synthe
     assert outs[0] == outs[1]  # same input, same bits
     rows = read_csv(tmp_path / "o0" / "cxr_lung_risk.csv")
     assert [r["File"] for r in rows] == [p.name for p in sample_pngs[:3]]
-    assert list(rows[0]) == ["File", "CXR_Lung_Risk", "Weights"]
+    assert list(rows[0]) == ["File", "CXR_Lung_Risk", "Weights", "CXR_Lung_Risk_Group"]
 
 
 def test_preprocess_command_writes_pngs_and_manifest(tmp_path, mixed_input, reference_dir):

@@ -119,7 +119,7 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     cr = uid["cr"]
     # one output folder, named after the chest CR's series (dicomsort instance id); none for CT/MR/US;
     # plus the CLI's manifest (and its per-input records, when the CLI writes them)
-    assert sorted(p.name for p in out.iterdir() if p.name != "records.jsonl") == [cr.SeriesInstanceUID, "manifest.csv"]
+    assert sorted(p.name for p in out.iterdir() if p.name != "records.jsonl") == [cr.SeriesInstanceUID, "cxr_lung_risk_cohort.json", "manifest.csv"]
     sorted_name = f"sorted_data/{cr.SeriesInstanceUID}/dicom/{cr.SOPInstanceUID}.dcm"  # under mhubio's data folder
     with open(out / "manifest.csv", newline="") as f:
         assert list(csv.DictReader(f)) == [{"File": sorted_name, "status": "ok", "reason": ""}]
@@ -155,6 +155,13 @@ def test_default_workflow_scores_the_chest_cr_and_refuses_ct_mr_us(mhub_venv, we
     assert report["cxr_lung_risk"] == value and report["unit"] == "a"
     assert report["description"].startswith("CXR-Lung-Risk: lung-disease mortality risk") and "in years" in report["description"]
     assert report["series_instance_uid"] == cr.SeriesInstanceUID
+    # the risk-group class output beside the value, and the patient (issue 21)
+    assert report["cxr_lung_risk_group"] == row["CXR_Lung_Risk_Group"] in ("< 65", "65 to < 75", ">= 75")
+    assert report["patient_id"] == cr.PatientID
+    # the cohort-wide global report: one entry per scored instance
+    cohort = json.loads((out / "cxr_lung_risk_cohort.json").read_text())
+    assert cohort == [{"patient_id": cr.PatientID, "series_instance_uid": cr.SeriesInstanceUID, "cxr_lung_risk": value, "unit": "a",
+                       "cxr_lung_risk_group": row["CXR_Lung_Risk_Group"]}]
 
     sr = pydicom.dcmread(inst / "sr" / f"{cr.SOPInstanceUID}.dcm")
     assert sr.Modality == "SR"

@@ -59,8 +59,9 @@ def test_zip_layout_is_what_mhub_checks(test_zip):
     refs = {n for n in names if n.startswith("default/reference/") and not n.endswith("/")}
     cr = pydicom.dcmread(REPO / "src" / "cxr_lung_risk" / "samples" / "chest_cr_RG1_J2KI.dcm", stop_before_pixels=True)
     # the chest CR is scored; the CT in the sample is ignored
-    assert sorted(refs) == sorted(f"default/reference/{cr.SeriesInstanceUID}/{f}" for f in
-                                  ("cxr_lung_risk.csv", "cxr_lung_risk.json", "report.json", f"sr/{cr.SOPInstanceUID}.dcm"))
+    assert sorted(refs) == sorted([f"default/reference/{cr.SeriesInstanceUID}/{f}" for f in
+                                   ("cxr_lung_risk.csv", "cxr_lung_risk.json", "report.json", f"sr/{cr.SOPInstanceUID}.dcm")]
+                                  + ["default/reference/cxr_lung_risk_cohort.json"])  # + the cohort-wide report (issue 21)
 
 
 @pytest.mark.parametrize("workflow", mhub_testdata.workflows())

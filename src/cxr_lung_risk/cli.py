@@ -186,7 +186,66 @@ def build_parser() -> argparse.ArgumentParser:
     from .web import add_parser as _add_web_parser  # the web page (extra [web])
 
     _add_web_parser(sub, model_choices())
+    _add_report_parser(sub)
     return parser
+
+
+def _add_report_parser(sub) -> None:
+    r = sub.add_parser(
+        "report",
+        help="the paper's survival analysis (risk groups, Kaplan-Meier, log-rank, Cox, C-index) on your cohort",
+        description="Join predict results (run with --linkage-columns) to an outcomes table and write DIR/report.html "
+        "(self-contained), DIR/report.json (every number), DIR/tables/*.csv and DIR/figures/*.png|svg. "
+        "Needs the [report] extra: pip install 'cxr-lung-risk[report]'.",
+    )
+    r.add_argument("results", nargs="+", metavar="RESULTS", type=Path, help="predict/merge output folders or their CSV/JSON/Parquet tables")
+    r.add_argument("--outcomes", required=True, type=Path, metavar="FILE", help="outcomes table (CSV or Parquet): key, time, event, covariates")
+    r.add_argument("--out", required=True, type=Path, metavar="DIR", help="report folder (new, empty, or an earlier report's)")
+    r.add_argument("--key", default="PatientID", choices=["PatientID", "AccessionNumber", "StudyInstanceUID"], help="join column (default PatientID)")
+    r.add_argument("--time", default="time", metavar="COL", help="follow-up in years (default column: time)")
+    r.add_argument("--event", default="event", metavar="COL", help="0/1, or an event type with 0/empty for censored (default column: event)")
+    r.add_argument("--event-of-interest", default=None, metavar="TYPE", help="with event types: the outcome (others compete)")
+    r.add_argument("--also-event", default="", metavar="COL,...", help="second outcomes (e.g. lung-cancer death, 0/1): "
+                   "Kaplan-Meier, log-rank, Cox and C for each too")
+    r.add_argument("--covariates", default="", metavar="A,B:cat,...", help="covariates for the multivariable models; NAME:cat declares a categorical one")
+    r.add_argument("--score", default="CXR_Lung_Risk", metavar="COL", help="the score column (default CXR_Lung_Risk)")
+    r.add_argument("--cut-points", default=None, metavar="A,B", help="risk-group cut-points (default: the paper's 65,75)")
+    r.add_argument("--p-adjust", default="BH", choices=["BH", "holm"], help="pairwise log-rank adjustment (default BH, survminer's; the paper's legends say Holm)")
+    r.add_argument("--horizons", default="1,3,5,10", metavar="Y,...", help="years for time-dependent AUC and survival (default 1,3,5,10)")
+    r.add_argument("--bootstrap", type=int, default=200, metavar="N", help="bootstrap replicates for the C-index CIs (default 200; 0: none)")
+    r.add_argument("--bootstrap-size", type=int, default=4000, metavar="M", help="patients per replicate; larger cohorts use an m-out-of-n bootstrap (default 4000)")
+    r.add_argument("--baseline", default="earliest", choices=["earliest", "latest", "first"], help="which radiograph per patient (by StudyDate; first: file order)")
+    r.add_argument("--seed", type=int, default=20230530, help="bootstrap seed")
+    r.add_argument("--title", default="CXR-Lung-Risk cohort report", help="report title")
+    _add_run_args(r)
+
+
+def _numbers(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        from .errors import UsageError
+
+        raise UsageError(f"{option} takes numbers separated by commas, not {text!r}") from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import ReportOptions, run_report
+
+    opts = ReportOptions(
+        results=args.results, outcomes=args.outcomes, out=args.out, key=args.key, time=args.time, event=args.event,
+        event_of_interest=args.event_of_interest, covariates=args.covariates, score=args.score,
+        also_events=[c.strip() for c in args.also_event.split(",") if c.strip()],
+        cut_points=_numbers(args.cut_points, "--cut-points"), p_adjust=args.p_adjust, horizons=_numbers(args.horizons, "--horizons") or (),
+        bootstrap=max(0, args.bootstrap), bootstrap_size=max(1, args.bootstrap_size), baseline=args.baseline, seed=args.seed,
+        title=args.title, quiet=args.quiet,
+    )
+    numbers = run_report(opts)
+    f = numbers["flow"]
+    print(f"report: {f['patients_analysed']} patients, {f['events']} events -> {args.out / 'report.html'}", file=sys.stderr)
+    return 0
 
 
 SERVE_EPILOG = """\
@@ -550,7 +609,7 @@ def _cmd_web(args: argparse.Namespace) -> int:
     return main_command(args)
 
 
-_COMMANDS = {"web": _cmd_web, "merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve}
+_COMMANDS = {"web": _cmd_web, "merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve, "report": _cmd_report}
 
 
 class _Terminated(BaseException):

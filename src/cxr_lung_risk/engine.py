@@ -384,7 +384,12 @@ class LungRiskModel:
         from .outputs.sr import CxrCodes, measurement_from_spec
 
         members = {n: float(row[n]) for n in self.ensemble.member_names if n in row} if self.per_model else None
-        return [measurement_from_spec(self.spec, CxrCodes.CXR_LUNG_RISK, float(row[self.spec.column]), members)]
+        from .risk_groups import lung_risk_groups
+
+        groups, value = lung_risk_groups(), float(row[self.spec.column])
+        code = groups.code(value)  # the risk group as a coded qualitative evaluation (99CXRLR)
+        evaluation = (*groups.concept, *code) if code and groups.concept else None
+        return [measurement_from_spec(self.spec, CxrCodes.CXR_LUNG_RISK, value, members, evaluation)]
 
     def algorithm(self, extra: dict[str, str] | None = None):
         from .outputs.sr import algorithm_info

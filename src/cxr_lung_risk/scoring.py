@@ -13,7 +13,7 @@ import torch
 
 from .registry import Model, ModelOptions, load_model, resolve_models
 
-__all__ = ["UID_COLUMNS", "LINKAGE_COLUMNS", "Scorer", "weights_label", "linkage_values"]
+__all__ = ["UID_COLUMNS", "LINKAGE_COLUMNS", "Scorer", "weights_label", "linkage_values", "derived_columns", "derived_values"]
 
 UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 #: ``--linkage-columns``: copied from the source header so results can be joined per patient and
@@ -33,6 +33,41 @@ def linkage_values(dataset: Any) -> dict[str, str]:
             except Exception:  # noqa: BLE001 - an unreadable value stays empty
                 v = ""
         out[kw] = v
+    return out
+
+
+def derived_columns(value_columns: Sequence[str], linkage: bool) -> tuple[str, ...]:
+    """Columns after ``Weights`` derived from the scores: the CXR-Lung-Risk group (whenever
+    CXR-Lung-Risk is scored) and, with ``--linkage-columns``, the chronological age and (with
+    CXR-Age) the CXR-Age gap (see :mod:`cxr_lung_risk.risk_groups`)."""
+    from .risk_groups import AGE_COLUMN, AGE_GAP_COLUMN, lung_risk_groups
+    from .spec import age_spec, lung_risk_spec
+
+    cols: list[str] = []
+    if lung_risk_spec().column in value_columns:
+        cols.append(lung_risk_groups().column)
+    if linkage:
+        cols.append(AGE_COLUMN)
+        if age_spec().column in value_columns:
+            cols.append(AGE_GAP_COLUMN)
+    return tuple(cols)
+
+
+def derived_values(row: dict[str, Any], dataset: Any, linkage: bool) -> dict[str, Any]:
+    """The :func:`derived_columns` of one scored row (``dataset``: its source header or None);
+    a value that cannot be derived is None (an empty cell)."""
+    from .risk_groups import AGE_COLUMN, AGE_GAP_COLUMN, chronological_age, lung_risk_groups
+    from .spec import age_spec, lung_risk_spec
+
+    out: dict[str, Any] = {}
+    lr, ag = lung_risk_spec().column, age_spec().column
+    if lr in row:
+        out[lung_risk_groups().column] = lung_risk_groups().label(row[lr])
+    if linkage:
+        age = chronological_age(dataset)
+        out[AGE_COLUMN] = age
+        if ag in row:
+            out[AGE_GAP_COLUMN] = None if age is None else round(float(row[ag]) - age, 4)
     return out
 
 
@@ -100,7 +135,7 @@ class Scorer:
         for m in self.models:
             cols += m.columns
         cols.append("Weights")
-        return cols
+        return cols + list(derived_columns([m.spec.column for m in self.models], self.linkage))
 
     @property
     def value_columns(self) -> list[str]:
@@ -134,5 +169,6 @@ class Scorer:
             for k, v in results.items():
                 row[k] = float(v[i])
             row["Weights"] = self.weights_label
+            row.update(derived_values(row, p.dataset, self.linkage))
             rows.append(row)
         return rows

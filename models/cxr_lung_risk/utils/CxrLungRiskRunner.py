@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 
-from mhubio.core import IO, Instance, InstanceData, DataType, Meta, Module, ValueOutput
+from mhubio.core import IO, ClassOutput, Instance, InstanceData, DataType, Meta, Module, ValueOutput
 
 ERROR_FILE_DEFAULT = "output_data/cxr_lung_risk_errors.txt"
 CLI_ENV = "CXR_LUNG_RISK_CLI"
@@ -67,6 +67,40 @@ RISK_DESCRIPTION = (
 @ValueOutput.Description(RISK_DESCRIPTION)
 class CxrLungRiskOutput(ValueOutput):
     """The CXR-Lung-Risk value (years) of an instance, exported by mhubio's ReportExporter."""
+
+
+GROUP_DESCRIPTION = (
+    "CXR-Lung-Risk group (Weiss et al., Nat Commun 2023): < 65, 65 to < 75 or >= 75 years; a score equal to a "
+    "cut-point belongs to the higher group (cut-points in models/cxr_lung_risk.json)"
+)
+#: the CLI's CXR_Lung_Risk_Group labels (models/cxr_lung_risk.json, risk_groups.labels) = the class IDs
+RISK_GROUPS = ("< 65", "65 to < 75", ">= 75")
+
+
+@ClassOutput.Name("cxr_lung_risk_group")
+@ClassOutput.Label("CXR-Lung-Risk group")
+@ClassOutput.Description(GROUP_DESCRIPTION)
+@ClassOutput.Class(RISK_GROUPS[0], "CXR-Lung-Risk < 65 years", the="lowest risk group (the paper's reference)")
+@ClassOutput.Class(RISK_GROUPS[1], "CXR-Lung-Risk 65 to < 75 years", the="intermediate risk group")
+@ClassOutput.Class(RISK_GROUPS[2], "CXR-Lung-Risk >= 75 years", the="highest risk group")
+class CxrLungRiskGroupOutput(ClassOutput):
+    """The CXR-Lung-Risk group of an instance (class ID = the CLI's CXR_Lung_Risk_Group label)."""
+
+
+def patient_id(path: str) -> str:
+    """PatientID of the DICOM file ``path``, or of the first DICOM file in folder ``path`` ('' if none)."""
+    try:
+        import pydicom
+    except ImportError:
+        return ""
+    files = [path] if os.path.isfile(path) else [os.path.join(path, n) for n in sorted(os.listdir(path))] if os.path.isdir(path) else []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["PatientID"])
+            return str(ds.get("PatientID", "") or "")
+        except Exception:
+            continue
+    return ""
 
 
 def resolve_cli(configured: str) -> str:
@@ -464,9 +498,12 @@ class CxrLungRiskRunner(Module):
     @IO.Output("csv_out", CSV_NAME, "csv:model=cxr_lung_risk", data="in_data", bundle="cxr_lung_risk", the="CXR-Lung-Risk table (one row per scored image)")
     @IO.Output("json_out", JSON_NAME, "json:model=cxr_lung_risk", data="in_data", bundle="cxr_lung_risk", the="CXR-Lung-Risk rows as JSON")
     @IO.OutputData("risk", CxrLungRiskOutput, data="in_data", the=RISK_DESCRIPTION)
-    def map_instance(self, instance: Instance, in_data: InstanceData, csv_out: InstanceData, json_out: InstanceData, risk: CxrLungRiskOutput) -> None:
+    @IO.OutputData("group", CxrLungRiskGroupOutput, data="in_data", the=GROUP_DESCRIPTION)
+    def map_instance(self, instance: Instance, in_data: InstanceData, csv_out: InstanceData, json_out: InstanceData, risk: CxrLungRiskOutput,
+                     group: CxrLungRiskGroupOutput) -> None:
         res = self._results.get(instance.attr["id"])
         risk.value = None
+        group.value = None
         if res is None or res["status"] != "ok":
             return  # refused (warning logged) or failed (error logged): no outputs
 
@@ -488,6 +525,10 @@ class CxrLungRiskRunner(Module):
         first = res["json"][0] if res["json"] else {}
         value = first.get("CXR_Lung_Risk")
         risk.value = float(value) if isinstance(value, (int, float)) else None
+        label = first.get("CXR_Lung_Risk_Group")
+        group.value = label if label in RISK_GROUPS else None
+        # the per-instance and the cohort-wide reports name the patient (DICOM workflow; PNG: '')
+        instance.attr["PatientID"] = patient_id(in_data.abspath)
         res["mapped"] = True
 
     # -- errors --------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class ResultValue:
     title: str
     value: float
     unit: str  # UCUM code of the spec ("a" = years)
+    note: str = ""  # a line of its own after the value (the risk group with its cut-points)
 
     @property
     def text(self) -> str:
@@ -89,10 +90,22 @@ class WeightsLine:
         return f"{self.title} weights: {self.kind}{sha}{tail}"
 
 
+def _group_note(spec: Any, value: float) -> str:
+    """``Risk group: 65 to < 75 (groups < 65 | 65 to < 75 | >= 75 years)`` for a model with risk
+    groups (``risk_groups`` in its models/*.json), else ''."""
+    if "risk_groups" not in (getattr(spec, "raw", None) or {}):
+        return ""
+    from ..risk_groups import lung_risk_groups
+
+    g = lung_risk_groups()
+    return f"Risk group: {g.label(value)} (groups {g.describe()} years)"
+
+
 def result_lines(values: Sequence[ResultValue], weights: Sequence[WeightsLine], software_version: str) -> list[str]:
     """The text of a result image, one line each (what is drawn and what ``ImageComments`` holds)."""
     lines = [RESEARCH_ONLY]
-    lines += [v.text for v in values]
+    for v in values:
+        lines += [v.text] + ([v.note] if v.note else [])
     models = ", ".join(dict.fromkeys(w.title for w in weights)) or ", ".join(v.title for v in values)
     lines.append(f"Model: {models}; software cxr-lung-risk {software_version or 'unknown'}")
     lines += [w.text for w in weights]
@@ -137,10 +150,11 @@ def render_result(
     banners = [RESEARCH_ONLY] + (["SYNTHETIC WEIGHTS - THE SCORES ARE MEANINGLESS"] if any(w.synthetic for w in weights) else [])
     banner_h = 14 + 42 * len(banners)
     text = result_lines(values, weights, software_version)[1:]
-    n_values = len(values)
-    line_h = [44] * n_values + [30] * (len(text) - n_values)
+    value_texts = {v.text for v in values}
+    is_value = [line in value_texts for line in text]  # values in big yellow; their notes and the rest below
+    line_h = [44 if v else 30 for v in is_value]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = max([measure.textlength(t, font=big if i < n_values else mid) for i, t in enumerate(text)]
+    text_w = max([measure.textlength(t, font=big if is_value[i] else mid) for i, t in enumerate(text)]
                  + [measure.textlength(t, font=big) for t in banners])
     width = int(max(960, pad + len(tiles) * (tile + pad), 2 * pad + text_w + 1))
     height = banner_h + pad + 24 + tile + pad + sum(line_h) + pad + 40
@@ -161,7 +175,7 @@ def render_result(
     y += 24 + tile + pad
 
     for i, (line, h) in enumerate(zip(text, line_h)):
-        if i < n_values:
+        if is_value[i]:
             draw.text((pad, y), line, fill=_YELLOW, font=big)
         else:
             synthetic = "SYNTHETIC" in line and "weights:" in line
@@ -239,7 +253,8 @@ class ResultImageWriter:
             self.weights.append(WeightsLine(m.spec.title, params["weights"], params.get("weights_sha256", "")))
 
     def values(self, row: dict[str, Any]) -> list[ResultValue]:
-        return [ResultValue(m.spec.title, float(row[m.spec.column]), m.spec.unit) for m in self.models if m.spec.column in row]
+        return [ResultValue(m.spec.title, float(row[m.spec.column]), m.spec.unit, _group_note(m.spec, float(row[m.spec.column])))
+                for m in self.models if m.spec.column in row]
 
     def write(self, p: Any, row: dict[str, Any], overlay_png: str | os.PathLike | None = None) -> str:
         """Write the result image of prepared input ``p`` (with its scored ``row``); ``overlay_png``:

@@ -173,7 +173,10 @@ class ParquetWriter:
         self.pa, self.pq = pa, pq
         self.out = out_dir
         self.columns = list(columns)
-        self.schema = pa.schema([(c, pa.float64() if c in set(value_columns) else pa.string()) for c in self.columns])
+        from ..risk_groups import AGE_COLUMN, AGE_GAP_COLUMN
+
+        numeric = set(value_columns) | {AGE_COLUMN, AGE_GAP_COLUMN}  # the derived numbers too
+        self.schema = pa.schema([(c, pa.float64() if c in numeric else pa.string()) for c in self.columns])
         self.rows_per_part = rows_per_part
         self._rows: list[dict[str, Any]] = []
         parts = _parquet_parts(out_dir)

@@ -59,8 +59,10 @@ __all__ = [
 ]
 
 
-def measurement_from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | None = None) -> Measurement:
-    """A model's result as a :class:`Measurement`: name and unit from its spec, code from ours."""
+def measurement_from_spec(spec, code: CxrCodes, value: float, members: dict[str, float] | None = None,
+                          evaluation: tuple[str, str, str, str] | None = None) -> Measurement:
+    """A model's result as a :class:`Measurement`: name and unit from its spec, code from ours;
+    ``evaluation``: a coded qualitative evaluation (the risk group) in the same group."""
     return Measurement(
         name=spec.column,
         code_value=code.value,
@@ -69,6 +71,7 @@ def measurement_from_spec(spec, code: CxrCodes, value: float, members: dict[str,
         unit=spec.unit,
         unit_meaning=spec.unit_meaning,
         members=members,
+        evaluation=evaluation,
     )
 
 

@@ -29,6 +29,7 @@ from highdicom.sr import (
     ImageContentItem,
     MeasurementsAndQualitativeEvaluations,
     NumContentItem,
+    QualitativeEvaluation,
     ObservationContext,
     ObserverContext,
     RelationshipTypeValues,
@@ -93,6 +94,9 @@ class Measurement:
     unit: str = "a"
     unit_meaning: str = "year"
     members: dict[str, float] | None = None
+    #: a coded qualitative evaluation in the same group, e.g. the risk group:
+    #: (concept code value, concept meaning, value code value, value meaning), scheme 99CXRLR
+    evaluation: tuple[str, str, str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > _LO_MAX:
@@ -208,6 +212,9 @@ def measurement_groups(
                         unit=unit_concept(m.unit, m.unit_meaning),
                     )
                 ],
+                qualitative_evaluations=[
+                    QualitativeEvaluation(name=concept(m.evaluation[0], m.evaluation[1]), value=concept(m.evaluation[2], m.evaluation[3]))
+                ] if m.evaluation else None,
                 source_images=source_ref(),
             )
         )
