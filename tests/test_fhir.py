@@ -263,6 +263,44 @@ def test_validator_refuses_a_broken_bundle(tmp_path, prepared):
             validate_bundle(bad)
 
 
+def test_predict_format_fhir_with_the_real_ensemble(tmp_path, synthetic_weights):
+    """``cxr-lung-risk predict --format fhir`` with the real CXR-Lung-Risk ensemble (synthetic
+    weights, --per-model, --result-image): the bundle validates and equals the SR, the CSV and the
+    result image; records.jsonl lists it."""
+    import os
+    import subprocess
+    import sys
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / CHEST_CR.name).symlink_to(CHEST_CR)
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    proc = subprocess.run([sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(inp), "--out", str(out), "--weights",
+                           str(synthetic_weights), "--device", "cpu", "--format", "csv,sr,fhir", "--per-model",
+                           "--result-image", "--deterministic", "--workers", "0", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (rec,) = list(read_records(out))
+    assert set(rec.outputs) == {"sr", "fhir", "result_image"}
+    bundle = json.loads((out / rec.outputs["fhir"][0]).read_text())
+    validate_bundle(bundle)
+    sr = _sr_items(out / rec.outputs["sr"][0])
+    obs = {o["code"]["coding"][0]["code"]: o for o in _resources(bundle, "Observation")}
+    assert set(obs) == set(sr) and len(sr) > 1
+    with open(out / "cxr_lung_risk.csv", newline="") as f:
+        (csv_row,) = list(csv.DictReader(f))
+    for code, item in sr.items():
+        assert obs[code]["valueQuantity"]["value"] == item["value"]
+        column = item["tracking"] if not item["tracking"].endswith(" members") else item["meaning"].split(" member ")[1]
+        assert float(csv_row[column]) == item["value"] == rec.values[column]
+    lung = sr["CXRLR-0001"]["value"]
+    assert f"CXR-Lung-Risk: {lung:.1f} years" in str(pydicom.dcmread(out / rec.outputs["result_image"][0]).ImageComments)
+    (device,) = _resources(bundle, "Device")
+    props = {p["type"]["text"]: p["valueCode"][0]["text"] for p in device["property"]}
+    assert props["weights"] == "SYNTHETIC" and device["version"][0]["value"] == __version__
+
+
 def test_format_fhir_is_a_predict_format():
     from cxr_lung_risk.options import parse_formats
 
@@ -323,8 +361,8 @@ def test_node_posts_bundles_with_retry_until_the_fhir_server_is_up(tmp_path, pre
         server = FhirServer(port)
         server.fail = [503]
         server.start()
-        wait_for(lambda: spool.entries(dest.key, "delivered"), 30, "delivery")
-        assert server.attempts >= 2 and not server.invalid
+        wait_for(lambda: any(e["event"] == "sent" for e in read_audit(cfg.spool)), 30, "delivery")
+        assert spool.entries(dest.key, "delivered") and server.attempts >= 2 and not server.invalid
         (got,) = server.received
         assert got["bundle"] == json.loads(bundle_file.read_text())
         assert got["headers"]["Authorization"] == "Bearer tok" and got["headers"]["Content-Type"].startswith("application/fhir+json")

@@ -210,7 +210,7 @@ class OutputWriter:
     def _write_one(self, p: Any, row: dict[str, Any], maps: Any, saliency_error: str, built: Built | None = None) -> InputRecord:
         rec = record_for(p)
         result = None
-        if built is None and self.builder is not None:
+        if built is None and self.builder is not None and (self.builder.sr is not None or self.result_image is not None):
             try:  # one ImageResult: the table row's values, the SR, the FHIR bundle and the result image
                 result = self.builder.result(row)
                 row = {**row, **result.values()}
