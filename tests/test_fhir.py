@@ -426,3 +426,49 @@ def test_worker_sends_the_bundle_to_fhir_and_dicom_objects_to_dicom(tmp_path):
     finally:
         audit.close()
         spool.close()
+
+
+def test_serve_node_posts_the_bundle_of_a_pushed_cr_and_sends_the_sr(tmp_path, synthetic_weights):
+    """The real node (``cxr-lung-risk serve`` subprocess, synthetic weights) with ``--fhir URL``
+    (token from $CXR_LUNG_RISK_FHIR_TOKEN) and a C-STORE destination: a CR pushed to it comes back
+    as SR + result image to the DICOM receiver and as a validated FHIR bundle to the FHIR server
+    (which first answers 503), with the SR's values."""
+    pytest.importorskip("pynetdicom")
+    from pacs_node import Receiver, ServeProcess, make_instances, push, sent_by_source, wait_for
+
+    server = FhirServer()
+    server.fail = [503]
+    server.start()
+    rx = Receiver().start()
+    node = ServeProcess(tmp_path / "spool", synthetic_weights, env={"CXR_LUNG_RISK_FHIR_TOKEN": "node-token"},
+                        extra=["--fhir", server.url, "--send-to", f"RECEIVER@127.0.0.1:{rx.port}", "--quiet-time", "0.5",
+                               "--retry-initial", "0.3", "--retry-max", "1"])
+    try:
+        node.start()
+        (src,) = make_instances(tmp_path / "in", 1, tag="fhirnode")
+        assert push(node.port, [src]) == [0x0000]
+        sop = str(pydicom.dcmread(src, stop_before_pixels=True).SOPInstanceUID)
+        wait_for(lambda: node.proc.poll() is not None or (sent_by_source(node.spool, server.url).get(sop)
+                                                          and sent_by_source(node.spool, f"RECEIVER@127.0.0.1:{rx.port}").get(sop)),
+                 600, "the results delivered to both destinations")
+        assert node.proc.poll() is None, node.log_tail()
+        assert server.attempts >= 2 and not server.invalid
+        (got,) = server.received
+        assert got["headers"]["Authorization"] == "Bearer node-token"
+        bundle = got["bundle"]
+        srs = [p for p in (tmp_path / "spool" / "results").glob("*/sr/*.dcm")]
+        assert len(srs) == 1
+        sr = _sr_items(srs[0])
+        obs = {o["code"]["coding"][0]["code"]: o for o in _resources(bundle, "Observation")}
+        assert set(obs) == set(sr) and all(obs[c]["valueQuantity"]["value"] == sr[c]["value"] for c in sr)
+        (report,) = _resources(bundle, "DiagnosticReport")
+        assert report["identifier"][0]["value"] == f"urn:oid:{pydicom.dcmread(srs[0]).SOPInstanceUID}"
+        assert sorted(rx_sop for _, rx_sop in rx.received) == sorted(
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in (tmp_path / "spool" / "results").glob("*/*/*.dcm"))
+    finally:
+        try:
+            node.terminate()
+        finally:
+            node.kill()
+            rx.stop()
+            server.stop()
