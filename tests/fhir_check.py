@@ -1,9 +1,18 @@
-"""FHIR test helpers: an R4 validator (``fhir.resources``) and a loopback FHIR server.
+"""FHIR test helpers: FHIR R4 validation and a loopback FHIR server.
 
-:func:`validate_bundle` parses a bundle with ``fhir.resources`` 6.1 (FHIR 4.0.1: structure, types,
-cardinalities, choice types, primitive formats, no unknown elements), then checks what that library
-does not: the codes of the required bindings we use, that every ``urn:uuid`` reference resolves
-inside the bundle, and the transaction's ``request`` of each entry.
+:func:`validate_bundle` parses a bundle with two libraries, then checks what neither does:
+
+* ``fhirclient`` (SMART on FHIR; its models are generated from FHIR **4.0.1**, R4) in strict mode:
+  every element known to R4, required elements present, JSON types, date/dateTime/instant formats;
+* ``fhir.resources`` (its ``R4B`` package, pydantic 2; R4B's Bundle, Observation, DiagnosticReport
+  and Device are R4's): the same plus choice types (one ``value[x]``), primitive patterns (ids, codes,
+  URIs) and cardinalities;
+* here: the codes of the required bindings we use (statuses, Bundle.type, request.method,
+  Device.deviceName.type), that every ``urn:uuid`` reference resolves inside the bundle, and each
+  transaction entry's ``request``.
+
+(``fhir.resources`` 6.1, the last release whose default package is R4, needs pydantic 1, which
+Ray refuses to import with; hence fhirclient for R4 itself.)
 
 :class:`FhirServer` is a stand-in for a FHIR server's base URL on 127.0.0.1 (no real one can be
 installed here): it answers ``POST /fhir`` of a transaction Bundle with a transaction-response after
@@ -28,21 +37,25 @@ _STATUS = {
 _DEVICE_NAME_TYPES = {"udi-label-name", "user-friendly-name", "patient-reported-name", "manufacturer-name", "model-name", "other"}
 
 
-def _r4():
+def _validators():
     try:
-        import fhir.resources
-        from fhir.resources.bundle import Bundle
-    except ImportError:  # pragma: no cover - the [test] extra installs it
-        pytest.fail("fhir.resources is missing: pip install -e '.[test]' (fhir.resources 6.1, FHIR R4 4.0.1)")
-    if fhir.resources.__fhir_version__ != "4.0.1":  # pragma: no cover - pinned in the [test] extra
-        pytest.fail(f"fhir.resources {fhir.resources.__version__} validates FHIR {fhir.resources.__fhir_version__}, not R4 4.0.1")
-    return Bundle
+        import fhirclient.models.observation
+        from fhir.resources.R4B.bundle import Bundle as R4BBundle
+        from fhirclient.models.bundle import Bundle as R4Bundle
+    except ImportError:  # pragma: no cover - the [test] extra installs them
+        pytest.fail("fhirclient / fhir.resources are missing: pip install -e '.[test]'")
+    with open(fhirclient.models.observation.__file__, encoding="utf-8") as f:
+        header = f.readline()
+    if "FHIR 4.0.1" not in header:  # pragma: no cover - pinned in the [test] extra
+        pytest.fail(f"fhirclient's models are not FHIR R4 4.0.1: {header.strip()}")
+    return R4Bundle, R4BBundle
 
 
 def validate_bundle(bundle: dict[str, Any]) -> Any:
-    """Validate a FHIR R4 bundle (raises on the first problem); returns the parsed ``Bundle``."""
-    Bundle = _r4()
-    parsed = Bundle.parse_obj(bundle)  # pydantic: raises ValidationError with every problem
+    """Validate a FHIR R4 bundle (raises on the first problem); returns fhirclient's parsed ``Bundle``."""
+    R4Bundle, R4BBundle = _validators()
+    parsed = R4Bundle(json.loads(json.dumps(bundle)), strict=True)  # FHIRValidationError with every problem
+    R4BBundle.model_validate(bundle)  # pydantic ValidationError
     assert bundle["type"] in {"transaction", "collection", "batch", "document", "message"}
     full_urls = [e["fullUrl"] for e in bundle["entry"]]
     assert len(set(full_urls)) == len(full_urls), "fullUrl repeated"

@@ -3,8 +3,8 @@
 Models here are small stand-ins with the real models' interface (measurements, algorithm
 identification, columns); everything else is the real code: the real chest CR is prepared, scored
 rows go through the real :class:`~cxr_lung_risk.outputs.writer.OutputWriter`, the SR is the real
-TID 1500 report, every FHIR bundle is validated with ``fhir.resources`` (FHIR 4.0.1, see
-``fhir_check.py``), and the node's FHIR destination is a loopback server that validates each POST.
+TID 1500 report, every FHIR bundle is validated as FHIR R4 (fhirclient's 4.0.1 models and
+fhir.resources' R4B models, see ``fhir_check.py``), and the node's FHIR destination is a loopback server that validates each POST.
 """
 from __future__ import annotations
 
@@ -332,7 +332,7 @@ def test_serve_fhir_options(tmp_path, monkeypatch):
 
 def test_node_posts_bundles_with_retry_until_the_fhir_server_is_up(tmp_path, prepared):
     """Outbox + retry for a FHIR destination: connection refused, then 503, then delivered; the
-    loopback server validates the bundle it stores (fhir.resources) and gets the bearer token."""
+    loopback server validates the bundle it stores (fhir_check.validate_bundle) and gets the bearer token."""
     pytest.importorskip("pynetdicom")
     from pacs_node import free_port, read_audit, wait_for
 
