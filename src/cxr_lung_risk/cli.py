@@ -50,6 +50,8 @@ outputs (in --out DIR):
                       Weights (published / unverified / SYNTHETIC, per model)
   cxr_lung_risk.json  the same rows as JSON (with --format json)
   sr/<SOPInstanceUID>.dcm  one DICOM Structured Report (TID 1500) per scored DICOM image
+  fhir/<SOPInstanceUID>.json  with --format fhir: a FHIR R4 Bundle per scored DICOM image (Observations
+                      with the SR's codes and values, the algorithm's Device, a DiagnosticReport)
   result/<SOPInstanceUID>.dcm  with --result-image: a Secondary Capture any viewer shows (scores,
                       model, weights, "research use only"; the saliency overlay with --saliency)
   stow.json           with --stow: per DICOM object sent, whether the server stored it
@@ -252,7 +254,8 @@ SERVE_EPILOG = """\
 The node answers C-ECHO, accepts CR and DX instances (C-STORE) from the AE titles of --allow-ae,
 writes each durably into --spool before answering success, scores them in batches (a study when
 no new instance arrived for --quiet-time seconds, or when a batch fills) exactly like `predict`,
-and sends the SR and the result image to every --send-to (C-STORE) and --stow (STOW-RS), retrying
+and sends the SR and the result image to every --send-to (C-STORE) and --stow (STOW-RS), and a
+FHIR R4 bundle of the same results to every --fhir server (POST of a transaction), retrying
 with backoff until delivered (the outbox is in the spool and survives restarts).
 --config FILE: YAML with the long option names as keys (send-to and allow-ae take lists);
 the command line overrides the file. SIGTERM: finishes the batch in progress and exits 0.
@@ -284,6 +287,10 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--stow", action="append", metavar="URL", help="send results by DICOMweb STOW-RS to this base URL (repeatable)")
     a("--stow-token", metavar="TOKEN", help="bearer token for --stow (or CXR_LUNG_RISK_STOW_TOKEN)")
     a("--stow-ca", type=Path, metavar="FILE", help="CA bundle to verify an https --stow server (default: the system's)")
+    a("--fhir", action="append", metavar="URL",
+      help="POST each result's FHIR R4 bundle (transaction) to this FHIR server base URL, with the outbox's retry (repeatable)")
+    a("--fhir-token", metavar="TOKEN", help="bearer token for --fhir (or CXR_LUNG_RISK_FHIR_TOKEN)")
+    a("--fhir-ca", type=Path, metavar="FILE", help="CA bundle to verify an https --fhir server (default: the system's)")
     a("--allow-ae", metavar="AET,...", help="accept associations only from these calling AE titles (default: any)")
     a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
     a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
@@ -328,7 +335,7 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--follow-links", action="store_true", help=_FOLLOW_HELP)
     p.add_argument("--per-model", action="store_true", help="also write each member's raw output (columns Lung_Age_081221_<i>)")
     p.add_argument("--all-members", action="store_true", help="also load and run the 7 members whose LASSO weight is 0")
-    p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json (default csv,sr)")
+    p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json, parquet, fhir (default csv,sr)")
     p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
     p.add_argument("--sr-class", choices=SR_CLASS_CHOICES, default="3d",
@@ -573,7 +580,7 @@ _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
     "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
     "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version", "sr_class", "strict_sop_class",
-    "degraded_after", "demo_weights",
+    "degraded_after", "demo_weights", "fhir", "fhir_token", "fhir_ca",
 )
 
 
@@ -587,6 +594,8 @@ def serve_config(args: argparse.Namespace):
     cli_values = {k: getattr(args, k) for k in _SERVE_KEYS}
     if cli_values["stow_token"] is None and os.environ.get("CXR_LUNG_RISK_STOW_TOKEN"):
         cli_values["stow_token"] = os.environ["CXR_LUNG_RISK_STOW_TOKEN"]
+    if cli_values["fhir_token"] is None and os.environ.get("CXR_LUNG_RISK_FHIR_TOKEN"):
+        cli_values["fhir_token"] = os.environ["CXR_LUNG_RISK_FHIR_TOKEN"]
     return build_config(merge(file_values, cli_values))
 
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FORMATS", "ENGINES", "is_url", "SALIENCY_METHODS", "IM_VERSIONS", "PRECISION_CHOICES", "PredictOptions", "PreprocessOptions", "parse_formats", "default_selection"]
 
-FORMATS = ("csv", "sr", "json", "parquet")
+FORMATS = ("csv", "sr", "json", "parquet", "fhir")
 ENGINES = ("local", "ray")
 SALIENCY_METHODS = ("gradient", "gradcam")
 IM_VERSIONS = ("6.8.9-9", "6.9.11")

@@ -256,9 +256,11 @@ class ResultImageWriter:
         return [ResultValue(m.spec.title, float(row[m.spec.column]), m.spec.unit, _group_note(m.spec, float(row[m.spec.column])))
                 for m in self.models if m.spec.column in row]
 
-    def write(self, p: Any, row: dict[str, Any], overlay_png: str | os.PathLike | None = None) -> str:
+    def write(self, p: Any, row: dict[str, Any], overlay_png: str | os.PathLike | None = None, *, result: Any = None) -> str:
         """Write the result image of prepared input ``p`` (with its scored ``row``); ``overlay_png``:
-        a saliency PNG to show next to the image. Returns the path written, relative to ``out``."""
+        a saliency PNG to show next to the image; ``result``: the input's
+        :class:`~cxr_lung_risk.outputs.results.ImageResult` (what the SR and the table report), whose
+        values and weights the image then shows. Returns the path written, relative to ``out``."""
         overlay, title = None, ""
         if overlay_png is not None:
             with Image.open(overlay_png) as im:
@@ -267,8 +269,8 @@ class ResultImageWriter:
         ds = build_result_image(
             p.dataset,
             p.image,
-            self.values(row),
-            self.weights,
+            self.values(row) if result is None else result.result_values(),
+            self.weights if result is None else result.weights_lines(),
             software_version=self.version,
             overlay=overlay,
             overlay_title=title,

@@ -2,7 +2,7 @@
 
 :class:`OutputWriter` owns an output folder's tables (``cxr_lung_risk.csv``/``.json``,
 ``manifest.csv``, ``records.jsonl``) and the per-image DICOM objects (the SR, and with saliency the
-overlay PNG + Secondary Capture). :meth:`OutputWriter.write_scored` writes a scored batch,
+overlay PNG + Secondary Capture, the FHIR bundle). :meth:`OutputWriter.write_scored` writes a scored batch,
 :meth:`OutputWriter.account` an input that was not scored; both return the input's
 :class:`~cxr_lung_risk.records.InputRecord` with every file written for it. Every input gets exactly
 one manifest row and one record; a file that cannot be written fails only its own input.
@@ -51,17 +51,20 @@ def record_for(p: Any) -> InputRecord:
 @dataclass
 class Built:
     """The DICOM objects of one scored input as bytes, made where the models are (this process, or
-    a cluster actor) and stored by :class:`OutputWriter`: the SR (Part 10 bytes) or the error that
-    prevented it, and the warnings raised while it was made."""
+    a cluster actor) and stored by :class:`OutputWriter`: the SR (Part 10 bytes), the FHIR bundle
+    (JSON bytes) or the error that prevented them, and the warnings raised while they were made."""
 
     sr: bytes | None = None
     error: str = ""
     warnings: list[str] = field(default_factory=list)
+    fhir: bytes | None = None
 
 
 class ObjectBuilder:
-    """Builds the per-image DICOM objects of scored inputs (one SR per scored DICOM image) without
-    writing files: ``models`` are the loaded models (their measurements and algorithm identity)."""
+    """Builds the per-image objects of scored inputs (one SR and/or FHIR bundle per scored DICOM
+    image) without writing files: ``models`` are the loaded models (their measurements and algorithm
+    identity). Every output of an input is made from one
+    :class:`~cxr_lung_risk.outputs.results.ImageResult` (:meth:`result`)."""
 
     def __init__(self, models: Sequence[Any], *, formats: Sequence[str] = ("csv", "sr"), deterministic: "UidPolicy | bool" = True,
                  im_version: str = "6.8.9-9", sr_class: str = "3d") -> None:
@@ -69,26 +72,42 @@ class ObjectBuilder:
         self.deterministic = deterministic
         self.sr_class = sr_class  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": ...88.33
         self.sr = None
-        if "sr" in set(formats):
+        formats = set(formats)
+        self.write_sr = "sr" in formats
+        self.fhir = None
+        extra = {"im_version": im_version}
+        self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
+        if formats & {"sr", "fhir"}:  # the FHIR bundle reuses the SR's UIDs: the SR is made for it too
             from . import sr
 
             self.sr = sr
-            extra = {"im_version": im_version}
-            self.algorithms = {m.spec.column: m.algorithm(extra) for m in self.models}  # by measurement name
+        if "fhir" in formats:
+            from . import fhir
 
-    def build(self, p: Any, row: dict[str, Any]) -> Built:
+            self.fhir = fhir
+
+    def result(self, row: dict[str, Any]):
+        """The :class:`~cxr_lung_risk.outputs.results.ImageResult` of a scored row: what the SR, the
+        FHIR bundle, the table row and the result image all report."""
+        from .results import image_result
+
+        return image_result(self.models, row, self.algorithms)
+
+    def build(self, p: Any, row: dict[str, Any], result: Any = None) -> Built:
         b = Built()
         if self.sr is None or p.dataset is None:
             return b
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                measurements = []
-                for m in self.models:
-                    measurements += m.measurements(row)
-                ds = self.sr.build_measurement_report(p.dataset, measurements, algorithm=self.algorithms, deterministic=self.deterministic,
-                                                     sr_class=self.sr_class)
-                b.sr = dataset_bytes(ds)
+                if result is None:
+                    result = self.result(row)
+                ds = self.sr.build_measurement_report(p.dataset, result.measurements, algorithm=dict(result.algorithms),
+                                                     deterministic=self.deterministic, sr_class=self.sr_class)
+                if self.write_sr:
+                    b.sr = dataset_bytes(ds)
+                if self.fhir is not None:
+                    b.fhir = self.fhir.bundle_bytes(self.fhir.build_bundle(p.dataset, result, ds, deterministic=self.deterministic))
             add_warnings(caught, b.warnings)
         except Exception as e:  # one object that cannot be made fails only its input
             b.error = f"{type(e).__name__}: {str(e)[:160]}"
@@ -104,7 +123,8 @@ class OutputWriter:
 
     ``models``: the loaded models (a :class:`~cxr_lung_risk.scoring.Scorer`'s ``models``);
     ``columns``: the result table's columns (``Scorer.columns()``); ``formats``: among ``csv``,
-    ``json``, ``sr``, ``parquet``; ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``; ``result_image``:
+    ``json``, ``sr``, ``parquet``, ``fhir`` (a FHIR R4 Bundle per scored DICOM image, ``fhir/<SOPInstanceUID>.json``,
+    record kind ``fhir``; :mod:`cxr_lung_risk.outputs.fhir`); ``saliency``: ``None`` or ``"gradient"``/``"gradcam"``; ``result_image``:
     also a Secondary Capture showing the scores per scored DICOM image (record kind ``result_image``,
     ``result/<SOPInstanceUID>.dcm``; :mod:`cxr_lung_risk.outputs.result_image`).
 
@@ -189,9 +209,16 @@ class OutputWriter:
 
     def _write_one(self, p: Any, row: dict[str, Any], maps: Any, saliency_error: str, built: Built | None = None) -> InputRecord:
         rec = record_for(p)
+        result = None
+        if built is None and self.builder is not None and (self.builder.sr is not None or self.result_image is not None):
+            try:  # one ImageResult: the table row's values, the SR, the FHIR bundle and the result image
+                result = self.builder.result(row)
+                row = {**row, **result.values()}
+            except Exception as e:  # noqa: BLE001 - fails this input alone (below)
+                built = Built(error=f"{type(e).__name__}: {str(e)[:160]}")
         rec.values = {k: row[k] for k in self.value_columns if k in row}
         if built is None:
-            built = self.builder.build(p, row) if self.builder is not None else Built()
+            built = self.builder.build(p, row, result) if self.builder is not None else Built()
         for w in built.warnings:
             if w not in rec.warnings:
                 rec.warnings.append(w)
@@ -206,6 +233,12 @@ class OutputWriter:
                     rel = self.names.claim("sr/" + sr_filename(p.uids.get("SOPInstanceUID", "")))
                     write_bytes(built.sr, output_path(self.out, rel), suffix=".dcm")
                     rec.add_output("sr", rel)
+                if built.fhir is not None:
+                    from .fhir import fhir_filename
+
+                    rel = self.names.claim("fhir/" + fhir_filename(p.uids.get("SOPInstanceUID", "")))
+                    write_bytes(built.fhir, output_path(self.out, rel), suffix=".json")
+                    rec.add_output("fhir", rel)
                 if self.saliency is not None:
                     if maps is None:
                         raise RuntimeError(f"saliency maps could not be made ({saliency_error})")
@@ -213,7 +246,7 @@ class OutputWriter:
                         rec.add_output(kind, rel)
                 if self.result_image is not None and p.dataset is not None:
                     overlay = rec.outputs.get("saliency", [None])[0]
-                    rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay))
+                    rec.add_output("result_image", self.result_image.write(p, row, None if overlay is None else self.out / overlay, result=result))
             add_warnings(caught, rec.warnings)
         except Exception as e:  # one object that cannot be written must not lose the others
             full = disk_full(e, self.out)

@@ -27,9 +27,9 @@ def _check_aet(aet: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class Destination:
-    """Where results go: a DICOM node (C-STORE) or a DICOMweb STOW-RS endpoint."""
+    """Where results go: a DICOM node (C-STORE), a DICOMweb STOW-RS endpoint or a FHIR server."""
 
-    kind: str  # "dicom" | "stow"
+    kind: str  # "dicom" | "stow" | "fhir"
     aet: str = ""
     host: str = ""
     port: int = 0
@@ -77,6 +77,9 @@ class ServeConfig:
     stow: tuple[str, ...] = ()
     stow_token: str | None = None
     stow_ca: Path | None = None  # CA bundle for an https --stow URL (default: the system's)
+    fhir: tuple[str, ...] = ()  # FHIR servers' base URLs: each result's FHIR R4 bundle is POSTed there
+    fhir_token: str | None = None
+    fhir_ca: Path | None = None  # CA bundle for an https --fhir URL (default: the system's)
     allow_ae: tuple[str, ...] = ()  # empty: any calling AE title
     metrics_port: int | None = None  # None: no HTTP endpoint
     metrics_bind: str = "127.0.0.1"
@@ -101,14 +104,15 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "spool", Path(self.spool))
-        for k in ("weights", "age_weights", "tls_cert", "tls_key", "tls_ca", "stow_ca", "audit_log"):
+        for k in ("weights", "age_weights", "tls_cert", "tls_key", "tls_ca", "stow_ca", "fhir_ca", "audit_log"):
             v = getattr(self, k)
             if v is not None and not isinstance(v, Path):
                 object.__setattr__(self, k, Path(v))
 
     @property
     def destinations(self) -> tuple[Destination, ...]:
-        return tuple(self.send_to) + tuple(Destination("stow", url=u, token=self.stow_token) for u in self.stow)
+        return (tuple(self.send_to) + tuple(Destination("stow", url=u, token=self.stow_token) for u in self.stow)
+                + tuple(Destination("fhir", url=u, token=self.fhir_token) for u in self.fhir))
 
     @property
     def audit_path(self) -> Path:
@@ -169,11 +173,14 @@ class ServeConfig:
         for u in self.stow:
             if not re.match(r"^https?://", u):
                 raise UsageError(f"--stow takes an http(s) URL (got {u!r})")
+        for u in self.fhir:
+            if not re.match(r"^https?://", u):
+                raise UsageError(f"--fhir takes a FHIR server's http(s) base URL (got {u!r})")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise UsageError("--tls-cert and --tls-key go together")
         if self.send_tls and self.tls_ca is None:
             raise UsageError("--send-tls needs --tls-ca (the CA that signed the destinations' certificates)")
-        for k in ("tls_cert", "tls_key", "tls_ca", "stow_ca", "weights", "age_weights"):
+        for k in ("tls_cert", "tls_key", "tls_ca", "stow_ca", "fhir_ca", "weights", "age_weights"):
             v = getattr(self, k)
             if v is not None and not v.exists():
                 raise UsageError(f"--{k.replace('_', '-')} {v} does not exist")
@@ -236,7 +243,7 @@ def build_config(values: Mapping[str, Any]) -> ServeConfig:
         raise UsageError("serve needs --spool DIR (or `spool:` in --config)")
     if "send_to" in v:
         v["send_to"] = tuple(d if isinstance(d, Destination) else parse_destination(d) for d in _as_list(v["send_to"]))
-    for k in ("stow", "allow_ae"):
+    for k in ("stow", "allow_ae", "fhir"):
         if k in v:
             v[k] = tuple(_as_list(v[k]))
     for k in ("port", "batch_size", "max_attempts", "max_pdu", "degraded_after"):

@@ -132,6 +132,15 @@ def send_stow(cfg: ServeConfig, dest: Destination, files: Sequence[Path]) -> dic
     return {Path(r.path): r.reason or "refused" for r in results if not r.ok}
 
 
+def _sender_of(kind: str):
+    """The function that delivers to a destination of ``kind`` (dicom, stow, fhir)."""
+    if kind == "fhir":
+        from .fhir import send_fhir
+
+        return send_fhir
+    return send_dicom if kind == "dicom" else send_stow
+
+
 class Sender(threading.Thread):
     def __init__(self, cfg: ServeConfig, dest: Destination, spool: Spool, audit: AuditLog, metrics: Metrics, stop: threading.Event) -> None:
         super().__init__(name=f"serve-send-{dest.key}", daemon=True)
@@ -177,7 +186,7 @@ class Sender(threading.Thread):
             return False
         files = [e / n for e, m in due for n in m.get("files", [])]
         try:
-            errors = (send_dicom if self.dest.kind == "dicom" else send_stow)(self.cfg, self.dest, files) if files else {}
+            errors = _sender_of(self.dest.kind)(self.cfg, self.dest, files) if files else {}
         except DeliveryError as e:
             self.failures += 1
             self.last_error = str(e)[:300]
@@ -222,6 +231,9 @@ class Sender(threading.Thread):
         objects = []
         for n in meta.get("files", []):
             try:
+                if n.endswith(".json"):  # a FHIR bundle
+                    objects.append({"fhir_bundle": n})
+                    continue
                 fm = read_file_meta_info(entry / n)
                 objects.append({"sop_uid": str(fm.MediaStorageSOPInstanceUID), "sop_class": str(fm.MediaStorageSOPClassUID)})
             except Exception:  # noqa: BLE001 - the receipt is still written

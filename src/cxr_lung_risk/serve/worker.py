@@ -97,7 +97,8 @@ class Worker(threading.Thread):
     # ------------------------------------------------------------------ one batch
     def _writer(self, out: Path):
         kw: dict[str, Any] = {"result_image": True} if self.cfg.result_image else {}
-        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=FORMATS, deterministic="stable",
+        formats = FORMATS + (("fhir",) if any(d.kind == "fhir" for d in self.cfg.destinations) else ())
+        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=formats, deterministic="stable",
                                 im_version=self.cfg.im_version, sr_class=self.cfg.sr_class, **kw)
 
     def process(self, batch: Sequence[Pending]) -> None:
@@ -142,8 +143,10 @@ class Worker(threading.Thread):
         status = str(rec.status)
         base = {"sop_uid": rec.sop_uid or p.sop, "study_uid": rec.study_uid or p.study, "batch": results.name}
         if rec.status is api.Status.OK:
-            files = [results / rel for rels in rec.outputs.values() for rel in rels if rel.lower().endswith(".dcm")]
+            dicom = [results / rel for rels in rec.outputs.values() for rel in rels if rel.lower().endswith(".dcm")]
+            fhir = [results / rel for rel in rec.outputs.get("fhir", [])]
             for dest in self.cfg.destinations:
+                files = fhir if dest.kind == "fhir" else dicom
                 meta = {
                     "destination": str(dest), "source_sop_uid": base["sop_uid"], "study_uid": base["study_uid"],
                     "received": p.received, "scored": t_scored, "batch": results.name,
