@@ -110,6 +110,21 @@ def _sr_items(path: Path) -> dict[str, dict]:
     return out
 
 
+def _sr_codes(path: Path) -> dict[str, dict]:
+    """Every CODE (qualitative evaluation, e.g. the risk group) of the SR's measurement groups, by
+    concept code value: the concept's meaning and the coded value (parsed with pydicom)."""
+    out = {}
+    for container in pydicom.dcmread(path).ContentSequence:
+        if container.ConceptNameCodeSequence[0].CodeValue != "126010":
+            continue
+        for group in container.ContentSequence:
+            for it in group.ContentSequence if group.ConceptNameCodeSequence[0].CodeValue == "125007" else ():
+                if it.ValueType == "CODE" and it.ConceptNameCodeSequence[0].CodingSchemeDesignator == "99CXRLR":
+                    c, v = it.ConceptNameCodeSequence[0], it.ConceptCodeSequence[0]
+                    out[c.CodeValue] = {"meaning": c.CodeMeaning, "code": v.CodeValue, "code_meaning": v.CodeMeaning}
+    return out
+
+
 def _resources(bundle, rt):
     return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == rt]
 
@@ -286,10 +301,15 @@ def test_predict_format_fhir_with_the_real_ensemble(tmp_path, synthetic_weights)
     bundle = json.loads((out / rec.outputs["fhir"][0]).read_text())
     validate_bundle(bundle)
     sr = _sr_items(out / rec.outputs["sr"][0])
+    codes = _sr_codes(out / rec.outputs["sr"][0])
     obs = {o["code"]["coding"][0]["code"]: o for o in _resources(bundle, "Observation")}
-    assert set(obs) == set(sr) and len(sr) > 1
+    assert set(obs) == set(sr) | set(codes) and len(sr) > 1 and set(codes) == {"CXRLR-0010"}
     with open(out / "cxr_lung_risk.csv", newline="") as f:
         (csv_row,) = list(csv.DictReader(f))
+    # the risk group: the SR's coded evaluation, the FHIR valueCodeableConcept and the CSV's label agree
+    group = codes["CXRLR-0010"]
+    assert obs["CXRLR-0010"]["valueCodeableConcept"]["coding"][0]["code"] == group["code"]
+    assert group["code_meaning"] == f"CXR-Lung-Risk {csv_row['CXR_Lung_Risk_Group']} years"
     for code, item in sr.items():
         assert obs[code]["valueQuantity"]["value"] == item["value"]
         column = item["tracking"] if not item["tracking"].endswith(" members") else item["meaning"].split(" member ")[1]
@@ -458,9 +478,10 @@ def test_serve_node_posts_the_bundle_of_a_pushed_cr_and_sends_the_sr(tmp_path, s
         bundle = got["bundle"]
         srs = [p for p in (tmp_path / "spool" / "results").glob("*/sr/*.dcm")]
         assert len(srs) == 1
-        sr = _sr_items(srs[0])
+        sr, codes = _sr_items(srs[0]), _sr_codes(srs[0])
         obs = {o["code"]["coding"][0]["code"]: o for o in _resources(bundle, "Observation")}
-        assert set(obs) == set(sr) and all(obs[c]["valueQuantity"]["value"] == sr[c]["value"] for c in sr)
+        assert set(obs) == set(sr) | set(codes) and all(
+            obs[c]["valueCodeableConcept"]["coding"][0]["code"] == codes[c]["code"] for c in codes) and all(obs[c]["valueQuantity"]["value"] == sr[c]["value"] for c in sr)
         (report,) = _resources(bundle, "DiagnosticReport")
         assert report["identifier"][0]["value"] == f"urn:oid:{pydicom.dcmread(srs[0]).SOPInstanceUID}"
         assert sorted(rx_sop for _, rx_sop in rx.received) == sorted(

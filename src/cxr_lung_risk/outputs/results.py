@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sr.content import AlgorithmInfo, Measurement, member_concept
+from .sr.content import AlgorithmInfo, Measurement, concept, member_concept
 from .sr.enum import StandardCodes
 
 __all__ = ["ImageResult", "ReportedItem", "image_result"]
@@ -86,7 +86,8 @@ class ImageResult:
 
     def items(self) -> Iterator[ReportedItem]:
         """Every reported value in report order: a measurement, its members' raw outputs (UCUM
-        ``1``, the SR's member concepts), ...; then the coded evaluations."""
+        ``1``, the SR's member concepts), its coded qualitative evaluation (the risk group), ...; then
+        the coded ``evaluations``."""
         from .sr.enum import CODING_SCHEME_DESIGNATOR
 
         for m in self.measurements:
@@ -96,6 +97,10 @@ class ImageResult:
                 c = member_concept(m, member)
                 yield ReportedItem(member, c.value, c.meaning, c.scheme_designator, float(v), StandardCodes.NO_UNITS.value,
                                    StandardCodes.NO_UNITS.meaning, m.name, m.name)
+            if m.evaluation:  # its coded qualitative evaluation (the risk group), as the SR's group holds it
+                name_value, name_meaning, code_value, code_meaning = m.evaluation
+                yield ReportedItem(name_meaning, name_value, name_meaning, CODING_SCHEME_DESIGNATOR,
+                                   concept(code_value, code_meaning), parent=None, algorithm=m.name)
         for e in self.evaluations:
             yield ReportedItem(e.name, e.code_value, e.code_meaning, getattr(e, "scheme_designator", CODING_SCHEME_DESIGNATOR),
                                e.value, parent=None, algorithm=getattr(e, "algorithm", "") or self.measurements[0].name)
