@@ -25,7 +25,6 @@ DerivationDescription.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .differentiable import PlainScore, SaliencyTarget, input_format
+from .runtime import fp32_math
 from .transforms import normalize
 
 __all__ = [
@@ -59,38 +60,10 @@ _HOT = {
 _CMAPS = {"hot": _HOT}
 
 
-@dataclass
-class SaliencyTarget:
-    """What to differentiate for one model: its final score and the networks inside it."""
-
-    name: str  # file-name tag, e.g. 'cxr-age'
-    title: str  # words, e.g. 'CXR-Age'
-    score: Callable[[torch.Tensor], torch.Tensor]  # normalised (N,3,H,W) -> final score (N,)
-    plain_parts: Sequence[tuple[nn.Module, float]]  # (network, weight): plain score = g(sum w_i net_i(x))
-    outer: Callable[[torch.Tensor], torch.Tensor]  # g above (monotone map, e.g. age calibration)
-    mean: Sequence[float]
-    std: Sequence[float]
-    device: torch.device
-
-
-class _PlainScore:
-    """``outer(sum_i w_i * net_i(x)[:, 0])`` over ``parts = [(net_i, w_i)]``.
-
-    A final score of this form (one weighted sum of networks, no test-time views) has the input
-    gradient ``outer'(raw) * sum_i w_i * d net_i / d x``, which :func:`input_gradient` takes one
-    network at a time: only one network's activations are kept for its backward pass.
-    """
-
-    def __init__(self, parts: Sequence[tuple[nn.Module, float]], outer: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.parts = list(parts)
-        self.outer = outer
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raw = None
-        for net, w in self.parts:
-            part = w * net(x.contiguous(memory_format=_input_format(net)))[:, 0].to(x.dtype)
-            raw = part if raw is None else raw + part
-        return self.outer(raw)
+# The model-side interface lives with the models (saliency depends on models, not the reverse);
+# the old names stay importable from here.
+_PlainScore = PlainScore
+_input_format = input_format
 
 
 def target_for(scorer: Any) -> SaliencyTarget:
@@ -129,16 +102,6 @@ def target_for(scorer: Any) -> SaliencyTarget:
 #: 30-55 MB per image for one InceptionV4 or Tiny member; all 13 members in one graph would keep
 #: about 450 MB per image) while keeping the batch large enough for oneDNN.
 MAX_ITEMS_PER_PASS = 16
-
-
-def _input_format(net: nn.Module) -> torch.memory_format:
-    """channels_last when the network's first 4-D weight is (the engine's inference copies),
-    else contiguous: the input then has the layout the convolutions run in, as in inference."""
-    for prm in net.parameters():
-        if prm.ndim == 4:
-            cl = prm.is_contiguous(memory_format=torch.channels_last) and not prm.is_contiguous()
-            return torch.channels_last if cl else torch.contiguous_format
-    return torch.contiguous_format
 
 
 def _plain_gradient(score: _PlainScore, x: torch.Tensor) -> torch.Tensor:
@@ -316,8 +279,6 @@ class SaliencyWriter:
         The batch goes through each network once forward and once backward (items are
         independent; at most :data:`MAX_ITEMS_PER_PASS` per pass), not one image at a time.
         """
-        from .engine import fp32_math
-
         imgs = np.asarray(images_chw, dtype=np.uint8) if isinstance(images_chw, np.ndarray) else None
         if imgs is None or imgs.ndim != 4:
             imgs = np.stack([np.asarray(im, dtype=np.uint8) for im in images_chw]) if len(images_chw) else None
