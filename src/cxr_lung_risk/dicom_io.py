@@ -536,13 +536,13 @@ class _Refusal(Exception):
     """Internal: stop processing one file with a status and a reason."""
 
     def __init__(self, status: str, sentence: str):
-        sentence = _printable(sentence)
+        sentence = printable(sentence)
         super().__init__(sentence)
         self.status = status
         self.reason = f"{status}: {sentence}"
 
 
-def _printable(text: str, limit: int = 300) -> str:
+def printable(text: str, limit: int = 300) -> str:
     """One printable line: control/undecodable characters (from corrupt headers) become '?'."""
     text = "".join(ch if ch.isprintable() else "?" for ch in " ".join(str(text).split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -1100,8 +1100,8 @@ def _clean_uid(ds: Dataset, keyword: str) -> tuple[str, str | None]:
         problems.append(f"is not a valid UID ({_uid_problem(clean)})")
     if not problems:
         return clean, None
-    shown = _printable(text, 80)
-    using = f"; using '{_printable(clean, 80)}'" if clean != text else "; kept as text"
+    shown = printable(text, 80)
+    using = f"; using '{printable(clean, 80)}'" if clean != text else "; kept as text"
     return clean, f"{keyword} '{shown}' {' and '.join(problems)}{using}"
 
 
@@ -1149,7 +1149,7 @@ class _LogCollector(logging.Handler):
 
 
 @contextlib.contextmanager
-def _library_messages() -> Iterator[list[tuple[str, str]]]:
+def library_messages() -> Iterator[list[tuple[str, str]]]:
     """Collect (source, message) of the warnings raised and of pydicom's log records (WARNING
     and above) inside the block, instead of letting them reach stderr."""
     out: list[tuple[str, str]] = []
@@ -1173,7 +1173,7 @@ def _library_messages() -> Iterator[list[tuple[str, str]]]:
         out.extend(("pydicom", m) for m in handler.messages)
 
 
-def _merge_library_messages(notes: list[str], messages: list[tuple[str, str]]) -> list[str]:
+def merge_library_messages(notes: list[str], messages: list[tuple[str, str]]) -> list[str]:
     """``notes`` plus one 'source: message' per new message (deduplicated, at most
     _MAX_LIBRARY_WARNINGS, then a count)."""
     out = list(notes)
@@ -1244,7 +1244,7 @@ def _sop_class_name(uid: str) -> str:
     if not uid:
         return "object"
     name = UID(uid).name
-    return name if name and name != uid else f"SOP class {_printable(uid, 80)}"
+    return name if name and name != uid else f"SOP class {printable(uid, 80)}"
 
 
 def _ts_name(ds: Dataset) -> str:
@@ -1400,7 +1400,7 @@ def _check_policy(path: Path, ds: Dataset, opts: SelectionOptions, notes: list[s
 
     body = _text(ds, "BodyPartExamined")
     if not _is_chest_body_part(body):
-        body = _printable(body, 64)
+        body = printable(body, 64)
         if not opts.allow_non_chest:
             raise _skip(f"BodyPartExamined is '{body}', not a chest radiograph (use --allow-non-chest to score it)")
         notes.append(f"BodyPartExamined is '{body}', not chest-like")
@@ -1663,9 +1663,9 @@ def screen_image(path: str | Path, options: SelectionOptions | None = None) -> L
 
 def _load_reporting(path: str | Path, options: SelectionOptions | None, decode: bool) -> LoadedImage:
     """:func:`_load_image` with the libraries' warnings and log messages made the input's."""
-    with _library_messages() as messages:
+    with library_messages() as messages:
         res = _load_image(Path(os.fsdecode(path)), options if options is not None else SelectionOptions(), decode=decode)
-    res.warnings = [_printable(w) for w in _merge_library_messages(res.warnings, messages)]
+    res.warnings = [printable(w) for w in merge_library_messages(res.warnings, messages)]
     return res
 
 
