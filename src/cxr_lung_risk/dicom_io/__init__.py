@@ -51,7 +51,8 @@ unbounded allocation):
 
 Decoding goes through pydicom 3 (``pydicom.pixels.pixel_array(..., raw=True)``) with the
 pylibjpeg plug-ins, so every common transfer syntax works; the array holds the raw stored values
-(no Modality LUT/rescale, no VOI, no colour conversion): rendering is :mod:`.preprocess`'s job.
+(no Modality LUT/rescale, no VOI, no colour conversion): rendering is :mod:`cxr_lung_risk.preprocess`'s job.
+
 Modules, one job each: :mod:`.discovery` (finding inputs), :mod:`.selection` (the policy),
 :mod:`.reading` (bounded reading and codestream checks), :mod:`.decoding` (pixels); this module
 loads one image through them (:func:`load_image`, :func:`screen_image`) and names them all.
