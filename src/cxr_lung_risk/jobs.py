@@ -307,7 +307,7 @@ def _previous_resume_key(out: Path) -> Any:
 class Plan:
     """What a run has to do, after discovery, sharding and resume (shared by the engines)."""
 
-    todo: list[Any]  # InputFile (paths) or cluster.RemoteFile (URLs), in input order
+    todo: list[Any]  # InputFile (paths) or sources.RemoteFile (URLs), in input order
     identities: dict[str, dict[str, Any]]  # File -> identity
     kept: list[InputRecord] | None  # records kept from an earlier run (None: a fresh folder)
     uid_columns: bool
