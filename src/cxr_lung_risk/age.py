@@ -244,7 +244,7 @@ class AgeModel:
 
     def saliency_target(self):
         """The final score (calibrated, blended as scored) of a normalised batch, differentiable."""
-        from .saliency import SaliencyTarget
+        from .differentiable import SaliencyTarget
 
         m = self.model
         return SaliencyTarget(

@@ -108,6 +108,34 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines (errors and the summary are still printed)")
 
 
+_SR_CLASS_HELP = ("SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = Comprehensive SR "
+                  "(1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
+
+
+def _add_model_args(add, models: Sequence[str], *, serve: bool = False) -> None:
+    """The model options ``predict`` and ``serve`` share, defined once. ``add``: a parser's (or
+    group's) ``add_argument``; ``serve``: no argparse defaults (None: not given, so a ``--config``
+    YAML file's value counts; :class:`~cxr_lung_risk.serve.config.ServeConfig` holds the defaults)."""
+
+    def default(value):
+        return None if serve else value
+
+    add("--model", choices=list(models), default=default("lung-risk"), help="which model(s) to run (default lung-risk)")
+    add("--weights", metavar="PATH", help="CXR-Lung-Risk weights: a folder of Lung_Age_081221_*.pth or the Zenodo zip (default: the fetch-weights cache)")
+    add("--age-weights", metavar="PATH", help="CXR-Age weights file PLCO_Fine_Tuned_120419.pth (with --model age or all; default: the fetch-weights cache)")
+    add("--demo-weights", action="store_const", const=True, default=default(False),
+        help="use the SYNTHETIC weights `cxr-lung-risk demo` made in the cache (meaningless scores, labelled SYNTHETIC in every result)")
+    add("--device", choices=["auto", "cpu", "cuda"], default=default("auto"), help="compute device (default auto: CUDA when available)")
+    add(
+        "--precision",
+        choices=["fp32", "tf32", "bf16", "fp16"],
+        default=default("fp32"),
+        help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32: IEEE float32, also on a GPU, "
+        "faithful; tf32/bf16/fp16 are faster but change scores, see benchmarks/README.md; tf32 and fp16 need CUDA). "
+        "CXR-Age always runs fp32; the SR records what each model used",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import model_choices
 
@@ -276,13 +304,7 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--ae-title", metavar="AET", help="this node's AE title (default CXR-LUNG-RISK)")
     a("--bind", metavar="ADDR", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     a("--spool", type=Path, metavar="DIR", help="spool folder: received instances, results, outbox, audit.jsonl (required)")
-    a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
-    a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
-    a("--demo-weights", action="store_const", const=True,
-      help="run on the SYNTHETIC weights `cxr-lung-risk demo` made (meaningless scores, labelled SYNTHETIC in every result)")
-    a("--model", choices=list(models), help="which model(s) to run (default lung-risk)")
-    a("--device", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
-    a("--precision", choices=["fp32", "tf32", "bf16", "fp16"], help="CXR-Lung-Risk arithmetic (default fp32)")
+    _add_model_args(a, models, serve=True)
     a("--send-to", action="append", metavar="AET@HOST:PORT", help="send results by C-STORE to this node (repeatable)")
     a("--stow", action="append", metavar="URL", help="send results by DICOMweb STOW-RS to this base URL (repeatable)")
     a("--stow-token", metavar="TOKEN", help="bearer token for --stow (or CXR_LUNG_RISK_STOW_TOKEN)")
@@ -310,26 +332,11 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
     a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
     a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
-    a("--sr-class", choices=SR_CLASS_CHOICES,
-      help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = Comprehensive SR "
-      "(1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
+    a("--sr-class", choices=SR_CLASS_CHOICES, help=_SR_CLASS_HELP)
 
 
 def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
-    p.add_argument("--model", choices=list(models), default="lung-risk", help="which model(s) to run (default lung-risk)")
-    p.add_argument("--weights", metavar="PATH", help="CXR-Lung-Risk weights: a folder of Lung_Age_081221_*.pth or the Zenodo zip (default: the fetch-weights cache)")
-    p.add_argument("--age-weights", metavar="PATH", help="CXR-Age weights file PLCO_Fine_Tuned_120419.pth (default: the fetch-weights cache)")
-    p.add_argument("--demo-weights", action="store_true",
-                   help="use the SYNTHETIC weights `cxr-lung-risk demo` made in the cache (meaningless scores, labelled SYNTHETIC)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto: CUDA when available)")
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "tf32", "bf16", "fp16"],
-        default="fp32",
-        help="arithmetic of the CXR-Lung-Risk members' convolutional bodies (default fp32: IEEE float32, also on a GPU, "
-        "faithful; tf32/bf16/fp16 are faster but change scores, see benchmarks/README.md; tf32 and fp16 need CUDA). "
-        "CXR-Age always runs fp32; the SR records what each model used",
-    )
+    _add_model_args(p.add_argument, models)
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per batch (default 16)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help=_WORKERS_HELP)
     p.add_argument("--follow-links", action="store_true", help=_FOLLOW_HELP)
@@ -338,9 +345,7 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json, parquet, fhir (default csv,sr)")
     p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
-    p.add_argument("--sr-class", choices=SR_CLASS_CHOICES, default="3d",
-                   help="SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = "
-                   "Comprehensive SR (1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
+    p.add_argument("--sr-class", choices=SR_CLASS_CHOICES, default="3d", help=_SR_CLASS_HELP)
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="CXR-Age: plain single pass")

@@ -25,130 +25,25 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Sequence
 
 from .dicom_io import InputFile
-from .errors import CxrLungRiskError, UsageError
-from .options import PredictOptions, is_url
+from .options import PredictOptions
 from .pipeline import PrepareOptions, Prepared
 from .progress import say
 from .records import Status
+from .sources import RAY_HINT, RayError, RemoteFile, list_inputs, open_fs  # noqa: F401  (listing lives in sources)
 
-__all__ = ["RemoteFile", "list_inputs", "open_fs", "run_on_ray", "FAULT_ENV"]
+__all__ = ["RayEngine", "RemoteFile", "list_inputs", "open_fs", "FAULT_ENV", "LOCAL_NODE_IP"]
 
 #: Fault injection for tests: ``"N:MARKER"`` makes the worker preparing the N-th input (0-based,
 #: in this run's order) exit abruptly, once (the MARKER file records that it happened).
 FAULT_ENV = "CXR_LUNG_RISK_TEST_PREPARE_EXIT"
-RAY_HINT = "the ray engine needs Ray: pip install 'cxr-lung-risk[ray]'"
 #: The address of a Ray started for one run. Ray replaces 127.0.0.1 (and "localhost") with the
 #: machine's network address; 127.0.0.2 is loopback too (all of 127.0.0.0/8 is, on Linux) and Ray
 #: keeps it, so a run's Ray talks over loopback only.
 LOCAL_NODE_IP = "127.0.0.2"
-
-
-class RayError(CxrLungRiskError):
-    """Ray is missing or the cluster cannot be reached."""
-
-
-# ------------------------------------------------------------------------------ listing
-@dataclass(frozen=True)
-class RemoteFile:
-    """One object of an object store (or any fsspec/pyarrow file system)."""
-
-    url: str  # what records call it
-    rel: str  # the File column: the path under the URL given
-    path: str  # the path inside ``fs``
-    fs: Any  # an fsspec file system (picklable: it travels to the tasks)
-    size: int | None = None
-    mtime: Any = None
-
-    def identity(self) -> dict[str, Any]:
-        return {"input": self.url, "size": self.size, "mtime": self.mtime}
-
-
-def open_fs(url: str) -> tuple[Any, str]:
-    """``url`` -> (fsspec file system, path). fsspec's own implementation first (s3fs, gcsfs,
-    whatever is registered for the protocol); where that is not installed, pyarrow's native file
-    system (S3, GCS, HDFS, local) behind fsspec's ArrowFSWrapper."""
-    try:
-        import fsspec
-    except ImportError:
-        raise RayError(RAY_HINT) from None
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as first:
-        try:
-            import pyarrow.fs as pafs
-            from fsspec.implementations.arrow import ArrowFSWrapper
-
-            fs, path = pafs.FileSystem.from_uri(url)
-            return ArrowFSWrapper(fs), path
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"cannot open {url}: {first}; pyarrow: {e}") from None
-
-
-def _mtime(info: dict[str, Any]) -> Any:
-    for k in ("mtime", "LastModified", "last_modified", "updated", "modified", "created", "ETag"):
-        v = info.get(k)
-        if v is not None:
-            return v if isinstance(v, (int, float)) else str(v)
-    return None
-
-
-def _hidden(rel: str) -> bool:
-    return any(part.startswith(".") for part in PurePosixPath(rel).parts[:-1])
-
-
-def _list_url(url: str, prefix: str) -> list[RemoteFile]:
-    fs, root = open_fs(url)
-    try:
-        info = fs.info(root)
-    except FileNotFoundError:
-        raise UsageError(f"input not found: {url}") from None
-    base = url.rstrip("/")
-    if info.get("type") == "directory":
-        found = fs.find(root, detail=True)
-        root_s = root.rstrip("/")
-        items = []
-        for path in sorted(found):
-            meta = found[path]
-            if meta.get("type", "file") != "file":
-                continue
-            rel = path[len(root_s):].lstrip("/") if path.startswith(root_s) else PurePosixPath(path).name
-            if not rel or _hidden(rel):
-                continue
-            items.append(RemoteFile(f"{base}/{rel}", prefix + rel, path, fs, meta.get("size"), _mtime(meta)))
-        return items
-    name = PurePosixPath(root).name or "input"
-    return [RemoteFile(url, name, root, fs, info.get("size"), _mtime(info))]
-
-
-def list_inputs(inputs: Sequence[Path | str], exclude: Path | None = None, follow_links: bool = False) -> list[Any]:
-    """This run's inputs in order: :class:`~cxr_lung_risk.dicom_io.InputFile` for local paths (as
-    the local engine finds them), :class:`RemoteFile` for URLs. ``File`` names are unique: with
-    several inputs a URL folder's objects are prefixed with the folder's base name."""
-    from .predict import _discover
-
-    local = [p for p in inputs if not is_url(p)]
-    out: list[Any] = []
-    used: set[str] = set()
-    multi = len(inputs) > 1
-    if local:
-        files = _discover(local, exclude, follow_links)
-        out += files
-        used.update(f.rel for f in files)
-    for url in (p for p in inputs if is_url(p)):
-        label = PurePosixPath(url.split("://", 1)[1].rstrip("/")).name or "input"
-        for item in _list_url(url, label + "/" if multi else ""):
-            rel, n = item.rel, 1
-            while rel in used:
-                n += 1
-                stem = PurePosixPath(item.rel)
-                rel = str(stem.with_name(f"{stem.stem}~{n}{stem.suffix}"))
-            used.add(rel)
-            out.append(item if rel == item.rel else RemoteFile(item.url, rel, item.path, item.fs, item.size, item.mtime))
-    return out
 
 
 # ------------------------------------------------------------------------------ tasks and actors
@@ -199,7 +94,7 @@ class ScoreActor:
         import torch
 
         from .outputs.writer import ObjectBuilder
-        from .predict import models_info
+        from .jobs import models_info
         from .scoring import Scorer
 
         if threads:  # Ray gives a worker OMP_NUM_THREADS=1: use the local engine's thread count
@@ -265,43 +160,64 @@ class _Batch:
     tries: int = 0
 
 
-def run_on_ray(opts: PredictOptions, plan: Any, timer: Any, summary: Any) -> None:
-    """Run ``plan.todo`` on Ray and write everything into ``opts.out`` (see the module docstring)."""
-    from .predict import Accounting, _warn_synthetic, open_writer
+class RayEngine:
+    """The :class:`~cxr_lung_risk.jobs.Engine` of ``--engine ray``: prepare tasks and scoring
+    actors on a Ray cluster (see the module docstring); results go to the run in input order."""
 
-    ray = _import_ray()
-    started = _connect(ray, opts.ray_address)
-    try:
-        _drive(ray, opts, plan, timer, summary, Accounting, _warn_synthetic, open_writer)
-    finally:
-        if started:
-            ray.shutdown()
+    name = "ray"
+    stops_when_full = False
+
+    def __init__(self, opts: PredictOptions) -> None:
+        self.opts = opts
+        self.ray: Any = None
+        self.started = False
+        self.actors: list[Any] = []
+
+    def load(self, keys: Sequence[str], timer: Any, summary: Any) -> Any:
+        from .jobs import Loaded
+
+        opts = self.opts
+        ray = self.ray = _import_ray()
+        self.started = _connect(ray, opts.ray_address)
+        self.summary = summary
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if opts.device != "cpu" else 0
+        self.cpus = max(1, int(resources.get("CPU", 1)))
+        self.n_actors = opts.ray_actors or max(1, gpus)
+        actor_opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        actor_cls = ray.remote(max_restarts=2, max_task_retries=2, **actor_opts)(ScoreActor)
+        if opts.progress:
+            say(f"Ray: {self.cpus} CPU(s), {gpus} GPU(s); {self.n_actors} scoring actor(s) loading the models ...")
+        t = time.perf_counter()
+        import torch
+
+        threads = None if gpus else torch.get_num_threads()
+        self.actors = [actor_cls.remote(opts, threads) for _ in range(self.n_actors)]
+        info = self.info = ray.get(self.actors[0].info.remote())
+        timer.add("load", t)
+        return Loaded([], info["weights"], info["models"], lambda uid: info["columns"][uid], value_columns=info["value_columns"])
+
+    def move(self, plan: Any, sink: Any) -> None:
+        _drive(self.ray, self.opts, plan, sink, self.actors, self.info, self.cpus, self.summary)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass
+        self.actors = []
+        if self.started:
+            self.started = False
+            self.ray.shutdown()
 
 
-def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_writer) -> None:
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0)) if opts.device != "cpu" else 0
-    cpus = max(1, int(resources.get("CPU", 1)))
-    n_actors = opts.ray_actors or max(1, gpus)
-    actor_opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    actor_cls = ray.remote(max_restarts=2, max_task_retries=2, **actor_opts)(ScoreActor)
+def _drive(ray, opts, plan, sink, actors, info, cpus, summary) -> None:
+    timer = sink.timer
+    n_actors = len(actors)
     prep_task = ray.remote(num_cpus=1, max_retries=3)(prepare_chunk)
-    if opts.progress:
-        say(f"Ray: {cpus} CPU(s), {gpus} GPU(s); {n_actors} scoring actor(s) loading the models ...")
-    t = time.perf_counter()
-    import torch
-
-    threads = None if gpus else torch.get_num_threads()
-    actors = [actor_cls.remote(opts, threads) for _ in range(n_actors)]
-    info = ray.get(actors[0].info.remote())
-    timer.add("load", t)
-    summary.weights = info["weights"]
-    warn_synthetic(summary)
-    columns = info["columns"][bool(plan.uid_columns)]
-    writer = open_writer(opts, plan, [], columns, summary, info["models"], value_columns=info["value_columns"])
     prep = PrepareOptions(selection=opts.selection, im_version=opts.im_version)
     fault = os.environ.get(FAULT_ENV) or None
-    acc = Accounting(opts, summary, len(plan.todo))
     stage = {"read_s": 0.0, "prepare_s": 0.0, "infer_s": 0.0, "build_s": 0.0}
 
     chunk = max(1, opts.batch_size)
@@ -339,79 +255,70 @@ def _drive(ray, opts, plan, timer, summary, Accounting, warn_synthetic, open_wri
         while events:
             kind, x = events[0]
             if kind == "account":
-                acc.finish(writer.account(x), 0.0)
+                sink.unscored(x)
             else:
                 if x.result is None:
                     break
                 rows, built = x.result
                 for p, row, b in zip(x.items, rows, built):
-                    acc.finish(writer.write_built(p, row, b), 0.1)
+                    sink.built(p, row, b)
                 wrote = True
             events.popleft()
         if wrote:
-            writer.flush()
+            sink.flush()
         timer.add("write", t)
 
-    try:
-        while next_consume < len(chunks):
-            while next_submit < len(chunks) and len(pending_prep) < max_prep and next_submit - next_consume < max_prep * 2:
-                pending_prep[prep_task.remote(chunks[next_submit], prep, fault)] = (next_submit, None)
-                next_submit += 1
-            # consume prepared chunks in order while there is room for their batches
-            while next_consume in ready_chunks and len(inflight) < max_batches:
-                for p in ready_chunks.pop(next_consume):
-                    plan.stamp(p)
-                    if p.status is Status.OK:
-                        acc.progress.advance(0.1)
-                        open_batch.append(p)
-                        if len(open_batch) >= opts.batch_size:
-                            close_batch()
-                    else:
-                        events.append(("account", p))
-                next_consume += 1
-                if next_consume == len(chunks):
-                    close_batch()
-            flush_events()
-            if next_consume >= len(chunks):
-                break
-            waiting = list(pending_prep) + list(inflight)
-            if not waiting:
-                continue
-            done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-            for ref in done:
-                if ref in pending_prep:
-                    ci, pos = pending_prep.pop(ref)
-                    try:
-                        prepared, st = ray.get(ref)
-                        stage["read_s"] += st["read_s"]
-                        stage["prepare_s"] += st["prepare_s"]
-                    except ray.exceptions.RayError as e:
-                        prepared = _chunk_failed(e, ci, pos, chunks, split, pending_prep, prep_task, prep)
-                    if prepared is None:
-                        continue
-                    if pos is None:
-                        ready_chunks[ci] = prepared
-                    else:
-                        split[ci][pos] = prepared[0]
-                        if None not in split[ci]:
-                            ready_chunks[ci] = split.pop(ci)
+    while next_consume < len(chunks):
+        while next_submit < len(chunks) and len(pending_prep) < max_prep and next_submit - next_consume < max_prep * 2:
+            pending_prep[prep_task.remote(chunks[next_submit], prep, fault)] = (next_submit, None)
+            next_submit += 1
+        # consume prepared chunks in order while there is room for their batches
+        while next_consume in ready_chunks and len(inflight) < max_batches:
+            for p in ready_chunks.pop(next_consume):
+                plan.stamp(p)
+                if p.status is Status.OK:
+                    sink.advance(0.1)
+                    open_batch.append(p)
+                    if len(open_batch) >= opts.batch_size:
+                        close_batch()
                 else:
-                    _batch_done(ray, ref, inflight, submit_batch, stage)
-        close_batch()
-        while events:
-            flush_events()
-            if events and inflight:
-                done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-                for ref in done:
-                    _batch_done(ray, ref, inflight, submit_batch, stage)
-    finally:
-        acc.close()
-        writer.close()
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001
-                pass
+                    events.append(("account", p))
+            next_consume += 1
+            if next_consume == len(chunks):
+                close_batch()
+        flush_events()
+        if next_consume >= len(chunks):
+            break
+        waiting = list(pending_prep) + list(inflight)
+        if not waiting:
+            continue
+        done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
+        for ref in done:
+            if ref in pending_prep:
+                ci, pos = pending_prep.pop(ref)
+                try:
+                    prepared, st = ray.get(ref)
+                    stage["read_s"] += st["read_s"]
+                    stage["prepare_s"] += st["prepare_s"]
+                except ray.exceptions.RayError as e:
+                    prepared = _chunk_failed(e, ci, pos, chunks, split, pending_prep, prep_task, prep)
+                if prepared is None:
+                    continue
+                if pos is None:
+                    ready_chunks[ci] = prepared
+                else:
+                    split[ci][pos] = prepared[0]
+                    if None not in split[ci]:
+                        ready_chunks[ci] = split.pop(ci)
+            else:
+                _batch_done(ray, ref, inflight, submit_batch, stage)
+    close_batch()
+    while events:
+        flush_events()
+        if events and inflight:
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in done:
+                _batch_done(ray, ref, inflight, submit_batch, stage)
     summary.timings.update({k: round(v, 4) for k, v in stage.items()})
     summary.timings["load_s_actor"] = info.get("load_s")
     summary.timings["actors"] = n_actors

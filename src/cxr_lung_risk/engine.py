@@ -402,7 +402,7 @@ class LungRiskModel:
 
     def saliency_target(self):
         """The LASSO-combined score ``sum_i w_i f_i(x) + b``, differentiated one member at a time."""
-        from .saliency import SaliencyTarget, _PlainScore
+        from .differentiable import PlainScore, SaliencyTarget
 
         ens = self.ensemble
         intercept = float(ens.spec.intercept)
@@ -414,7 +414,7 @@ class LungRiskModel:
         return SaliencyTarget(
             name=ens.spec.name,
             title=ens.spec.title,
-            score=_PlainScore(parts, outer),
+            score=PlainScore(parts, outer),
             plain_parts=parts,
             outer=outer,
             mean=ens.spec.mean,

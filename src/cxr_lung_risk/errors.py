@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 
 __all__ = [
+    "DeliveryError",
     "CxrLungRiskError",
     "UsageError",
     "InputNotFoundError",
@@ -82,3 +83,9 @@ def disk_full(exc: BaseException, path: object) -> DiskFullError | None:
     if isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
         return DiskFullError(f"{exc.strerror or exc}: {path}", path=path)
     return None
+
+
+class DeliveryError(Exception):
+    """A PACS node's destination (DICOM, STOW-RS, FHIR) could not be reached: nothing of this
+    delivery round was delivered and the outbox retries it with backoff. Not a
+    :class:`CxrLungRiskError`: it never reaches a user as a command's error."""

@@ -39,7 +39,7 @@ def _csv(path: Path) -> tuple[list[str] | None, list[list[str]]]:
 
 def merge_outputs(shards: Sequence[Path], out: Path):
     """Merge ``shards`` (output folders) into ``out`` (new or empty) -> a RunSummary of the whole."""
-    from .predict import RunSummary
+    from .jobs import RunSummary
 
     shards = [Path(s) for s in shards]
     if out.exists() and any(out.iterdir()):

@@ -300,12 +300,12 @@ def _receive(conn) -> tuple[int, Prepared]:
     """One (index, Prepared) from a worker. Unpickling rebuilds the pydicom header in this
     process, and pydicom validates values as it does ("Invalid value for VR UI"): those warnings
     (and its log records) are the input's, not stderr's."""
-    from .dicom_io import _library_messages, _merge_library_messages, _printable
+    from .dicom_io import library_messages, merge_library_messages, printable
 
-    with _library_messages() as messages:
+    with library_messages() as messages:
         idx, res = conn.recv()
     if messages and isinstance(res, Prepared):
-        res.warnings = [_printable(w) for w in _merge_library_messages(list(res.warnings), messages)]
+        res.warnings = [printable(w) for w in merge_library_messages(list(res.warnings), messages)]
     return idx, res
 
 

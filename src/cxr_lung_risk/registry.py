@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .outputs.sr import AlgorithmInfo, Measurement
     from .runtime import Placement
-    from .saliency import SaliencyTarget
+    from .differentiable import SaliencyTarget
 
 __all__ = ["ALL", "Model", "ModelOptions", "model_keys", "model_choices", "resolve_models", "spec_for", "load_model"]
 

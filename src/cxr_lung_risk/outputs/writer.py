@@ -168,7 +168,7 @@ class OutputWriter:
                                      sr_class=sr_class) if models else None
         self.saliency = None
         if saliency:
-            from ..saliency import SaliencyWriter
+            from .saliency import SaliencyWriter
 
             self.saliency = SaliencyWriter(self.out, models, method=saliency, deterministic=deterministic, names=self.names)
         self.result_image = None

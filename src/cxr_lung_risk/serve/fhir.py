@@ -5,7 +5,7 @@ token and CA bundle of ``--fhir-token``/``--fhir-ca`` (the same HTTP session cod
 The bundle's entries are PUTs of ids derived from the SR's UIDs (:mod:`cxr_lung_risk.outputs.fhir`),
 so a retry after a lost answer updates the same resources instead of making new ones. A server
 that cannot be reached or fails as a whole (connection error, 5xx, 401/403/404/408/429) raises
-:class:`~cxr_lung_risk.serve.outbox.DeliveryError` (the round is retried with backoff); a bundle the
+:class:`~cxr_lung_risk.errors.DeliveryError` (the round is retried with backoff); a bundle the
 server refuses (another 4xx, or a transaction-response entry that is not 2xx) fails alone, with the
 server's OperationOutcome diagnostics as the reason.
 """
@@ -51,9 +51,9 @@ def _refused_entries(resp: Any) -> str:
 
 def send_fhir(cfg: Any, dest: Any, files: Sequence[Path]) -> dict[Path, str]:
     """POST each bundle of ``files`` to ``dest.url`` -> {file: error} for those not stored.
-    Raises :class:`~cxr_lung_risk.serve.outbox.DeliveryError` when the server is down."""
+    Raises :class:`~cxr_lung_risk.errors.DeliveryError` when the server is down."""
     from ..dicomweb import HttpOptions
-    from .outbox import DeliveryError
+    from ..errors import DeliveryError
 
     import requests
 

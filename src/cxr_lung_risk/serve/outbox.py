@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from pydicom.filereader import read_file_meta_info
 
+from ..errors import DeliveryError
 from .audit import AuditLog
 from .config import Destination, ServeConfig
 from .metrics import Metrics
@@ -32,10 +33,6 @@ LOG = logging.getLogger("cxr_lung_risk.serve")
 
 _OK_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the C-STORE warnings (stored)
 _PER_ROUND = 32  # entries per association / STOW round
-
-
-class DeliveryError(Exception):
-    """The destination could not be reached (nothing of this round was delivered)."""
 
 
 def client_ssl_context(cfg: ServeConfig) -> ssl.SSLContext | None:

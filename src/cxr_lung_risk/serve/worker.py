@@ -1,5 +1,7 @@
 """The scoring worker: spooled instances -> batches -> the same selection, preprocessing, models
-and outputs as ``predict`` (:mod:`cxr_lung_risk.api`) -> outbox entries.
+and outputs as ``predict`` (:mod:`cxr_lung_risk.api`; one batch through
+:func:`cxr_lung_risk.jobs.write_batch`, the job runner's score -> write -> account step) -> outbox
+entries.
 
 A study is scored as soon as the association that delivered its last instance is released (the
 sender says it is done: an idle node scores one image without waiting), else when no instance of
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .. import api
+from ..jobs import write_batch
 from ..pipeline import PrepareOptions
 from .audit import AuditLog
 from .config import ServeConfig
@@ -108,26 +111,8 @@ class Worker(threading.Thread):
         work = self.spool.new_batch_dir()
         try:
             prepared = [api.prepare_input(p.path, name=f"{p.study}/{p.sop}.dcm", options=self.prepare_options) for p in batch]
-            ok_idx = [i for i, x in enumerate(prepared) if x.status is api.Status.OK]
-            rows: list[dict[str, Any]] = []
-            score_error = ""
-            if ok_idx:
-                try:
-                    rows = self.scorer.score([prepared[i] for i in ok_idx])
-                except Exception as e:  # noqa: BLE001 - recorded per input
-                    score_error = f"failed: scoring failed: {type(e).__name__}: {str(e)[:160]}"
-                    LOG.exception("scoring failed")
-            records: dict[int, Any] = {}
             with self._writer(work) as w:
-                if ok_idx and not score_error:
-                    for i, rec in zip(ok_idx, w.write_scored([prepared[i] for i in ok_idx], rows)):
-                        records[i] = rec
-                for i, x in enumerate(prepared):
-                    if i in records:
-                        continue
-                    if score_error and x.status is api.Status.OK:
-                        x.status, x.reason = api.Status.FAILED, score_error
-                    records[i] = w.account(x)
+                records = write_batch(w, self.scorer, prepared, on_score_error=lambda e: LOG.exception("scoring failed"))
             t_scored = time.time()
             results = self.spool.commit_batch(work)
         except BaseException:
