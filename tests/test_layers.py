@@ -71,3 +71,17 @@ def _private_imports() -> list[str]:
 
 def test_no_module_imports_another_modules_private_names():
     assert _private_imports() == []
+
+
+def test_argparse_stays_in_the_cli():
+    """The command line is the only module that knows argparse: every other module takes typed
+    options (pydicom's ``cli/`` style: the Namespace never leaves it)."""
+    users = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                users.append(str(path.relative_to(SRC)))
+    assert users == ["cli.py"], users

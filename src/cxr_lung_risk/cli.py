@@ -213,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar (it is shown only when stderr is a terminal anyway)")
     _add_serve_parser(sub, model_choices())
-    from .web import add_parser as _add_web_parser  # the web page (extra [web])
-
     _add_web_parser(sub, model_choices())
     _add_report_parser(sub)
     return parser
@@ -617,10 +615,42 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(cfg)
 
 
-def _cmd_web(args: argparse.Namespace) -> int:
-    from .web import main_command
+def _add_web_parser(sub, models: Sequence[str]) -> None:
+    from .web import EPILOG
 
-    return main_command(args)
+    w = sub.add_parser(
+        "web",
+        help="a local web page: drop radiographs, see the scores, download the results (needs the [web] extra)",
+        description="A local web page for people who do not use a terminal: drop DICOM/PNG/JPEG files or a zip, "
+                    "get the scores, result cards and downloads.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = w.add_argument
+    a("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080; 0: any free port)")
+    a("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1; another needs a token)")
+    a("--token", metavar="TOKEN", help="access token (default $CXR_LUNG_RISK_WEB_TOKEN); required unless the host is loopback")
+    a("--model", choices=list(models), default="lung-risk", help="which model(s) to run (default lung-risk)")
+    a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
+    a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
+    a("--demo-weights", action="store_true", help="the SYNTHETIC weights `cxr-lung-risk demo` made (meaningless scores, labelled SYNTHETIC)")
+    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto)")
+    a("--max-files", type=int, default=None, metavar="N", help="files kept per browser session (default 100)")
+    a("--max-upload-mb", type=int, default=None, metavar="MB", help="largest upload request, e.g. one zip (default 1024)")
+    a("--no-saliency", dest="saliency", action="store_false", help="no saliency overlay (faster)")
+
+
+def _cmd_web(args: argparse.Namespace) -> int:
+    from .web import missing_extra, run_web, web_config
+
+    missing = missing_extra()
+    if missing:
+        _err(missing)
+        return 1
+    return run_web(web_config(models=args.model, weights=args.weights, age_weights=args.age_weights,
+                              demo_weights=args.demo_weights, device=args.device, host=args.host, port=args.port,
+                              token=args.token, saliency=args.saliency, max_files=args.max_files,
+                              max_upload_mb=args.max_upload_mb))
 
 
 _COMMANDS = {"web": _cmd_web, "merge": _cmd_merge, "predict": _cmd_predict, "preprocess": _cmd_preprocess, "demo": _cmd_demo, "fetch-weights": _cmd_fetch, "serve": _cmd_serve, "report": _cmd_report}

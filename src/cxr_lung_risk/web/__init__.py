@@ -11,14 +11,13 @@ in the package (works offline, no build step).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 import threading
 from typing import Sequence
 
-__all__ = ["add_parser", "run_web", "main_command"]
+__all__ = ["web_config", "run_web", "missing_extra", "EPILOG"]
 
 EPILOG = """\
 Open the address it prints in a browser. Uploads and results stay in a private temporary folder
@@ -29,50 +28,42 @@ only: not a medical device.
 """
 
 
-def add_parser(sub, models: Sequence[str]) -> None:
-    w = sub.add_parser(
-        "web",
-        help="a local web page: drop radiographs, see the scores, download the results (needs the [web] extra)",
-        description="A local web page for people who do not use a terminal: drop DICOM/PNG/JPEG files or a zip, "
-                    "get the scores, result cards and downloads.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    a = w.add_argument
-    a("--port", type=int, default=8080, metavar="N", help="HTTP port (default 8080; 0: any free port)")
-    a("--host", default="127.0.0.1", metavar="ADDR", help="address to listen on (default 127.0.0.1; another needs a token)")
-    a("--token", metavar="TOKEN", help="access token (default $CXR_LUNG_RISK_WEB_TOKEN); required unless the host is loopback")
-    a("--model", choices=list(models), default="lung-risk", help="which model(s) to run (default lung-risk)")
-    a("--weights", metavar="PATH", help="CXR-Lung-Risk weights (default: the fetch-weights cache)")
-    a("--age-weights", metavar="PATH", help="CXR-Age weights (with --model age or all)")
-    a("--demo-weights", action="store_true", help="the SYNTHETIC weights `cxr-lung-risk demo` made (meaningless scores, labelled SYNTHETIC)")
-    a("--device", choices=["auto", "cpu", "cuda"], default="auto", help="compute device (default auto)")
-    a("--max-files", type=int, default=None, metavar="N", help="files kept per browser session (default 100)")
-    a("--max-upload-mb", type=int, default=None, metavar="MB", help="largest upload request, e.g. one zip (default 1024)")
-    a("--no-saliency", dest="saliency", action="store_false", help="no saliency overlay (faster)")
-
-
-def config_from_args(args: argparse.Namespace):
+def web_config(*, models: str = "lung-risk", weights: str | None = None, age_weights: str | None = None,
+               demo_weights: bool = False, device: str = "auto", host: str = "127.0.0.1", port: int = 8080,
+               token: str | None = None, saliency: bool = True, max_files: int | None = None,
+               max_upload_mb: int | None = None):
+    """The checked :class:`~.engine.WebConfig` of the ``web`` command's options (the CLI's argparse
+    calls this; a bad value raises :class:`~cxr_lung_risk.errors.UsageError` with one sentence)."""
     from ..errors import UsageError
     from .engine import TOKEN_ENV, WebConfig, is_loopback, weights_from_args
 
-    token = args.token or os.environ.get(TOKEN_ENV) or None
-    if not is_loopback(args.host) and not token:
-        raise UsageError(f"--host {args.host} is not a loopback address: give --token (or ${TOKEN_ENV}) so only you can use the page")
-    if not 0 <= args.port <= 65535:
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(host) and not token:
+        raise UsageError(f"--host {host} is not a loopback address: give --token (or ${TOKEN_ENV}) so only you can use the page")
+    if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
-    cfg = WebConfig(models=args.model, weights=weights_from_args(args.weights, args.age_weights, args.demo_weights),
-                    device=args.device, host=args.host, port=args.port, token=token, saliency=args.saliency)
-    if args.max_files is not None:
-        if args.max_files < 1:
+    cfg = WebConfig(models=models, weights=weights_from_args(weights, age_weights, demo_weights),
+                    device=device, host=host, port=port, token=token, saliency=saliency)
+    if max_files is not None:
+        if max_files < 1:
             raise UsageError("--max-files must be at least 1")
-        cfg.max_files = args.max_files
-    if args.max_upload_mb is not None:
-        if args.max_upload_mb < 1:
+        cfg.max_files = max_files
+    if max_upload_mb is not None:
+        if max_upload_mb < 1:
             raise UsageError("--max-upload-mb must be at least 1")
-        cfg.max_upload_bytes = args.max_upload_mb << 20
+        cfg.max_upload_bytes = max_upload_mb << 20
         cfg.max_file_bytes = min(cfg.max_file_bytes, cfg.max_upload_bytes)
     return cfg
+
+
+def missing_extra() -> str | None:
+    """The sentence to show when the ``[web]`` extra is not installed, else None."""
+    try:
+        import flask  # noqa: F401
+        import waitress  # noqa: F401
+    except ImportError as e:
+        return f"web needs the [web] extra ({e.name} is missing): pip install 'cxr-lung-risk[web]'"
+    return None
 
 
 def run_web(cfg, *, ready=None) -> int:
@@ -122,14 +113,3 @@ def run_web(cfg, *, ready=None) -> int:
         engine.close()
         print("cxr-lung-risk web: stopped; uploads and results deleted", file=sys.stderr, flush=True)
     return 0
-
-
-def main_command(args: argparse.Namespace) -> int:
-    """The ``web`` command (cli.py dispatches here)."""
-    try:
-        import flask  # noqa: F401
-        import waitress  # noqa: F401
-    except ImportError as e:
-        print(f"cxr-lung-risk: web needs the [web] extra ({e.name} is missing): pip install 'cxr-lung-risk[web]'", file=sys.stderr)
-        return 1
-    return run_web(config_from_args(args))
