@@ -132,9 +132,9 @@ def run_report(opts: ReportOptions) -> dict[str, Any]:
                           extra_numeric=("CXR_Age", "CXR_Age_Gap", "Chronological_Age"))
     for col in opts.also_events:  # checked before any analysis runs
         if col not in outcomes.columns:
-            from .data import _found
+            from .data import found_columns
 
-            raise UsageError(f"the outcomes have no column {col!r} for --also-event (found: {_found(outcomes)})")
+            raise UsageError(f"the outcomes have no column {col!r} for --also-event (found: {found_columns(outcomes)})")
     base = cohort.baseline
     age = base["Chronological_Age"] if "Chronological_Age" in base.columns and base["Chronological_Age"].notna().any() else None
     if age is None:

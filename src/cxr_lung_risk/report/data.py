@@ -43,7 +43,7 @@ def parse_covariates(text: str | None) -> list[Covariate]:
     return out
 
 
-def _found(df: pd.DataFrame) -> str:
+def found_columns(df: pd.DataFrame) -> str:
     cols = [str(c) for c in df.columns]
     return ", ".join(cols[:30]) + (f", ... ({len(cols)} in all)" if len(cols) > 30 else "") if cols else "none"
 
@@ -107,7 +107,7 @@ def read_outcomes(path: Path) -> pd.DataFrame:
 
 def _need(df: pd.DataFrame, col: str, what: str, option: str) -> None:
     if col not in df.columns:
-        raise UsageError(f"the {what} have no column {col!r} (found: {_found(df)}); name the right one with {option}")
+        raise UsageError(f"the {what} have no column {col!r} (found: {found_columns(df)}); name the right one with {option}")
 
 
 def _numeric(series: pd.Series, col: str, what: str) -> pd.Series:
@@ -153,7 +153,7 @@ def build_cohort(results: pd.DataFrame, outcomes: pd.DataFrame, *, key: str, tim
     _need(outcomes, event, "outcomes", "--event")
     for c in covariates:
         if c.name not in outcomes.columns and c.name not in results.columns:
-            raise UsageError(f"covariate {c.name!r} is in neither the outcomes (found: {_found(outcomes)}) nor the results")
+            raise UsageError(f"covariate {c.name!r} is in neither the outcomes (found: {found_columns(outcomes)}) nor the results")
     flow: dict[str, Any] = {"results_rows_read": int(len(results)), "outcomes_rows_read": int(len(outcomes))}
     excluded: list[dict[str, str]] = []
 
