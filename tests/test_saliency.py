@@ -163,6 +163,20 @@ def test_secondary_capture_gradcam_and_deterministic(tmp_path, dicom_data):
         build_secondary_capture(src, rgb[..., 0], model_title="x")
 
 
+def test_deterministic_secondary_capture_is_byte_identical_across_time(tmp_path, dicom_data):
+    """``--deterministic`` promises the same bytes on a rerun: every date and time of the SC
+    (highdicom's InstanceCreationDate/Time and ContributionDateTime included) comes from the
+    source, not from the clock."""
+    import time
+
+    src = pydicom.dcmread(dicom_data / "RG1_UNCR.dcm", stop_before_pixels=True)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    a = write_sc(build_secondary_capture(src, rgb, model_title="CXR-Lung-Risk", deterministic=True), tmp_path / "a.dcm")
+    time.sleep(1.1)  # a clock-dated attribute would now differ by at least a second
+    b = write_sc(build_secondary_capture(src, rgb, model_title="CXR-Lung-Risk", deterministic=True), tmp_path / "b.dcm")
+    assert a.read_bytes() == b.read_bytes()
+
+
 # ------------------------------------------------------------------------- writer on real input
 def test_saliency_writer_on_real_dicom(tmp_path, dicom_data):
     from cxr_lung_risk.dicom_io import discover

@@ -31,11 +31,13 @@ What is normalised, and why (nothing else is)
    other attribute, the pixel data included, is digested as written:
    * ``serve`` writes under the STABLE UID policy: UIDs derived from the source, dated now by
      design (a PACS shows when the result was made): :data:`NOW_KEYWORDS`;
-   * ``predict --deterministic`` dates its objects from the source, except -- found while making
-     this stored run, left as it is (behaviour unchanged) -- the Secondary Captures (saliency SC,
-     result image): highdicom stamps InstanceCreationDate/Time and the Contributing Equipment's
-     ContributionDateTime with the time of writing: :data:`CREATION_KEYWORDS`. The SRs are
-     digested raw.
+   * ``predict --deterministic`` dates its objects from the source. When this stored run was made
+     (before the refactor), the Secondary Captures (saliency SC, result image) still carried
+     highdicom's InstanceCreationDate/Time and Contributing Equipment ContributionDateTime of the
+     time of writing (:data:`CREATION_KEYWORDS`); that was fixed after the refactor (the SC builder
+     dates them from the source too; ``tests/test_saliency.py`` checks the raw bytes across time),
+     and the normalisation stays so the digests recorded before the fix still compare. The SRs
+     are digested raw.
 3. The name of ``serve``'s batch folder (``results/<time>-<ns>``) is left out of the relative paths.
 4. ``run.json``'s ``software.torch`` is the installed torch version; the stored file records the
    versions it was made with and ``check`` refuses to compare under other versions of torch,

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pydicom.valuerep import DA, TM
+from pydicom.valuerep import DA, DT, TM
 
 from .base import (
     COPIED_KEYWORDS,
@@ -228,6 +228,11 @@ def derived_secondary_capture(
     sc.DateOfSecondaryCapture, sc.TimeOfSecondaryCapture = DA(when.date()), TM(when.time())
     sc.ContentDate, sc.ContentTime = DA(when.date()), TM(when.time())
     sc.SeriesDate, sc.SeriesTime = DA(when.date()), TM(when.time())
+    # highdicom dates the instance and its contributing equipment by the clock: the same time here
+    sc.InstanceCreationDate, sc.InstanceCreationTime = DA(when.date()), TM(when.time())
+    for item in sc.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = DT(when)
     return sc
 
 
