@@ -8,12 +8,12 @@ saliency, so saliency depends on models and never the reverse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["SaliencyTarget", "PlainScore", "input_format"]
+__all__ = ["SaliencyTarget", "PlainScore", "input_format", "ensemble_target"]
 
 
 @dataclass
@@ -59,3 +59,25 @@ class PlainScore:
             part = w * net(x.contiguous(memory_format=input_format(net)))[:, 0].to(x.dtype)
             raw = part if raw is None else raw + part
         return self.outer(raw)
+
+
+def ensemble_target(ens: Any) -> SaliencyTarget:
+    """The saliency target of a weighted ensemble (``models``, ``members`` with ``weight``, ``spec``
+    with ``intercept``/``name``/``title``/``mean``/``std``, ``device``): its LASSO-combined score
+    ``sum_i w_i f_i(x) + b``, written over ``plain_parts`` and differentiated one member at a time."""
+    intercept = float(ens.spec.intercept)
+    parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
+
+    def outer(y: torch.Tensor) -> torch.Tensor:
+        return y + intercept
+
+    return SaliencyTarget(
+        name=ens.spec.name,
+        title=ens.spec.title,
+        score=PlainScore(parts, outer),
+        plain_parts=parts,
+        outer=outer,
+        mean=ens.spec.mean,
+        std=ens.spec.std,
+        device=ens.device,
+    )

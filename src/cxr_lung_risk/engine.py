@@ -402,25 +402,9 @@ class LungRiskModel:
 
     def saliency_target(self):
         """The LASSO-combined score ``sum_i w_i f_i(x) + b``, differentiated one member at a time."""
-        from .differentiable import PlainScore, SaliencyTarget
+        from .differentiable import ensemble_target
 
-        ens = self.ensemble
-        intercept = float(ens.spec.intercept)
-        parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
-
-        def outer(y: torch.Tensor) -> torch.Tensor:
-            return y + intercept
-
-        return SaliencyTarget(
-            name=ens.spec.name,
-            title=ens.spec.title,
-            score=PlainScore(parts, outer),
-            plain_parts=parts,
-            outer=outer,
-            mean=ens.spec.mean,
-            std=ens.spec.std,
-            device=ens.device,
-        )
+        return ensemble_target(self.ensemble)
 
 
 def load_model(options=None) -> LungRiskModel:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..differentiable import PlainScore, SaliencyTarget, input_format
+from ..differentiable import PlainScore, SaliencyTarget, ensemble_target, input_format
 from ..runtime import fp32_math
 from ..transforms import normalize
 
@@ -74,19 +74,7 @@ def target_for(scorer: Any) -> SaliencyTarget:
     if callable(make):
         target = make()
     elif ens is not None:
-        intercept = float(ens.spec.intercept)
-        parts = [(net, float(mem.weight)) for net, mem in zip(ens.models, ens.members)]
-        outer = lambda y: y + intercept  # noqa: E731
-        target = SaliencyTarget(
-            name=ens.spec.name,
-            title=ens.spec.title,
-            score=PlainScore(parts, outer),
-            plain_parts=parts,
-            outer=outer,
-            mean=ens.spec.mean,
-            std=ens.spec.std,
-            device=ens.device,
-        )
+        target = ensemble_target(ens)
     else:
         raise TypeError(f"no saliency support for {type(scorer).__name__}")
     return target
