@@ -168,8 +168,12 @@ def test_default_workflow_in_the_container(image, mixed_inputs, synthetic_weight
 
     hdr = {k: pydicom.dcmread(mixed_inputs[k], stop_before_pixels=True) for k in ("cr", "dx", "ct", "mr")}
     radiographs = {k: hdr[k] for k in ("cr", "dx")}
-    # one folder per radiograph series, nothing for the CT, the MR or the broken file
-    assert sorted(p.name for p in out.iterdir()) == sorted(ds.SeriesInstanceUID for ds in radiographs.values()), logs
+    # one folder per radiograph series (+ the cohort-wide global report), nothing for the CT, the MR
+    # or the broken file
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [ds.SeriesInstanceUID for ds in radiographs.values()] + ["cxr_lung_risk_cohort.json"]), logs
+    cohort = json.loads((out / "cxr_lung_risk_cohort.json").read_text())
+    assert sorted(e["series_instance_uid"] for e in cohort) == sorted(ds.SeriesInstanceUID for ds in radiographs.values())
     for k in ("ct", "mr"):
         assert not list(out.rglob(f"*{hdr[k].SOPInstanceUID}*")) and not (out / hdr[k].SeriesInstanceUID).exists()
 
