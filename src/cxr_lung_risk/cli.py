@@ -409,18 +409,9 @@ def predict_options(args: argparse.Namespace):
     from .options import PredictOptions, parse_formats
     from .registry import resolve_models
 
-    weights = {}
-    if getattr(args, "demo_weights", False):
-        from .demo import demo_weights
-        from .errors import UsageError
+    from .demo import weights_map
 
-        if args.weights or args.age_weights:
-            raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
-        weights["lung-risk"], weights["age"] = demo_weights()
-    if args.weights:
-        weights["lung-risk"] = Path(args.weights)
-    if args.age_weights:
-        weights["age"] = Path(args.age_weights)
+    weights = weights_map(args.weights, args.age_weights, getattr(args, "demo_weights", False))
     from .dicomweb import is_dicomweb_input
     from .options import is_url
     from .resume import parse_shard

@@ -120,3 +120,20 @@ def run_demo(out: str | Path, *, cache: str | Path | None = None, progress: bool
         progress=progress,
     )
     return run_predict(opts)
+
+
+def weights_map(weights: str | None, age_weights: str | None, demo: bool) -> dict[str, Path]:
+    """``--weights``/``--age-weights``/``--demo-weights`` as ``load_scorer``'s ``weights`` map
+    (``predict`` and ``web``); the demo weights exclude the other two."""
+    from .errors import UsageError
+
+    out: dict[str, Path] = {}
+    if demo:
+        if weights or age_weights:
+            raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
+        out["lung-risk"], out["age"] = demo_weights()
+    if weights:
+        out["lung-risk"] = Path(weights)
+    if age_weights:
+        out["age"] = Path(age_weights)
+    return out

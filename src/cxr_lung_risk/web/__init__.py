@@ -35,14 +35,15 @@ def web_config(*, models: str = "lung-risk", weights: str | None = None, age_wei
     """The checked :class:`~.engine.WebConfig` of the ``web`` command's options (the CLI's argparse
     calls this; a bad value raises :class:`~cxr_lung_risk.errors.UsageError` with one sentence)."""
     from ..errors import UsageError
-    from .engine import TOKEN_ENV, WebConfig, is_loopback, weights_from_args
+    from ..demo import weights_map
+    from .engine import TOKEN_ENV, WebConfig, is_loopback
 
     token = token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and not token:
         raise UsageError(f"--host {host} is not a loopback address: give --token (or ${TOKEN_ENV}) so only you can use the page")
     if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
-    cfg = WebConfig(models=models, weights=weights_from_args(weights, age_weights, demo_weights),
+    cfg = WebConfig(models=models, weights=weights_map(weights, age_weights, demo_weights),
                     device=device, host=host, port=port, token=token, saliency=saliency)
     if max_files is not None:
         if max_files < 1:

@@ -503,24 +503,6 @@ def _save_png(rgb: Any, path: Path) -> Path:
     return path
 
 
-def weights_from_args(weights: str | None, age_weights: str | None, demo: bool) -> dict[str, Path]:
-    """``--weights``/``--age-weights``/``--demo-weights`` as ``load_scorer``'s ``weights`` map."""
-    from ..errors import UsageError
-
-    out: dict[str, Path] = {}
-    if demo:
-        if weights or age_weights:
-            raise UsageError("--demo-weights and --weights/--age-weights exclude each other")
-        from ..demo import demo_weights
-
-        out["lung-risk"], out["age"] = demo_weights()
-    if weights:
-        out["lung-risk"] = Path(weights)
-    if age_weights:
-        out["age"] = Path(age_weights)
-    return out
-
-
 def is_loopback(host: str) -> bool:
     h = host.strip("[]")
     return h in ("localhost", "::1") or h.startswith("127.")
