@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .options import PredictOptions
 from .progress import say
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["sample_inputs", "ensure_demo_weights", "demo_weights", "run_demo", "DEMO_DONE"]
 
@@ -40,6 +43,8 @@ def sample_inputs() -> list[Path]:
 
 
 def _sample_batch() -> torch.Tensor:
+    import torch  # lazily: `predict` imports this module for weights_map before any input is checked
+
     from .transforms import center_crop_resize, open_raster, to_uint8_chw
 
     pngs = [p for p in sample_inputs() if p.suffix == ".png"]
