@@ -9,6 +9,12 @@ import pytest
 
 from pacs_fixtures import orthanc, orthanc_factory  # noqa: F401  (a real Orthanc; marker pacs)
 
+# The ensemble's CPU inference layout is chosen by timing both at load time (cxr_lung_risk.layout,
+# cached per machine). Every test that is not about that choice runs the tested default, `fast`,
+# so that runs of the suite compare byte for byte whatever the shared machine's load; tests of the
+# choice itself (tests/test_layout.py) set the variable themselves. Subprocesses inherit it.
+os.environ.setdefault("CXR_LUNG_RISK_LAYOUT", "fast")
+
 REPO = Path(__file__).resolve().parents[1]
 # The authors' reference files the tests compare against, copied verbatim into the repository
 # (origin and sha256 of each: tests/data/reference/PROVENANCE.md).

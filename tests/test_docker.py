@@ -97,8 +97,10 @@ def run_container(image: str, inp: Path | None, out: Path | None, *args: str, us
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         mounts += ["-v", f"{out}:/app/data/output_data"]
+    # the suite pins the CPU inference layout (conftest; the choice itself: tests/test_layout.py)
+    env = ["-e", f"CXR_LUNG_RISK_LAYOUT={os.environ['CXR_LUNG_RISK_LAYOUT']}"] if os.environ.get("CXR_LUNG_RISK_LAYOUT") else []
     t0 = time.monotonic()
-    proc = docker("run", "--rm", "--network", "none", *(["--user", user] if user else []), *mounts, image, *args,
+    proc = docker("run", "--rm", "--network", "none", *env, *(["--user", user] if user else []), *mounts, image, *args,
                   check=False, timeout=1800)
     TIMINGS[f"run {' '.join(args) or 'default'}{' as ' + user if user else ''} (s)"] = time.monotonic() - t0
     return proc

@@ -11,10 +11,13 @@ Performance (see ``benchmarks/README.md`` for the measurements behind each choic
   member (no parameter initialisation, no allocation); weights are memory-mapped and assigned in
   place; the member files are prefetched into the page cache in parallel while the first
   members are built (cold-disk load is then close to warm).
-* inference: eval mode, ``torch.inference_mode``, BatchNorm2d folded into the preceding
-  convolution in float32 (``fold_bn``; changes outputs by ~1e-7 relative), channels_last
-  activations and weights (oneDNN's fast path on CPU, tensor-core layout on CUDA), one batch
-  through all members in turn (each member's weights are streamed once per batch).
+* inference: eval mode, ``torch.inference_mode``, one batch through all members in turn (each
+  member's weights are streamed once per batch), each architecture in the layout that measures
+  faster on this CPU (:mod:`cxr_lung_risk.layout`): ``fast`` = BatchNorm2d folded into the
+  preceding convolution in float32 (changes outputs by ~1e-7 relative) and channels_last
+  activations and weights (oneDNN's NHWC path on the CPU, tensor-core layout on CUDA), or
+  ``plain`` = the published layout (on some AVX2-only CPUs the faster one). Decided at load time,
+  cached per machine, recorded as the ``layout`` parameter.
 * precision: float32 by default, and IEEE float32 on CUDA too: cuDNN would otherwise run float32
   convolutions in TF32 (10-bit mantissa) on Ampere and newer GPUs, PyTorch's default, so every
   forward pass runs under :func:`fp32_math`. ``precision='tf32'`` (CUDA only) allows TF32
@@ -37,7 +40,9 @@ import torch
 from torch import nn
 
 from . import archs
+from .differentiable import input_format
 from .errors import WeightsError, WeightsNotFoundError
+from .layout import CACHE_NAME, LayoutCache, LayoutChoice, cpu_key, describe, requested_layout, time_alternating
 from .runtime import PRECISIONS, Placement, fp32_math, placement, resolve_device, resolve_precision
 from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
@@ -62,13 +67,15 @@ _MEMBER_FILE = re.compile(r"^(?P<stem>.+)_(?P<idx>\d+)\.pth$")
 
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format) -> None:
-    """Fold an eval-mode BatchNorm2d into the convolution before it (float32 maths)."""
+    """Fold an eval-mode BatchNorm2d into the convolution before it: computed in float64 and
+    rounded once to float32 (folding in float32 rounded twice and moved members' outputs by up to
+    1.2e-5 from the published layout's on the held images; issue 26 allows 1e-5)."""
     w = conv.weight.detach()
-    scale = bn.weight.detach().float() * torch.rsqrt(bn.running_var.detach().float() + bn.eps)
+    scale = bn.weight.detach().double() * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     folded = torch.empty_like(w, dtype=torch.float32, memory_format=memory_format)
-    torch.mul(w.float(), scale.view(-1, 1, 1, 1), out=folded)
-    bias = conv.bias.detach().float() if conv.bias is not None else torch.zeros_like(scale)
-    new_bias = (bias - bn.running_mean.detach().float()) * scale + bn.bias.detach().float()
+    folded.copy_(w.double() * scale.view(-1, 1, 1, 1))
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(scale)
+    new_bias = ((bias - bn.running_mean.detach().double()) * scale + bn.bias.detach().double()).float()
     conv.weight = nn.Parameter(folded, requires_grad=False)
     conv.bias = nn.Parameter(new_bias, requires_grad=False)
 
@@ -237,6 +244,7 @@ class LungRiskEnsemble:
         *,
         precision: str = "fp32",
         channels_last: bool = False,
+        layouts: dict[str, LayoutChoice] | None = None,
     ) -> None:
         self.spec = spec
         self.members = tuple(members)
@@ -247,6 +255,9 @@ class LungRiskEnsemble:
         self.amp_dtype = self.placement.amp_dtype
         self.allow_tf32 = self.placement.allow_tf32
         self.channels_last = bool(channels_last)
+        # each network's own input layout (architectures may run in different layouts)
+        self._formats = [input_format(m) for m in self.models]
+        self.layouts = dict(layouts or {})
         self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)
 
@@ -260,23 +271,25 @@ class LungRiskEnsemble:
         device: str | torch.device = "cpu",
         precision: str = "fp32",
         channels_last: bool | None = None,
-        fold_bn: bool = True,
+        fold_bn: bool | None = None,
         prefetch: bool = True,
+        layout: str | None = None,
     ) -> "LungRiskEnsemble":
         """Load the members (non-zero LASSO weight only unless ``all_members``) for inference.
 
         ``precision``: ``fp32`` (default, IEEE float32 also on CUDA, exact within float32
         reordering), ``tf32`` (CUDA only), ``bf16`` or ``fp16`` (CUDA only) for the convolutional
-        bodies. ``channels_last``: None = on (measured faster on
-        CPU and CUDA). ``fold_bn``: fold BatchNorm2d into the convolutions (state-dict keys of
-        ``self.models`` then differ from the published files; outputs agree to ~1e-7).
+        bodies. ``layout``: ``auto`` (default; ``$CXR_LUNG_RISK_LAYOUT`` overrides it), ``fast`` or
+        ``plain`` (see :mod:`cxr_lung_risk.layout`; the choice per architecture is in
+        ``self.layouts``). ``fold_bn`` / ``channels_last`` (benchmarks): set both layout
+        ingredients explicitly for every member instead (``fold_bn``: BatchNorm2d folded into the
+        convolutions: state-dict keys then differ from the published files).
         ``prefetch``: have the kernel read all member files in parallel first (see
         :meth:`WeightSource.prefetch`); off only to measure what it saves.
         """
         spec = spec or lung_risk_spec()
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         resolve_precision(precision, dev)  # refuse before loading 1 GB
-        cl = True if channels_last is None else bool(channels_last)
         source = WeightSource(weights)
         check_member_files(spec, source)
         members = spec.active_members(all_members)
@@ -288,8 +301,15 @@ class LungRiskEnsemble:
             )
         if prefetch:
             source.prefetch([m.file for m in members])
-        models = [build_member(m, source, device=dev, fold_bn=fold_bn, channels_last=cl) for m in members]
-        return cls(spec, members, models, dev, precision=precision, channels_last=cl)
+        if fold_bn is not None or channels_last is not None:  # explicit ingredients (benchmarks)
+            fb = True if fold_bn is None else bool(fold_bn)
+            cl = True if channels_last is None else bool(channels_last)
+            name = "fast" if fb and cl else "plain" if not (fb or cl) else f"fold_bn={fb}, channels_last={cl}"
+            chosen = {m.architecture: LayoutChoice(m.architecture, name, "requested") for m in members}
+            models = [build_member(m, source, device=dev, fold_bn=fb, channels_last=cl) for m in members]
+        else:
+            chosen, models = _build_in_layouts(members, source, dev, precision, requested_layout(layout))
+        return cls(spec, members, models, dev, precision=precision, channels_last=any(f == torch.channels_last for f in (input_format(m) for m in models)), layouts=chosen)
 
     @property
     def member_names(self) -> list[str]:
@@ -315,12 +335,14 @@ class LungRiskEnsemble:
         """Raw outputs (N, M) for a normalised float32 batch (N, 3, 224, 224); ``on_member(i)``
         is called after member ``i`` has run (progress)."""
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        views: dict[torch.memory_format, torch.Tensor] = {}
         outs = []
         with fp32_math(self.allow_tf32):
             for i in range(len(self.models)):
-                outs.append(self._run(i, x)[:, 0].float())
+                fmt = self._formats[i]
+                if fmt not in views:
+                    views[fmt] = x.contiguous(memory_format=fmt) if x.ndim == 4 else x
+                outs.append(self._run(i, views[fmt])[:, 0].float())
                 if on_member is not None:
                     on_member(i)
         return torch.stack(outs, 1)
@@ -336,6 +358,68 @@ class LungRiskEnsemble:
         x = normalize(batch_u8.to(self.device, non_blocking=True), self.spec.mean, self.spec.std)
         per = self.member_outputs(x, on_member).cpu().double().numpy()
         return EnsembleResult(self.combine(per), per)
+
+
+CALIBRATION_BATCH = 4  # images per timed pass when choosing a layout
+
+
+def _layout_cache() -> LayoutCache:
+    from .fetch import cache_dir
+
+    try:
+        return LayoutCache(cache_dir() / CACHE_NAME)
+    except Exception:  # noqa: BLE001 - no usable cache folder: measure every time
+        return LayoutCache(None)
+
+
+def _measure_layouts(arch: str, plain: nn.Module, fast: nn.Module) -> LayoutChoice:
+    """Time one member of ``arch`` in both layouts on this CPU; ``plain`` only if clearly faster."""
+    from .layout import MARGIN
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(CALIBRATION_BATCH, 3, 224, 224, generator=g)
+    xs = {"plain": x, "fast": x.contiguous(memory_format=torch.channels_last)}
+    nets = {"plain": plain, "fast": fast}
+    with torch.inference_mode(), fp32_math():
+        s = time_alternating({k: (lambda k=k: nets[k](xs[k])) for k in ("fast", "plain")}, rounds=2)
+    ms = {k: 1000 * v / CALIBRATION_BATCH for k, v in s.items()}
+    return LayoutChoice(arch, "plain" if ms["plain"] < ms["fast"] * (1 - MARGIN) else "fast", "measured", ms)
+
+
+def _build_in_layouts(members: Sequence[Member], source: WeightSource, dev: torch.device, precision: str,
+                      request: str) -> tuple[dict[str, LayoutChoice], list[nn.Module]]:
+    """Build every member in its architecture's layout (``request``: auto | fast | plain).
+
+    ``auto`` on the CPU in float32: the cached choice for this CPU, else the first member of each
+    architecture is built both ways and timed (:func:`_measure_layouts`; the loser is dropped and
+    the answer cached). CUDA and reduced precision always run ``fast``.
+    """
+    from .progress import say
+
+    chosen: dict[str, LayoutChoice] = {}
+    models: list[nn.Module] = []
+    measure = request == "auto" and dev.type == "cpu" and str(precision).lower() == "fp32"
+    cache, key = (_layout_cache(), cpu_key()) if measure else (None, "")
+    for m in members:
+        arch = m.architecture
+        if arch not in chosen:
+            if not measure:
+                chosen[arch] = LayoutChoice(arch, "fast" if request == "auto" else request, "device" if request == "auto" else "requested")
+            elif (hit := cache.get(key, arch)) is not None:
+                chosen[arch] = hit
+            else:
+                say(f"timing both inference layouts of {arch} on this CPU (once per machine; cached) ...")
+                plain = build_member(m, source, device=dev, fold_bn=False, channels_last=False)
+                fast = build_member(m, source, device=dev, fold_bn=True, channels_last=True)
+                choice = chosen[arch] = _measure_layouts(arch, plain, fast)
+                cache.put(key, choice)
+                say(f"  {arch}: {choice.layout} (fast {choice.ms_per_image['fast']:.0f} ms/image, "
+                    f"plain {choice.ms_per_image['plain']:.0f} ms/image)")
+                models.append(fast if choice.layout == "fast" else plain)
+                continue
+        fast_layout = chosen[arch].layout == "fast"
+        models.append(build_member(m, source, device=dev, fold_bn=fast_layout, channels_last=fast_layout))
+    return chosen, models
 
 
 def check_member_files(spec: EnsembleSpec, source: WeightSource) -> None:
@@ -370,6 +454,11 @@ class LungRiskModel:
     def title(self) -> str:
         return self.spec.title
 
+    @property
+    def layouts(self) -> dict[str, LayoutChoice]:
+        """The inference layout per architecture and how it was chosen (:mod:`cxr_lung_risk.layout`)."""
+        return self.ensemble.layouts
+
     def score(self, batch_u8: torch.Tensor, on_step: Callable[[float], None] | None = None) -> dict[str, np.ndarray]:
         """``on_step(f)``: a further fraction ``f`` of this batch's work is done (progress)."""
         n = len(self.ensemble.models)
@@ -395,6 +484,7 @@ class LungRiskModel:
         from .outputs.sr import algorithm_info
 
         params = dict(self.placement.parameters())
+        params["layout"] = describe(self.ensemble.layouts)
         if len(self.ensemble.members) != len(self.spec.active_members()):
             params["all_members"] = "true"
         params.update(extra or {})

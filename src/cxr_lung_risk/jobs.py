@@ -414,16 +414,20 @@ def _title(key: str) -> str:
 
 
 def models_info(models: Sequence[Model]) -> dict[str, Any]:
-    """run.json's ``models``: title, device, precision and weights identity per model."""
-    return {
-        m.spec.key: {
+    """run.json's ``models``: title, device, precision, weights identity and (models that choose
+    one per architecture, :mod:`cxr_lung_risk.layout`) the inference layout per model."""
+    out: dict[str, Any] = {}
+    for m in models:
+        out[m.spec.key] = {
             "title": m.spec.title,
             "device": m.placement.device_name,
             "precision": m.placement.precision,
             "weights": m.weights_identity,
         }
-        for m in models
-    }
+        layouts = getattr(m, "layouts", None)
+        if layouts:
+            out[m.spec.key]["layout"] = {arch: c.as_dict() for arch, c in layouts.items()}
+    return out
 
 
 def open_writer(opts: PredictOptions, plan: Plan, models: Sequence[Model], columns: Sequence[str], summary: RunSummary,
