@@ -334,7 +334,7 @@ def test_redirect_and_resume_across_it(server, tmp_path, blob):
 def test_concurrent_fetch_is_refused(server, tmp_path, blob):
     url = server.add("/blob", blob)
     dest = tmp_path / "blob.bin"
-    with fetch._lock(dest.with_suffix(".bin.lock")):
+    with fetch.downloading._lock(dest.with_suffix(".bin.lock")):
         with pytest.raises(FetchError, match="another fetch-weights is already writing"):
             fetch.download(url, dest, expected_size=len(blob), expected_sha256=None, progress=False)
     assert server.requests_for("/blob") == []
@@ -592,7 +592,7 @@ def test_failed_fetch_keeps_existing_folders_and_files(server, home):
 
 
 def test_failed_fetch_keeps_a_resumable_partial_download(server, home, blob, monkeypatch):
-    monkeypatch.setattr(fetch.time, "sleep", lambda s: None)
+    monkeypatch.setattr(fetch.downloading.time, "sleep", lambda s: None)
     url = server.add("/age.pth", blob, drop_after=1000, drop_times=100)
     with pytest.raises(FetchError, match="interrupted after 4000 of"):  # 1 try + 3 retries, 1000 bytes each
         fetch.fetch_weights("age", url=url, expected_size=len(blob), expected_sha256=sha(blob), progress=False)
@@ -620,15 +620,15 @@ def test_failed_second_model_keeps_the_first(server, home, members, monkeypatch)
 @pytest.fixture
 def count_hashing(monkeypatch):
     """Counts the files fetch hashes from their content (and empties the in-process cache)."""
-    monkeypatch.setattr(fetch, "_SHA256_CACHE", {})
+    monkeypatch.setattr(fetch.identity, "_SHA256_CACHE", {})
     hashed: list[str] = []
-    real = fetch._hash_file
+    real = fetch.identity.hash_file
 
     def spy(path, h):
         hashed.append(Path(path).name)
         real(path, h)
 
-    monkeypatch.setattr(fetch, "_hash_file", spy)
+    monkeypatch.setattr(fetch.identity, "hash_file", spy)
     return hashed
 
 

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import CxrLungRiskError
-from .options import SR_CLASS_CHOICES
+from .options import IM_VERSIONS, SR_CLASS_CHOICES
 
 EXIT_OK, EXIT_NONE, EXIT_SOME_FAILED = 0, 1, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -96,12 +96,7 @@ def _add_selection_args(p: argparse.ArgumentParser) -> None:
         "a missing or chest-like value is always accepted)",
     )
     g.add_argument("--modalities", default=None, metavar="LIST", help="comma-separated modalities to accept (default: CR,DX plus DX-like SC)")
-    g.add_argument(
-        "--im-version",
-        choices=["6.8.9-9", "6.9.11"],
-        default="6.8.9-9",
-        help="ImageMagick arithmetic to reproduce: the authors' 6.8.9-9 (default) or Debian 12's 6.9.11",
-    )
+    _add_im_version_arg(g.add_argument)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -110,6 +105,21 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 _SR_CLASS_HELP = ("SR SOP class: 3d = Comprehensive 3D SR (IHE AI Results, default); comprehensive = Comprehensive SR "
                   "(1.2.840.10008.5.1.4.1.1.88.33) for archives without the 3D class")
+
+
+def _add_im_version_arg(add, *, serve: bool = False) -> None:
+    """``--im-version`` of predict/preprocess (in the DICOM selection group) and serve, defined once.
+    ``serve``: no argparse default (see :func:`_add_model_args`) and the node's shorter help."""
+    if serve:
+        add("--im-version", choices=list(IM_VERSIONS), help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
+        return
+    add("--im-version", choices=list(IM_VERSIONS), default="6.8.9-9",
+        help="ImageMagick arithmetic to reproduce: the authors' 6.8.9-9 (default) or Debian 12's 6.9.11")
+
+
+def _add_sr_class_arg(add, *, serve: bool = False) -> None:
+    """``--sr-class`` of predict and serve, defined once (``serve``: no argparse default)."""
+    add("--sr-class", choices=SR_CLASS_CHOICES, default=None if serve else "3d", help=_SR_CLASS_HELP)
 
 
 def _add_model_args(add, models: Sequence[str], *, serve: bool = False) -> None:
@@ -329,8 +339,8 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--tls-ca", type=Path, metavar="FILE", help="DICOM TLS: CA bundle; given, peers must present a certificate it signed")
     a("--send-tls", action="store_const", const=True, help="C-STORE to --send-to over TLS (verified with --tls-ca)")
     a("--audit-log", type=Path, metavar="FILE", help="JSON-lines audit log (default SPOOL/audit.jsonl)")
-    a("--im-version", choices=["6.8.9-9", "6.9.11"], help="ImageMagick arithmetic to reproduce (default 6.8.9-9)")
-    a("--sr-class", choices=SR_CLASS_CHOICES, help=_SR_CLASS_HELP)
+    _add_im_version_arg(a, serve=True)
+    _add_sr_class_arg(a, serve=True)
 
 
 def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None:
@@ -343,7 +353,7 @@ def _add_predict_args(p: argparse.ArgumentParser, models: Sequence[str]) -> None
     p.add_argument("--format", default="csv,sr", metavar="LIST", help="comma-separated outputs among csv, sr, json, parquet, fhir (default csv,sr)")
     p.add_argument("--timings", type=Path, metavar="FILE", help="write the run's wall time per phase (start-up, load, prepare, models, write; seconds) as JSON to FILE")
     p.add_argument("--deterministic", action="store_true", help="DICOM SRs with UIDs and times derived from the input (byte-identical reruns)")
-    p.add_argument("--sr-class", choices=SR_CLASS_CHOICES, default="3d", help=_SR_CLASS_HELP)
+    _add_sr_class_arg(p.add_argument)
     tta = p.add_mutually_exclusive_group()
     tta.add_argument("--tta", dest="tta", action="store_true", default=True, help="CXR-Age: deterministic test-time augmentation (default)")
     tta.add_argument("--no-tta", dest="tta", action="store_false", help="CXR-Age: plain single pass")
