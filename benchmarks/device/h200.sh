@@ -9,6 +9,8 @@ set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/synthetic_weights
+# no install there: the model specs (models/*.json, installed as cxr_lung_risk.specs) by a link
+[ -e src/cxr_lung_risk/specs ] || ln -s ../../models src/cxr_lung_risk/specs
 (lscpu; nvidia-smi -L; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name(0))') > "$OUT/machine.txt" 2>&1
 python3 benchmarks/device/write_fixture_weights.py $W > "$OUT/prep.log" 2>&1 || { cat "$OUT/prep.log"; exit 1; }
 (
