@@ -30,7 +30,7 @@ from .. import api
 from ..dicom_io import InputFile
 from ..jobs import Job, Loaded, Plan, RunSummary, Sink
 from ..outputs.writer import OutputWriter
-from ..pipeline import PrepareOptions, Prepared, iter_prepared
+from ..pipeline import PrepareOptions, iter_prepared
 from .audit import AuditLog
 from .config import ServeConfig
 from .metrics import Metrics
