@@ -7,7 +7,8 @@ Who does what:
 
 * :class:`Job` is the core they share: an :class:`Engine` loads the models (or hands over the ones
   it holds) and moves a :class:`Plan`'s inputs -- prepares and scores them in batches -- and hands
-  every result to the job (its :class:`Sink`) in input order; the job writes it through one
+  every result to the job (its :class:`Sink`) in input order (the node's engine: a batch's scored
+  inputs first, as the node always wrote them); the job writes it through one
   :class:`~cxr_lung_risk.outputs.writer.OutputWriter` and accounts it (:class:`Accounting`:
   counts, progress, warnings).
 * :class:`Run` is a ``predict`` run around one job: the output folder's lock, :func:`plan_run`
