@@ -3,15 +3,25 @@ runs its inputs through the same steps, owned here:
 
     plan (discover/list, shard, resume) -> prepare -> score -> write -> account
 
-:class:`Run` owns a ``predict`` run: the output folder's lock, the plan, the
-:class:`~cxr_lung_risk.outputs.writer.OutputWriter` and its ``run.json``, the accounting (counts,
-progress, warnings), ``--stow`` and the timings. What moves the inputs is an :class:`Engine`: it
-prepares and scores batches and hands each result to the run (:class:`Sink`) in input order, and
-nothing else -- :class:`LocalEngine` (a decode worker pool and the models in this process),
-:class:`cxr_lung_risk.cluster.RayEngine` (Ray tasks and actors). The node's worker
-(:mod:`cxr_lung_risk.serve.worker`) scores one spooled batch at a time through
-:func:`write_batch`. ``predict``, ``cluster`` and ``serve`` are thin adapters over this module and
-import nothing private from each other.
+Who does what:
+
+* :class:`Job` is the core they share: an :class:`Engine` loads the models (or hands over the ones
+  it holds) and moves a :class:`Plan`'s inputs -- prepares and scores them in batches -- and hands
+  every result to the job (its :class:`Sink`) in input order (the node's engine: a batch's scored
+  inputs first, as the node always wrote them); the job writes it through one
+  :class:`~cxr_lung_risk.outputs.writer.OutputWriter` and accounts it (:class:`Accounting`:
+  counts, progress, warnings).
+* :class:`Run` is a ``predict`` run around one job: the output folder's lock, :func:`plan_run`
+  (discovery or listing, shards, resume), ``run.json``, a full disk's one sentence, ``--stow`` and
+  the timings.
+* The engines only move batches: :class:`LocalEngine` (a decode worker pool and the models in
+  this process), :class:`cxr_lung_risk.cluster.RayEngine` (Ray tasks and actors) and the node's
+  :class:`cxr_lung_risk.serve.worker.NodeEngine` (one spooled batch, :meth:`Plan.batch`, scored
+  by the models the node loaded at start). The node runs one job per batch into a work folder and
+  keeps what is its own (spool, outbox, audit log, metrics; :mod:`cxr_lung_risk.serve.worker`).
+
+``predict``, ``cluster`` and ``serve`` are thin adapters over this module and import nothing
+private from each other.
 """
 from __future__ import annotations
 
@@ -39,8 +49,8 @@ from .scoring import Scorer
 from .sources import discover_inputs, list_inputs
 
 __all__ = [
-    "RunSummary", "Plan", "plan_run", "Run", "Engine", "Sink", "Loaded", "LocalEngine", "Accounting", "PhaseTimer",
-    "OutputLock", "open_writer", "models_info", "warn_synthetic", "write_batch", "prepare_out", "stop_when_full",
+    "RunSummary", "Plan", "plan_run", "Run", "Job", "Engine", "Sink", "Loaded", "LocalEngine", "Accounting", "PhaseTimer",
+    "OutputLock", "open_writer", "models_info", "warn_synthetic", "prepare_out", "stop_when_full",
     "run_formats", "discover_inputs", "RUN_JSON", "LOCK_FILE", "STOP_AFTER_ENV",
 ]
 
@@ -314,6 +324,12 @@ class Plan:
     n_inputs: int
     remote: list[Any] = field(default_factory=list)  # DICOMweb instances (always fetched; not resumed)
 
+    @classmethod
+    def batch(cls, files: Sequence[InputFile], *, uid_columns: bool = True) -> "Plan":
+        """A plan of ``files``, all to do: no discovery, shards or resume (the node's spooled batch,
+        whose inputs were accepted as DICOM: the table has the UID columns)."""
+        return cls(todo=list(files), identities={}, kept=None, uid_columns=uid_columns, n_inputs=len(files))
+
     def stamp(self, p: Prepared) -> Prepared:
         """Give a prepared input its identity (listing + the sha256 its preparation computed)."""
         p.identity = {**self.identities.get(p.file.rel, {}), **(p.identity or {})}
@@ -430,39 +446,39 @@ def models_info(models: Sequence[Model]) -> dict[str, Any]:
     return out
 
 
-def open_writer(opts: PredictOptions, plan: Plan, models: Sequence[Model], columns: Sequence[str], summary: RunSummary,
-                info: dict[str, Any], value_columns: Sequence[str] | None = None) -> OutputWriter:
+def open_writer(opts: PredictOptions, plan: Plan, loaded: "Loaded", summary: RunSummary) -> OutputWriter:
     """The run's :class:`OutputWriter` (resuming when the plan kept records) and its run.json."""
     writer = OutputWriter(
         opts.out,
-        models,
-        columns,
+        loaded.models,
+        loaded.columns(bool(plan.uid_columns)),
         formats=run_formats(opts),
         deterministic=opts.uid_policy,
         saliency=opts.saliency_method if opts.saliency else None,
         im_version=opts.im_version,
         sr_class=opts.sr_class,
         result_image=opts.result_image,
-        value_columns=value_columns,
+        value_columns=loaded.value_columns,
         resume=plan.kept,
     )
-    write_json_quietly(opts.out / RUN_JSON, run_info(opts, info, plan.n_inputs), summary, "the run description")
+    write_json_quietly(opts.out / RUN_JSON, run_info(opts, loaded.info, plan.n_inputs), summary, "the run description")
     return writer
 
 
 class Accounting:
-    """Counts finished inputs into the summary and the progress display (both engines)."""
+    """Counts finished inputs into the summary and the progress display (every engine).
+    ``stop_after``: end like Ctrl-C after that many inputs (the test hook :data:`STOP_AFTER_ENV`)."""
 
-    def __init__(self, opts: PredictOptions, summary: RunSummary, n: int) -> None:
-        self.opts, self.summary = opts, summary
-        self.progress = Progress(n, desc="scoring", enabled=opts.progress)
-        self.stop_after = stop_after()
+    def __init__(self, summary: RunSummary, n: int, *, progress: bool = False, stop_after: int | None = None) -> None:
+        self.summary, self.show = summary, progress
+        self.progress = Progress(n, desc="scoring", enabled=progress)
+        self.stop_after = stop_after
         self.n = 0
 
     def finish(self, rec: InputRecord, done: float) -> None:
         self.summary.counts[str(rec.status)] = self.summary.counts.get(str(rec.status), 0) + 1
         self.progress.finish_input(rec.status, done)
-        if rec.warnings and self.opts.progress:
+        if rec.warnings and self.show:
             for w in rec.warnings:
                 say(f"warning: {rec.file}: {w}")
         self.n += 1
@@ -486,7 +502,7 @@ class Loaded:
 
 
 class Sink(Protocol):
-    """Where an engine hands its results, in input order (the :class:`Run`: writer + accounting)."""
+    """Where an engine hands its results, in input order (the :class:`Job`: writer + accounting)."""
 
     timer: "PhaseTimer"
 
@@ -579,51 +595,81 @@ class LocalEngine:
         pass
 
 
+class Job:
+    """The core every way in shares: the engine loads (:meth:`load`), then moves the plan's inputs
+    while this job, its :class:`Sink`, writes each result through ``writer`` and accounts it
+    (:meth:`move`). Writes nothing else: no lock, no run.json (that is :class:`Run`'s; the node
+    commits its work folder itself). ``keep_records``: keep every record, in the order written
+    (the node's one batch; a ``predict`` run has them in ``records.jsonl``)."""
+
+    def __init__(self, engine: Engine, summary: RunSummary, timer: PhaseTimer | None = None, *, progress: bool = False,
+                 stop_after: int | None = None, keep_records: bool = False) -> None:
+        self.engine, self.summary = engine, summary
+        self.timer = timer if timer is not None else PhaseTimer()
+        self.progress, self.stop_after = progress, stop_after
+        self.records: list[InputRecord] | None = [] if keep_records else None
+        self.writer: OutputWriter | None = None
+        self.acc: Accounting | None = None
+
+    def load(self, keys: Sequence[str]) -> Loaded:
+        """The engine loads the models ``keys`` (or hands over those it holds)."""
+        loaded = self.engine.load(keys, self.timer, self.summary)
+        self.summary.weights = loaded.weights
+        return loaded
+
+    def move(self, plan: Plan, writer: OutputWriter) -> list[InputRecord]:
+        """The engine moves ``plan``'s inputs; each result is written by ``writer`` (closed at the
+        end) and accounted. Returns the records kept (``keep_records``), else []."""
+        self.writer = writer
+        self.acc = Accounting(self.summary, len(plan.todo) + len(plan.remote), progress=self.progress, stop_after=self.stop_after)
+        try:
+            self.engine.move(plan, self)
+        finally:
+            self.acc.close()
+            writer.close()
+        return list(self.records or ())
+
+    # ------------------------------------------------------------------ the sink
+    def _finish(self, rec: InputRecord, done: float) -> None:
+        if self.records is not None:
+            self.records.append(rec)
+        self.acc.finish(rec, done)
+
+    def advance(self, fraction: float) -> None:
+        self.acc.progress.advance(fraction)
+
+    def unscored(self, p: Prepared) -> None:
+        self._finish(self.writer.account(p), 0.0)
+
+    def scored(self, batch: Sequence[Prepared], rows: Sequence[dict[str, Any]]) -> None:
+        for rec in self.writer.write_scored(batch, rows):
+            self._finish(rec, 1.0 - STEP_WRITTEN)
+
+    def built(self, p: Prepared, row: dict[str, Any], built: Any) -> None:
+        self._finish(self.writer.write_built(p, row, built), STEP_PREPARED)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
 class Run:
-    """One ``predict`` run: lock ``out``, plan, load (the engine), open the writer and run.json,
-    let the engine move the inputs while this run writes and accounts each result, ``--stow``,
-    timings. Returns a :class:`RunSummary`; never exits the process."""
+    """One ``predict`` run around one :class:`Job`: lock ``out``, plan, load (the engine), open
+    the writer and run.json, let the job move the inputs, ``--stow``, timings. Returns a
+    :class:`RunSummary`; never exits the process."""
 
     def __init__(self, opts: PredictOptions, engine: Engine | None = None) -> None:
         self.opts = opts
         self.engine = engine if engine is not None else LocalEngine(opts)
         self.timer = PhaseTimer()
-        self.writer: OutputWriter | None = None
-        self.acc: Accounting | None = None
 
-    # ------------------------------------------------------------------ the sink
-    def advance(self, fraction: float) -> None:
-        self.acc.progress.advance(fraction)
-
-    def unscored(self, p: Prepared) -> None:
-        self.acc.finish(self.writer.account(p), 0.0)
-
-    def scored(self, batch: Sequence[Prepared], rows: Sequence[dict[str, Any]]) -> None:
-        for rec in self.writer.write_scored(batch, rows):
-            self.acc.finish(rec, 1.0 - STEP_WRITTEN)
-
-    def built(self, p: Prepared, row: dict[str, Any], built: Any) -> None:
-        self.acc.finish(self.writer.write_built(p, row, built), STEP_PREPARED)
-
-    def flush(self) -> None:
-        self.writer.flush()
-
-    # ------------------------------------------------------------------ the run
     def _score(self, plan: Plan, keys: Sequence[str], summary: RunSummary) -> None:
         opts, engine = self.opts, self.engine
+        job = Job(engine, summary, self.timer, progress=opts.progress, stop_after=stop_after())
         try:
-            loaded = engine.load(keys, self.timer, summary)
-            summary.weights = loaded.weights
+            loaded = job.load(keys)
             warn_synthetic(summary)
             with stop_when_full(opts.out, summary, plan.n_inputs) if engine.stops_when_full else nullcontext():
-                self.writer = open_writer(opts, plan, loaded.models, loaded.columns(bool(plan.uid_columns)), summary, loaded.info,
-                                          value_columns=loaded.value_columns)
-                self.acc = Accounting(opts, summary, len(plan.todo) + len(plan.remote))
-                try:
-                    engine.move(plan, self)
-                finally:
-                    self.acc.close()
-                    self.writer.close()
+                job.move(plan, open_writer(opts, plan, loaded, summary))
         finally:
             engine.close()
 
@@ -660,34 +706,6 @@ class Run:
         if opts.timings is not None:
             write_json_quietly(Path(opts.timings), tm, summary, "the timings file")
         return summary
-
-
-def write_batch(writer: OutputWriter, scorer: Any, prepared: Sequence[Prepared],
-                on_score_error: Callable[[BaseException], None] | None = None) -> list[InputRecord]:
-    """One batch in one step (the node's worker): score the ok inputs, write their rows and DICOM
-    objects, then account the others. A scoring error fails the batch's ok inputs with the reason
-    (``on_score_error`` is told) instead of ending anything. Records in ``prepared``'s order."""
-    ok_idx = [i for i, x in enumerate(prepared) if x.status is Status.OK]
-    rows: list[dict[str, Any]] = []
-    score_error = ""
-    if ok_idx:
-        try:
-            rows = scorer.score([prepared[i] for i in ok_idx])
-        except Exception as e:  # noqa: BLE001 - recorded per input
-            score_error = f"failed: scoring failed: {type(e).__name__}: {str(e)[:160]}"
-            if on_score_error is not None:
-                on_score_error(e)
-    records: dict[int, InputRecord] = {}
-    if ok_idx and not score_error:
-        for i, rec in zip(ok_idx, writer.write_scored([prepared[i] for i in ok_idx], rows)):
-            records[i] = rec
-    for i, x in enumerate(prepared):
-        if i in records:
-            continue
-        if score_error and x.status is Status.OK:
-            x.status, x.reason = Status.FAILED, score_error
-        records[i] = writer.account(x)
-    return [records[i] for i in range(len(prepared))]
 
 
 def run_info(opts: PredictOptions, models: dict[str, Any], n_inputs: int) -> dict[str, Any]:

@@ -1,7 +1,13 @@
-"""The scoring worker: spooled instances -> batches -> the same selection, preprocessing, models
-and outputs as ``predict`` (:mod:`cxr_lung_risk.api`; one batch through
-:func:`cxr_lung_risk.jobs.write_batch`, the job runner's score -> write -> account step) -> outbox
-entries.
+"""The scoring worker: spooled instances -> batches -> the job runner -> outbox entries.
+
+What is the job runner's (:mod:`cxr_lung_risk.jobs`, the same code path as ``predict``): each batch
+is one :class:`~cxr_lung_risk.jobs.Job` -- :meth:`~cxr_lung_risk.jobs.Plan.batch` plans it,
+:class:`NodeEngine` (this node's engine: it holds the models the node loaded once, at start)
+prepares and scores it, the job writes the same tables, SRs and records as ``predict`` and
+accounts each input. What is the node's (here): when a batch is due (:func:`next_batch`), the
+writer's options (stable UIDs, csv + json + sr, + fhir when a FHIR destination exists, the result
+image), the work folder committed into ``results/`` by one rename, an outbox entry per
+destination, the audit log and the metrics.
 
 A study is scored as soon as the association that delivered its last instance is released (the
 sender says it is done: an idle node scores one image without waiting), else when no instance of
@@ -21,14 +27,16 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .. import api
-from ..jobs import write_batch
-from ..pipeline import PrepareOptions
+from ..dicom_io import InputFile
+from ..jobs import Job, Loaded, Plan, RunSummary, Sink
+from ..outputs.writer import OutputWriter
+from ..pipeline import PrepareOptions, iter_prepared
 from .audit import AuditLog
 from .config import ServeConfig
 from .metrics import Metrics
 from .spool import Pending, Spool
 
-__all__ = ["Worker", "next_batch"]
+__all__ = ["Worker", "NodeEngine", "next_batch"]
 
 LOG = logging.getLogger("cxr_lung_risk.serve")
 
@@ -51,6 +59,57 @@ def next_batch(pending: Sequence[Pending], now: float, quiet_time: float, batch_
     return [p for p in pending if p.study in ready][:batch_size]
 
 
+class NodeEngine:
+    """The node's :class:`~cxr_lung_risk.jobs.Engine`: it holds the scorer the node loaded once, at
+    start, and moves one spooled batch -- prepared in this process, its accepted inputs scored in
+    one step, handed to the job before the skipped and failed ones. A scoring error fails the
+    batch's accepted inputs with the reason instead of ending anything (the node carries on)."""
+
+    name = "serve"
+    stops_when_full = False  # a full spool disk fails the batch; it stays queued
+
+    def __init__(self, scorer: Any, prepare_options: PrepareOptions) -> None:
+        self.scorer, self.prepare_options = scorer, prepare_options
+        self.keys = [m.spec.key for m in scorer.models]
+
+    def load(self, keys: Sequence[str], timer: Any, summary: RunSummary) -> Loaded:
+        scorer = self.scorer  # loaded at the node's start: nothing to load per batch
+        return Loaded(scorer.models, {m.spec.key: dict(m.weights_identity) for m in scorer.models},
+                      {},  # run.json's models: the node writes no run.json
+                      lambda uid: scorer.columns(uid_columns=uid))
+
+    def move(self, plan: Plan, sink: Sink) -> None:
+        timer = sink.timer
+        prepared = [plan.stamp(p) for p in timer.timed("prepare", iter_prepared(plan.todo, self.prepare_options))]
+        ok = [p for p in prepared if p.status is api.Status.OK]
+        if ok:
+            t = time.perf_counter()
+            try:
+                rows = self.scorer.score(ok)
+            except Exception as e:  # noqa: BLE001 - recorded per input
+                LOG.exception("scoring failed")
+                reason = f"failed: scoring failed: {type(e).__name__}: {str(e)[:160]}"
+                for p in ok:
+                    p.status, p.reason = api.Status.FAILED, reason
+                ok = []
+            else:
+                t = timer.add("infer", t)
+                sink.scored(ok, rows)
+                timer.add("write", t)
+        scored = {id(p) for p in ok}
+        for p in prepared:
+            if id(p) not in scored:
+                sink.unscored(p)
+
+    def close(self) -> None:
+        pass
+
+
+def spool_file(p: Pending) -> InputFile:
+    """A spooled instance as a job's input: ``File`` is ``<study>/<sop>.dcm``."""
+    return InputFile(p.path, f"{p.study}/{p.sop}.dcm", source=p.path)
+
+
 class Worker(threading.Thread):
     def __init__(
         self,
@@ -69,7 +128,7 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.on_queued = on_queued
         self.released = released  # study -> when an association that delivered it was released
-        self.prepare_options = PrepareOptions(selection=cfg.selection, im_version=cfg.im_version)
+        self.engine = NodeEngine(scorer, PrepareOptions(selection=cfg.selection, im_version=cfg.im_version))
         self.busy = False
         self.error: str = ""
         self.batches = 0
@@ -98,21 +157,24 @@ class Worker(threading.Thread):
             self.wake.clear()
 
     # ------------------------------------------------------------------ one batch
-    def _writer(self, out: Path):
+    def _writer(self, out: Path, loaded: Loaded, plan: Plan) -> OutputWriter:
         kw: dict[str, Any] = {"result_image": True} if self.cfg.result_image else {}
         formats = FORMATS + (("fhir",) if any(d.kind == "fhir" for d in self.cfg.destinations) else ())
-        return api.OutputWriter(out, self.scorer.models, self.scorer.columns(), formats=formats, deterministic="stable",
-                                im_version=self.cfg.im_version, sr_class=self.cfg.sr_class, **kw)
+        return OutputWriter(out, loaded.models, loaded.columns(plan.uid_columns), formats=formats, deterministic="stable",
+                            im_version=self.cfg.im_version, sr_class=self.cfg.sr_class, **kw)
 
     def process(self, batch: Sequence[Pending]) -> None:
+        """One batch: a job of the runner into a new work folder, committed by one rename; then
+        each instance's outbox entries, audit line and metrics."""
         t0 = time.time()
         for p in batch:
             self.metrics.observe("queue", t0 - p.received)
         work = self.spool.new_batch_dir()
         try:
-            prepared = [api.prepare_input(p.path, name=f"{p.study}/{p.sop}.dcm", options=self.prepare_options) for p in batch]
-            with self._writer(work) as w:
-                records = write_batch(w, self.scorer, prepared, on_score_error=lambda e: LOG.exception("scoring failed"))
+            plan = Plan.batch([spool_file(p) for p in batch])
+            job = Job(self.engine, RunSummary(out=work, inputs=plan.n_inputs), keep_records=True)
+            loaded = job.load(self.engine.keys)
+            records = {rec.file: rec for rec in job.move(plan, self._writer(work, loaded, plan))}
             t_scored = time.time()
             results = self.spool.commit_batch(work)
         except BaseException:
@@ -120,8 +182,8 @@ class Worker(threading.Thread):
             raise
         self.batches += 1
         per = (t_scored - t0)
-        for i, p in enumerate(batch):
-            self._finish(p, records[i], results, t_scored, per)
+        for p, f in zip(batch, plan.todo):
+            self._finish(p, records[f.rel], results, t_scored, per)
         self.on_queued()
 
     def _finish(self, p: Pending, rec: Any, results: Path, t_scored: float, batch_s: float) -> None:
