@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,18 +49,12 @@ def _cpu() -> dict[str, Any]:
             "loadavg": os.getloadavg()}
 
 
-def _peak(n: int = 2048, runs: int = 10) -> float:
-    import torch
+def _peak() -> float:
+    """float32 matmul GFLOP/s (median), measured as ``bench_pipeline.py`` does."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_pipeline import matmul_peak
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts) / 1e9
+    return matmul_peak(runs=10, bf16=False)["fp32_gflops_median"]
 
 
 def _conv_table(net, x, top: int) -> list[dict[str, Any]]:
