@@ -14,7 +14,8 @@ faster one (``plain`` only when it is at least :data:`MARGIN` faster: ``fast`` i
 default). The answer is cached per CPU, instruction set, torch version and thread count in
 ``<cache>/engine_layouts.json`` (see :mod:`cxr_lung_risk.fetch`'s cache folder), so only the first
 load on a machine pays for it (a few seconds). The choice and how it was made are recorded with
-the model: ``run.json``'s ``models`` and the SR's algorithm parameters (``layout``).
+the model: ``run.json``'s ``models`` (layout, how it was decided, the times) and the SR's
+algorithm parameters (``layout``).
 
 ``CXR_LUNG_RISK_LAYOUT=fast|plain|auto`` (or ``layout=`` of the engine's ``load``) overrides it.
 CUDA and reduced precision always run ``fast`` (channels_last is what tensor cores want).
@@ -147,11 +148,11 @@ class LayoutCache:
 
 
 def describe(choices: Mapping[str, LayoutChoice]) -> str:
-    """The SR/run.json parameter: ``fast`` or ``plain`` when every architecture runs the same
-    way, else ``inceptionv4=fast, resnet34=plain, ...``; with how it was decided."""
+    """The SR parameter: ``fast`` or ``plain`` when every architecture runs the same way, else
+    ``inceptionv4=fast, resnet34=plain, ...``. Only the layout: how it was decided (measured,
+    cached, requested) is in ``run.json``, so that the same computation writes the same SR
+    whether the layout was timed here or pinned (MHub compares SRs with a reference)."""
     if not choices:
         return "fast"
     layouts = {c.layout for c in choices.values()}
-    hows = sorted({"measured" if c.how == "cached" else c.how for c in choices.values()})
-    what = layouts.pop() if len(layouts) == 1 else ", ".join(f"{a}={c.layout}" for a, c in sorted(choices.items()))
-    return f"{what} ({'/'.join(hows)})"
+    return layouts.pop() if len(layouts) == 1 else ", ".join(f"{a}={c.layout}" for a, c in sorted(choices.items()))
