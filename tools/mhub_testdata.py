@@ -58,8 +58,11 @@ def run_workflow(workflow: str, sample: Path, out: Path, image: str | None, weig
     out.mkdir(parents=True, exist_ok=True)
     if image:
         os.chmod(sample, 0o755)
-        cmd = ["docker", "run", "--rm", "--network", "none", "-v", f"{sample}:/app/data/input_data:ro",
-               "-v", f"{out}:/app/data/output_data", image, "--workflow", workflow]
+        # a pinned CPU inference layout (CXR_LUNG_RISK_LAYOUT) holds inside the container too, so the
+        # container computes exactly what the reference made outside it did
+        pin = os.environ.get("CXR_LUNG_RISK_LAYOUT")
+        cmd = ["docker", "run", "--rm", "--network", "none", *(["-e", f"CXR_LUNG_RISK_LAYOUT={pin}"] if pin else []),
+               "-v", f"{sample}:/app/data/input_data:ro", "-v", f"{out}:/app/data/output_data", image, "--workflow", workflow]
     else:
         cmd = ["bash", str(REPO / "scripts" / "mhub_local.sh"), "--workflow", workflow, "--input", str(sample),
                "--output", str(out), "--device", "cpu"]
