@@ -14,7 +14,7 @@ Performance (see ``benchmarks/README.md`` for the measurements behind each choic
 * inference: eval mode, ``torch.inference_mode``, one batch through all members in turn (each
   member's weights are streamed once per batch), each architecture in the layout that measures
   faster on this CPU (:mod:`cxr_lung_risk.layout`): ``fast`` = BatchNorm2d folded into the
-  preceding convolution in float32 (changes outputs by ~1e-7 relative) and channels_last
+  preceding convolution (in float64, rounded once to float32) and channels_last
   activations and weights (oneDNN's NHWC path on the CPU, tensor-core layout on CUDA), or
   ``plain`` = the published layout (on some AVX2-only CPUs the faster one). Decided at load time,
   cached per machine, recorded as the ``layout`` parameter.
@@ -42,7 +42,7 @@ from torch import nn
 from . import archs
 from .differentiable import input_format
 from .errors import WeightsError, WeightsNotFoundError
-from .layout import CACHE_NAME, LayoutCache, LayoutChoice, cpu_key, describe, requested_layout, time_alternating
+from .layout import CACHE_NAME, MARGIN, LayoutCache, LayoutChoice, cpu_key, describe, requested_layout, time_alternating
 from .runtime import PRECISIONS, Placement, fp32_math, placement, resolve_device, resolve_precision
 from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
@@ -68,8 +68,9 @@ _MEMBER_FILE = re.compile(r"^(?P<stem>.+)_(?P<idx>\d+)\.pth$")
 
 def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d, memory_format: torch.memory_format) -> None:
     """Fold an eval-mode BatchNorm2d into the convolution before it: computed in float64 and
-    rounded once to float32 (folding in float32 rounded twice and moved members' outputs by up to
-    1.2e-5 from the published layout's on the held images; issue 26 allows 1e-5)."""
+    rounded once to float32 (folding in float32 rounded twice: members' outputs moved by up to
+    1.19e-5 from the published layout's on the held images, 1.10e-5 now; the rest is the
+    channels_last kernels' accumulation order)."""
     w = conv.weight.detach()
     scale = bn.weight.detach().double() * torch.rsqrt(bn.running_var.detach().double() + bn.eps)
     folded = torch.empty_like(w, dtype=torch.float32, memory_format=memory_format)
@@ -254,9 +255,10 @@ class LungRiskEnsemble:
         self.precision = self.placement.precision
         self.amp_dtype = self.placement.amp_dtype
         self.allow_tf32 = self.placement.allow_tf32
-        self.channels_last = bool(channels_last)
-        # each network's own input layout (architectures may run in different layouts)
+        # each network's own input layout (architectures may run in different layouts); the
+        # ``channels_last`` argument is accepted for older callers, the networks decide
         self._formats = [input_format(m) for m in self.models]
+        self.channels_last = any(f == torch.channels_last for f in self._formats)
         self.layouts = dict(layouts or {})
         self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)
@@ -309,7 +311,7 @@ class LungRiskEnsemble:
             models = [build_member(m, source, device=dev, fold_bn=fb, channels_last=cl) for m in members]
         else:
             chosen, models = _build_in_layouts(members, source, dev, precision, requested_layout(layout))
-        return cls(spec, members, models, dev, precision=precision, channels_last=any(f == torch.channels_last for f in (input_format(m) for m in models)), layouts=chosen)
+        return cls(spec, members, models, dev, precision=precision, layouts=chosen)
 
     @property
     def member_names(self) -> list[str]:
@@ -374,8 +376,6 @@ def _layout_cache() -> LayoutCache:
 
 def _measure_layouts(arch: str, plain: nn.Module, fast: nn.Module) -> LayoutChoice:
     """Time one member of ``arch`` in both layouts on this CPU; ``plain`` only if clearly faster."""
-    from .layout import MARGIN
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(CALIBRATION_BATCH, 3, 224, 224, generator=g)
     xs = {"plain": x, "fast": x.contiguous(memory_format=torch.channels_last)}
