@@ -123,7 +123,8 @@ class LayoutCache:
             return {}
 
     def get(self, key: str, architecture: str) -> LayoutChoice | None:
-        entry = self._read().get(key, {}).get(architecture)
+        per_cpu = self._read().get(key)
+        entry = per_cpu.get(architecture) if isinstance(per_cpu, dict) else None
         if not isinstance(entry, dict) or entry.get("layout") not in ("fast", "plain"):
             return None
         ms = entry.get("ms_per_image") or {}
@@ -133,7 +134,9 @@ class LayoutCache:
         if self.path is None:
             return
         data = self._read()
-        data.setdefault(key, {})[choice.architecture] = {
+        if not isinstance(data.get(key), dict):
+            data[key] = {}
+        data[key][choice.architecture] = {
             "layout": choice.layout,
             "ms_per_image": {k: round(v, 3) for k, v in choice.ms_per_image.items()},
             "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
