@@ -287,3 +287,36 @@ def test_repeated_and_malformed_sop_uids_are_mapped_from_the_records(mhub_venv, 
         srs.append(sr)
         assert json.loads((inst / "report.json").read_text())["cxr_lung_risk"] == json.loads((inst / "cxr_lung_risk.json").read_text())[0]["CXR_Lung_Risk"]
     assert len({sr.SOPInstanceUID for sr in srs}) == 3  # three distinct SR documents
+
+
+def test_scores_equal_the_clis_on_the_same_folder_whatever_order_mhubio_lists_the_series(mhub_venv, weights, dicom_data, tmp_path):
+    """A score's last float32 bits depend on an image's place in its batch (README, Outputs). The
+    runner stages the series in the order of the user's file names, so the module batches as
+    ``cxr-lung-risk predict`` does on the same folder and gives the same doubles, bit for bit. The
+    files are named against the order of their series UIDs (the order mhubio's sorted tree lists
+    them in); before the fix the container's CR differed from the CLI's by 1.2e-6 years."""
+    src = tmp_path / "in"
+    src.mkdir()
+    made = {}
+    for k, (name, source) in enumerate([("a_chest.dcm", "RG1_UNCR.dcm"), ("b_chest.dcm", "RG1_UNCI.dcm"), ("c_chest.dcm", "RG1_UNCR.dcm")]):
+        ds = pydicom.dcmread(dicom_data / source)
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.88{3 - k}"  # descending where the names ascend
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.88{3 - k}.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(src / name)
+        made[name] = ds.SOPInstanceUID
+    out = tmp_path / "out"
+    proc = _run("--input", str(src), "--output", str(out), "--weights", str(weights), "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    module = {}
+    for d in out.iterdir():
+        if d.is_dir():
+            for r in json.loads((d / "cxr_lung_risk.json").read_text()):
+                module[r["SOPInstanceUID"]] = r["CXR_Lung_Risk"]
+    cli_out = tmp_path / "cli_out"
+    cli = subprocess.run([_cli(), "predict", str(src), "--out", str(cli_out), "--weights", str(weights), "--format", "csv,json",
+                          "--deterministic", "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    rows = json.loads((cli_out / "cxr_lung_risk.json").read_text())
+    assert [r["File"] for r in rows] == sorted(made)
+    assert module == {r["SOPInstanceUID"]: r["CXR_Lung_Risk"] for r in rows}

@@ -327,9 +327,14 @@ class CxrLungRiskRunner(Module):
         out = os.path.join(work, "out")
         os.makedirs(staging)
 
-        # collect every instance's input files; stage them as <k>/<name> (k = instance index)
-        prefixes = {}
-        for k, instance in enumerate(self.config.data.instances):
+        # collect every instance's input files; stage them as <k>/<name>, k the instance's rank in
+        # the order of the user's file names: the CLI then batches the files as `cxr-lung-risk
+        # predict` does on the input folder (discovery sorts by path), whatever order mhubio's
+        # importer listed the instances in. A score's last float32 bits depend on an image's place
+        # in its batch (README, Outputs), so this order makes the module's scores reproducible
+        # and equal to the CLI's on the same folder.
+        found = []
+        for instance in self.config.data.instances:
             items = instance.data.filter(self.input_query)
             if len(items) == 0:
                 continue
@@ -337,16 +342,25 @@ class CxrLungRiskRunner(Module):
             if not files:
                 self.fail(instance, "its input data has no files")
                 continue
-            prefix = str(k)
+            users = [self.user_name(instance, src, len(files)) for src in files]
+            order = sorted(range(len(files)), key=lambda i: users[i])
+            found.append((instance, [files[i] for i in order], [users[i] for i in order]))
+        found.sort(key=lambda entry: entry[2])
+        width = len(str(max(len(found) - 1, 0)))
+        prefixes = {}
+        for k, (instance, files, user_list) in enumerate(found):
+            prefix = str(k).zfill(width)
             os.makedirs(os.path.join(staging, prefix))
             names = {}
             users = {}
-            for src in files:
-                name = os.path.basename(src)
+            rank = len(str(len(files) - 1))
+            for j, (src, user) in enumerate(zip(files, user_list)):
+                # several files: ranked names keep the user's order in the CLI's sorted walk
+                name = os.path.basename(src) if len(files) == 1 else f"{j:0{rank}d}_{os.path.basename(src)}"
                 while name in names:
                     name = "_" + name
                 names[name] = src
-                users[name] = self.user_name(instance, src, len(files))
+                users[name] = user
                 dst = os.path.join(staging, prefix, name)
                 try:
                     os.symlink(os.path.abspath(src), dst)
