@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import shutil
@@ -188,7 +187,8 @@ def test_default_workflow_in_the_container(image, mixed_inputs, synthetic_weight
             rows = list(csv.DictReader(f))
         assert [r["SOPInstanceUID"] for r in rows] == [ds.SOPInstanceUID]
         value = float(rows[0]["CXR_Lung_Risk"])
-        assert math.isclose(value, expected[ds.SOPInstanceUID], rel_tol=0, abs_tol=1e-6), (k, value, expected)
+        # the module stages the series in the order of the file names: the CLI's batches, the same bits
+        assert value == expected[ds.SOPInstanceUID], (k, value, expected)
 
         # mhubio's ReportExporter: the ValueOutput with its real metadata
         report = json.loads((inst / "report.json").read_text())
