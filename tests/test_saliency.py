@@ -326,7 +326,7 @@ def test_real_architectures_batched_saliency_is_the_definition(synthetic_weights
             members.append(m)
     src = WeightSource(synthetic_weights)
     fast = [build_member(m, src, fold_bn=True, channels_last=True) for m in members]
-    ens = LungRiskEnsemble(spec, members, fast, torch.device("cpu"), channels_last=True)
+    ens = LungRiskEnsemble(spec, members, fast, torch.device("cpu"))
 
     class _S:
         ensemble = ens

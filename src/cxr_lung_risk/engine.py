@@ -244,7 +244,6 @@ class LungRiskEnsemble:
         device: torch.device,
         *,
         precision: str = "fp32",
-        channels_last: bool = False,
         layouts: dict[str, LayoutChoice] | None = None,
     ) -> None:
         self.spec = spec
@@ -255,10 +254,8 @@ class LungRiskEnsemble:
         self.precision = self.placement.precision
         self.amp_dtype = self.placement.amp_dtype
         self.allow_tf32 = self.placement.allow_tf32
-        # each network's own input layout (architectures may run in different layouts); the
-        # ``channels_last`` argument is accepted for older callers, the networks decide
+        # each network's own input layout (architectures may run in different layouts)
         self._formats = [input_format(m) for m in self.models]
-        self.channels_last = any(f == torch.channels_last for f in self._formats)
         self.layouts = dict(layouts or {})
         self._parts = [split_body_head(m) for m in self.models]
         self._w = np.array([m.weight for m in self.members], dtype=np.float64)

@@ -357,8 +357,6 @@ class CxrLungRiskRunner(Module):
             for j, (src, user) in enumerate(zip(files, user_list)):
                 # several files: ranked names keep the user's order in the CLI's sorted walk
                 name = os.path.basename(src) if len(files) == 1 else f"{j:0{rank}d}_{os.path.basename(src)}"
-                while name in names:
-                    name = "_" + name
                 names[name] = src
                 users[name] = user
                 dst = os.path.join(staging, prefix, name)
