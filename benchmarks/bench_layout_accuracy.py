@@ -17,8 +17,13 @@ in four float32 builds:
 plus the published layout in float64 (the definition, without float32 rounding). ``--isa avx2``
 runs the float32 builds again in a child restricted to AVX2 (``bench_layers.AVX2_ENV``: the
 kernels an AVX2-only CPU runs). Reported per ISA and build: the largest per-member difference to
-``plain`` on that ISA and to float64, and across ISAs ``plain`` against ``plain``; and the
-ensemble score (years) of ``plain`` and ``fast`` through ``LungRiskEnsemble``.
+``plain`` on that ISA and to float64, and across ISAs ``plain`` against ``plain``; the
+ensemble score (years) of ``plain`` and ``fast`` through ``LungRiskEnsemble``; and per ISA and
+architecture the local rounding error of every convolution shape in the NCHW kernels (``plain``)
+and the channels_last ones (``cl``, ``fast``) against float64 (``kernel_local_error``: why the
+builds part); and ``blocked_layout_candidate``: oneDNN's blocked layout kept between layers
+(``torch.jit.optimize_for_inference``), timed and compared with ``plain`` and ``fast`` on one
+member per architecture (measured, not adopted).
 
 The weights are SYNTHETIC (the fixture recipe: ``benchmarks/device/write_fixture_weights.py``);
 the spreads describe float32 arithmetic on these networks, not the published model's values.
@@ -50,6 +55,84 @@ def _held():
     return torch.cat([x, x.flip(-1)])
 
 
+def _kernel_errors(spec, src, xn) -> dict[str, list[dict[str, Any]]]:
+    """Local rounding error of each convolution kernel, per architecture (its first member, plain
+    build, the first 4 held images): every Conv2d is fed its float32 input from the plain forward
+    and evaluated in float32 NCHW (what ``plain`` runs), float32 channels_last (``cl``/``fast``)
+    and float64; the error is mean |float32 - float64| / mean |float64| over the output, averaged
+    over the calls of each shape. This is where two float32 builds part: the kernels oneDNN picks
+    for the two layouts accumulate each output in different orders."""
+    import collections
+
+    import torch
+    import torch.nn.functional as F
+
+    from cxr_lung_risk.engine import build_member
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for arch in dict.fromkeys(m.architecture for m in spec.members):
+        member = next(m for m in spec.members if m.architecture == arch)
+        net = build_member(member, src)
+        rows: dict[tuple, list[tuple[float, float]]] = collections.defaultdict(list)
+
+        def hook(mod, inp, y):
+            i = inp[0]
+            conv = dict(stride=mod.stride, padding=mod.padding, dilation=mod.dilation, groups=mod.groups)
+            ref = F.conv2d(i.double(), mod.weight.double(), None if mod.bias is None else mod.bias.double(), **conv)
+            y_cl = F.conv2d(i.contiguous(memory_format=torch.channels_last), mod.weight.contiguous(memory_format=torch.channels_last), mod.bias, **conv)
+            scale = ref.abs().mean().item()
+            key = (tuple(mod.weight.shape), tuple(mod.stride), tuple(i.shape[2:]))
+            rows[key].append(((y.double() - ref).abs().mean().item() / scale, (y_cl.double() - ref).abs().mean().item() / scale))
+
+        hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        net(xn[:4])
+        for h in hooks:
+            h.remove()
+        out[arch] = [{"weight": list(w), "stride": list(st), "input_hw": list(hw), "reduction": w[1] * w[2] * w[3],
+                      "calls": len(v), "nchw_rel": sum(a for a, _ in v) / len(v), "nhwc_rel": sum(b for _, b in v) / len(v)}
+                     for (w, st, hw), v in rows.items()]
+    return out
+
+
+def _blocked(spec, src, xn) -> dict[str, dict[str, Any]]:
+    """A candidate not adopted, measured: oneDNN's blocked layout kept between layers
+    (``torch.jit.optimize_for_inference`` on the traced, BN-folded NCHW member), against ``plain``
+    and ``fast`` for the first member of each architecture: s/image (best of 3 after a warm-up, the
+    held batch), seconds to trace and optimise, largest difference to ``plain`` and to float64."""
+    import time
+    import warnings
+
+    import torch
+
+    from cxr_lung_risk.engine import build_member
+
+    out: dict[str, dict[str, Any]] = {}
+    for arch in dict.fromkeys(m.architecture for m in spec.members):
+        member = next(m for m in spec.members if m.architecture == arch)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocked = torch.jit.optimize_for_inference(torch.jit.trace(build_member(member, src, fold_bn=True), xn[:2]))
+        prep = time.perf_counter() - t0
+        runs = {"plain": (build_member(member, src), xn),
+                "fast": (build_member(member, src, fold_bn=True, channels_last=True), xn.contiguous(memory_format=torch.channels_last)),
+                "blocked": (blocked, xn)}
+        ys, ts = {}, {}
+        for k, (net, x) in runs.items():
+            ys[k] = net(x)[:, 0].double()
+            best = float("inf")
+            for _ in range(3):
+                t1 = time.perf_counter()
+                net(x)
+                best = min(best, time.perf_counter() - t1)
+            ts[k] = best / len(x)
+        ref = build_member(member, src).double()(xn.double())[:, 0]
+        out[arch] = {"s_per_image": ts, "prepare_s": prep,
+                     "max_vs_plain": {k: float((y - ys["plain"]).abs().max()) for k, y in ys.items()},
+                     "max_vs_fp64": {k: float((y - ref).abs().max()) for k, y in ys.items()}}
+    return out
+
+
 def _outputs(weights: Path, members: int, fp64: bool) -> dict[str, Any]:
     """Per-member raw outputs {build: (N, M)} (and ``fp64``), plus the ensemble scores."""
     import numpy as np
@@ -77,6 +160,10 @@ def _outputs(weights: Path, members: int, fp64: bool) -> dict[str, Any]:
     res["members"] = [m.file for m in spec.members[:members]]
     res["architectures"] = [m.architecture for m in spec.members[:members]]
     res["scores"] = {lay: LungRiskEnsemble.load(weights, layout=lay).predict_uint8(x).scores.tolist() for lay in ("plain", "fast")}
+    with torch.inference_mode(), fp32_math():
+        res["kernels"] = _kernel_errors(spec, src, xn)
+    with torch.no_grad(), fp32_math():  # traced modules run under no_grad
+        res["blocked"] = _blocked(spec, src, xn)
     res["threads"] = torch.get_num_threads()
     return res
 
@@ -99,6 +186,21 @@ def _max_abs(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
+def _kernel_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Call-weighted mean local error per layout, the NHWC/NCHW ratio, and the same for the
+    convolutions with a reduction over more than 1000 terms (where the orders differ most)."""
+    def mean(rs, k):
+        n = sum(r["calls"] for r in rs)
+        return sum(r[k] * r["calls"] for r in rs) / n if n else None
+
+    long = [r for r in rows if r["reduction"] > 1000]
+    nchw, nhwc, lnchw, lnhwc = mean(rows, "nchw_rel"), mean(rows, "nhwc_rel"), mean(long, "nchw_rel"), mean(long, "nhwc_rel")
+    return {"nchw_rel": nchw, "nhwc_rel": nhwc, "nhwc_over_nchw": nhwc / nchw,
+            "reduction_over_1000": {"shapes": len(long), "nchw_rel": lnchw, "nhwc_rel": lnhwc,
+                                    "nhwc_over_nchw": lnhwc / lnchw if long else None},
+            "shapes": rows}
+
+
 def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     import numpy as np
 
@@ -113,6 +215,8 @@ def summarise(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                                            np.asarray(r["plain"])[:, [i for i, x in enumerate(archs) if x == a]])
                                                for a in sorted(set(archs))}}
         per["score_fast_vs_plain_years"] = _max_abs(r["scores"]["fast"], r["scores"]["plain"])
+        per["kernel_local_error"] = {a: _kernel_summary(rows) for a, rows in r["kernels"].items()}
+        per["blocked_layout_candidate"] = r["blocked"]
         per["threads"] = r["threads"]
         summary[isa] = per
     if "avx2" in runs and "native" in runs:
