@@ -470,12 +470,9 @@ def machine_info() -> dict[str, Any]:
     import pydicom
     import torch
 
-    cpu = ""
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from cxr_lung_risk.layout import cpu_name
+
+    cpu = cpu_name()
     commit = ""
     try:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,

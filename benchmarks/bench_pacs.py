@@ -45,15 +45,12 @@ from pacs_node import Receiver, ServeProcess, make_instances, push, read_audit, 
 
 
 def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-                return f"{line.split(':', 1)[1].strip()} ({isa})"
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The CPU model and its widest vector instruction set, e.g. ``AMD EPYC (AVX-512)``."""
+    from cxr_lung_risk.layout import cpu_flags, cpu_name
+
+    flags = cpu_flags()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{cpu_name()} ({isa})"
 
 
 def _parse_time(s: str) -> float:

@@ -49,21 +49,11 @@ SAMPLES = REPO / "tests" / "data" / "reference" / "sample_png"  # the authors' A
 def machine_info() -> dict[str, Any]:
     import torch
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
+    from cxr_lung_risk.layout import cpu_flags, cpu_name
+
+    flags = cpu_flags()
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "avx512_bf16": "avx512_bf16" in flags,
         "amx": "amx_tile" in flags,

@@ -27,13 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
+    from cxr_lung_risk.layout import cpu_name as name
+
+    return name()
 
 
 def slug(text: str) -> str:

@@ -119,3 +119,19 @@ def test_cuda_and_reduced_precision_never_time_anything(synthetic_weights, tmp_p
     ens = LungRiskEnsemble.load(synthetic_weights, precision="bf16")
     assert {(c.layout, c.how) for c in ens.layouts.values()} == {("fast", "device")}
     assert "timing both" not in capfd.readouterr().err and not (tmp_path / layout.CACHE_NAME).exists()
+
+
+def test_the_cache_key_names_this_cpu_and_the_instruction_set_torch_runs():
+    """``cpu_key`` (what a measured choice holds for) names the CPU model and torch's instruction
+    set, and ``cpu_flags`` agrees with what torch itself detected: an AVX-512 build needs
+    ``avx512f``, an AVX2 one ``avx2`` (torch reads CPUID, not /proc/cpuinfo)."""
+    key = layout.cpu_key()
+    name, isa = key.split(" | ")[:2]
+    assert name == layout.cpu_name() and name
+    assert isa == torch.backends.cpu.get_cpu_capability()
+    flags = layout.cpu_flags()
+    if isa.startswith("AVX512"):
+        assert "avx512f" in flags
+    if isa in ("AVX2",) or isa.startswith("AVX512"):
+        assert "avx2" in flags
+    assert f"torch {torch.__version__}" in key and f"{torch.get_num_threads()} threads" in key

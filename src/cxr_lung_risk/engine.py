@@ -30,7 +30,7 @@ Performance (see ``benchmarks/README.md`` for the measurements behind each choic
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,7 +43,7 @@ from . import archs
 from .differentiable import input_format
 from .errors import WeightsError, WeightsNotFoundError
 from .layout import CACHE_NAME, MARGIN, LayoutCache, LayoutChoice, cpu_key, describe, requested_layout, time_alternating
-from .runtime import PRECISIONS, Placement, fp32_math, placement, resolve_device, resolve_precision
+from .runtime import PRECISIONS, fp32_math, placement, resolve_device, resolve_precision
 from .spec import EnsembleSpec, Member, lung_risk_spec
 from .transforms import normalize
 from .weights import WeightSource, load_into, state_dict_nbytes

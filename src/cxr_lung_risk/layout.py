@@ -35,7 +35,7 @@ import torch
 from .errors import UsageError
 
 __all__ = [
-    "LAYOUTS", "ENV_LAYOUT", "MARGIN", "CACHE_NAME", "LayoutChoice", "requested_layout", "cpu_key",
+    "LAYOUTS", "ENV_LAYOUT", "MARGIN", "CACHE_NAME", "LayoutChoice", "requested_layout", "cpu_name", "cpu_flags", "cpu_key",
     "time_alternating", "LayoutCache", "describe",
 ]
 
@@ -70,14 +70,24 @@ def requested_layout(layout: str | None = None) -> str:
     return value
 
 
-def _cpu_name() -> str:
+def _cpuinfo_field(name: str) -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what :mod:`platform` knows)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``avx2``, ``avx512f``, ``amx_tile``, ...); empty where unknown."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
 
 
 def cpu_key() -> str:
@@ -87,7 +97,7 @@ def cpu_key() -> str:
         isa = torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old torch
         isa = "?"
-    return f"{_cpu_name()} | {isa} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu_name()} | {isa} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def time_alternating(variants: Mapping[str, Callable[[], Any]], *, rounds: int = 3, warmup: int = 1) -> dict[str, float]:
