@@ -45,13 +45,11 @@ BUILDS = {"plain": (False, False), "fold": (True, False), "cl": (False, True), "
 
 
 def _held():
-    import numpy as np
     import torch
 
-    from cxr_lung_risk.transforms import center_crop_resize, open_raster, to_uint8_chw
+    from cxr_lung_risk.transforms import raster_batch
 
-    pngs = sorted((REPO / "tests" / "data" / "reference" / "sample_png").glob("*.png"))
-    x = torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(p))) for p in pngs]))
+    x = raster_batch(sorted((REPO / "tests" / "data" / "reference" / "sample_png").glob("*.png")))
     return torch.cat([x, x.flip(-1)])
 
 

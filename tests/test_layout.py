@@ -19,9 +19,9 @@ from cxr_lung_risk.jobs import models_info
 
 def _held(sample_pngs) -> torch.Tensor:
     """The authors' five sample images and their mirror images, as the engine gets them."""
-    from cxr_lung_risk.transforms import center_crop_resize, open_raster, to_uint8_chw
+    from cxr_lung_risk.transforms import raster_batch
 
-    x = torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(p))) for p in sample_pngs]))
+    x = raster_batch(sample_pngs)
     return torch.cat([x, x.flip(-1)])
 
 

@@ -69,9 +69,9 @@ def test_every_member_and_the_age_model_run_in_ieee_float32(synthetic_weights):
 
 
 def test_bf16_is_close_to_fp32_but_not_equal_and_heads_stay_float32(synthetic_weights, sample_pngs):
-    from cxr_lung_risk.transforms import center_crop_resize, normalize, open_raster, to_uint8_chw
+    from cxr_lung_risk.transforms import normalize, raster_batch
 
-    x = torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(p))) for p in sample_pngs[:2]]))
+    x = raster_batch(sample_pngs[:2])
     fp32 = LungRiskEnsemble.load(synthetic_weights, device="cpu").predict_uint8(x)
     bf16_ens = LungRiskEnsemble.load(synthetic_weights, device="cpu", precision="bf16")
     raw = bf16_ens.member_outputs(normalize(x, bf16_ens.spec.mean, bf16_ens.spec.std))

@@ -19,8 +19,6 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .options import PredictOptions
 from .progress import say
 
@@ -43,12 +41,9 @@ def sample_inputs() -> list[Path]:
 
 
 def _sample_batch() -> torch.Tensor:
-    import torch  # lazily: `predict` imports this module for weights_map before any input is checked
+    from .transforms import raster_batch  # lazily (torch): `predict` imports this module for weights_map before any input is checked
 
-    from .transforms import center_crop_resize, open_raster, to_uint8_chw
-
-    pngs = [p for p in sample_inputs() if p.suffix == ".png"]
-    return torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(p))) for p in pngs]))
+    return raster_batch([p for p in sample_inputs() if p.suffix == ".png"])
 
 
 def ensure_demo_weights(root: Path, *, progress: bool = True) -> tuple[Path, Path]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["RasterError", "open_raster", "raster_crop", "gray_to_pil", "fastai_crop_box", "center_crop_resize", "to_uint8_chw", "normalize"]
+__all__ = ["RasterError", "open_raster", "raster_crop", "gray_to_pil", "fastai_crop_box", "center_crop_resize", "to_uint8_chw", "raster_batch", "normalize"]
 
 
 from .errors import CxrLungRiskError
@@ -113,6 +113,13 @@ def center_crop_resize(img: Image.Image, size: int = 224) -> Image.Image:
 def to_uint8_chw(img: Image.Image) -> np.ndarray:
     """HWC RGB PIL image -> uint8 CHW array (fastai's ``image2tensor``)."""
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def raster_batch(paths: Sequence[str | Path], size: int = 224) -> torch.Tensor:
+    """Raster files (PNG, JPEG, ...) -> the engine's uint8 NCHW batch, each prepared as the
+    published PNG pipeline does (:func:`open_raster`, :func:`center_crop_resize`,
+    :func:`to_uint8_chw`); ready for ``predict_uint8``."""
+    return torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(p), size)) for p in paths]))
 
 
 def normalize(batch_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
