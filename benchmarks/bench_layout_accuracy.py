@@ -53,6 +53,14 @@ def _held():
     return torch.cat([x, x.flip(-1)])
 
 
+def _one_per_architecture(spec) -> dict[str, Any]:
+    """{architecture: its first member}, in the ensemble's order."""
+    first: dict[str, Any] = {}
+    for m in spec.members:
+        first.setdefault(m.architecture, m)
+    return first
+
+
 def _kernel_errors(spec, src, xn) -> dict[str, list[dict[str, Any]]]:
     """Local rounding error of each convolution kernel, per architecture (its first member, plain
     build, the first 4 held images): every Conv2d is fed its float32 input from the plain forward
@@ -68,8 +76,7 @@ def _kernel_errors(spec, src, xn) -> dict[str, list[dict[str, Any]]]:
     from cxr_lung_risk.engine import build_member
 
     out: dict[str, list[dict[str, Any]]] = {}
-    for arch in dict.fromkeys(m.architecture for m in spec.members):
-        member = next(m for m in spec.members if m.architecture == arch)
+    for arch, member in _one_per_architecture(spec).items():
         net = build_member(member, src)
         rows: dict[tuple, list[tuple[float, float]]] = collections.defaultdict(list)
 
@@ -95,18 +102,20 @@ def _kernel_errors(spec, src, xn) -> dict[str, list[dict[str, Any]]]:
 def _blocked(spec, src, xn) -> dict[str, dict[str, Any]]:
     """A candidate not adopted, measured: oneDNN's blocked layout kept between layers
     (``torch.jit.optimize_for_inference`` on the traced, BN-folded NCHW member), against ``plain``
-    and ``fast`` for the first member of each architecture: s/image (best of 3 after a warm-up, the
-    held batch), seconds to trace and optimise, largest difference to ``plain`` and to float64."""
+    and ``fast`` for the first member of each architecture: s/image (the held batch; the call that
+    gives the outputs is the warm-up, then best of 3 rounds, the three called in turn as the
+    load-time choice times them), seconds to trace and optimise, largest difference to ``plain``
+    and to float64."""
     import time
     import warnings
 
     import torch
 
     from cxr_lung_risk.engine import build_member
+    from cxr_lung_risk.layout import time_alternating
 
     out: dict[str, dict[str, Any]] = {}
-    for arch in dict.fromkeys(m.architecture for m in spec.members):
-        member = next(m for m in spec.members if m.architecture == arch)
+    for arch, member in _one_per_architecture(spec).items():
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -115,15 +124,9 @@ def _blocked(spec, src, xn) -> dict[str, dict[str, Any]]:
         runs = {"plain": (build_member(member, src), xn),
                 "fast": (build_member(member, src, fold_bn=True, channels_last=True), xn.contiguous(memory_format=torch.channels_last)),
                 "blocked": (blocked, xn)}
-        ys, ts = {}, {}
-        for k, (net, x) in runs.items():
-            ys[k] = net(x)[:, 0].double()
-            best = float("inf")
-            for _ in range(3):
-                t1 = time.perf_counter()
-                net(x)
-                best = min(best, time.perf_counter() - t1)
-            ts[k] = best / len(x)
+        ys = {k: net(x)[:, 0].double() for k, (net, x) in runs.items()}
+        best = time_alternating({k: (lambda net=net, x=x: net(x)) for k, (net, x) in runs.items()}, rounds=3, warmup=0)
+        ts = {k: s / len(xn) for k, s in best.items()}
         ref = build_member(member, src).double()(xn.double())[:, 0]
         out[arch] = {"s_per_image": ts, "prepare_s": prep,
                      "max_vs_plain": {k: float((y - ys["plain"]).abs().max()) for k, y in ys.items()},

@@ -26,12 +26,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cpu_name() -> str:
-    from cxr_lung_risk.layout import cpu_name as name
-
-    return name()
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:60]
 
@@ -66,6 +60,8 @@ def main() -> int:
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rj = json.loads((tmp / "rep" / "report.json").read_text())
         phases = [line for line in proc.stderr.splitlines() if line.startswith("report:")]
+    from cxr_lung_risk.layout import cpu_name
+
     cpu = cpu_name()
     result = {
         "benchmark": "cxr-lung-risk report on a simulated cohort",

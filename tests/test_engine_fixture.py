@@ -21,7 +21,7 @@ import torch
 from cxr_lung_risk import archs
 from cxr_lung_risk.engine import LungRiskEnsemble
 from cxr_lung_risk.spec import lung_risk_spec
-from cxr_lung_risk.transforms import center_crop_resize, open_raster, to_uint8_chw
+from cxr_lung_risk.transforms import raster_batch
 from cxr_lung_risk.weights import load_into, load_state_dict_file
 from conftest import fixture_bn_stats, fixture_recipe  # noqa: F401 (re-exported for test_oracle)
 
@@ -38,7 +38,7 @@ def resolve(rel: str, reference: Path) -> Path:
 
 def engine_batch(rows: list[dict], reference: Path) -> torch.Tensor:
     """Our preprocessing: open_raster -> center_crop_resize -> to_uint8_chw."""
-    return torch.from_numpy(np.stack([to_uint8_chw(center_crop_resize(open_raster(resolve(r["engine"], reference)))) for r in rows]))
+    return raster_batch([resolve(r["engine"], reference) for r in rows])
 
 
 def run_engine(ens: LungRiskEnsemble, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
