@@ -8,7 +8,10 @@ delivered, and reports from the node's own audit log:
 * push rate: instances acknowledged per second (C-STORE, durable in the spool);
 * throughput: instances per second from the first receipt to the last result delivered;
 * latency from receipt to result delivered (audit ``received`` -> ``sent``): p50, p95, max;
-* the node's per-stage histograms (``/metrics``) at the end.
+* the node's per-stage histograms (``/metrics``) at the end;
+* next to it, in the same run, ``cxr-lung-risk predict`` on the same files with the node's
+  outputs (csv, json, SR, result image; same batch size and device): its images per second after
+  loading, and the node's throughput over it (``node_over_predict``; the goal is 1.0).
 
 It is never run as a test (the ``pacs`` tests use a real Orthanc). It reuses the tests' node
 helpers (``tests/pacs_node.py``). Writes JSON (default ``benchmarks/results/pacs_cpu_2core.json``).
@@ -122,6 +125,28 @@ def _model_time(weights: Path, device: str, sample: Path) -> float:
     return statistics.median(times)
 
 
+def predict_throughput(files_dir: Path, weights: Path, a: argparse.Namespace, scratch: Path) -> dict:
+    """``cxr-lung-risk predict`` over the burst's files with the node's outputs, as a subprocess:
+    images per second from the end of loading to the last output written (``--timings``)."""
+    import subprocess
+
+    out, timings = scratch / "predict-out", scratch / "predict-timings.json"
+    cmd = [sys.executable, "-m", "cxr_lung_risk.cli", "predict", str(files_dir), "--out", str(out), "--weights", str(weights),
+           "--batch-size", str(a.batch_size), "--device", a.device, "--format", "csv,json,sr", "--result-image",
+           "--timings", str(timings)]
+    t = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.monotonic() - t
+    if r.returncode != 0:
+        raise SystemExit(f"predict failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    tm = json.loads(timings.read_text())
+    after_load = tm["run_s"] - tm["load_s"]
+    return {"command": "cxr-lung-risk predict IN --format csv,json,sr --result-image --batch-size "
+                       f"{a.batch_size} --device {a.device}", "wall_s": round(wall, 2), "scored": tm["scored"],
+            "workers": tm.get("workers"), "phases_s": {k: round(tm[f"{k}_s"], 2) for k in ("load", "prepare", "infer", "write")},
+            "after_load_s": round(after_load, 2), "throughput_instances_per_s": round(tm["scored"] / after_load, 3)}
+
+
 def idle(a: argparse.Namespace, weights: Path, scratch: Path) -> dict:
     """``--idle N``: one CR at a time to an idle node (``storescu``), until its SR is in Orthanc."""
     import shutil
@@ -200,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scratch", type=Path, default=None)
     ap.add_argument("--idle", type=int, metavar="N", help="idle latency: N single CRs, one at a time, storescu -> SR in a real Orthanc")
     ap.add_argument("--no-result-image", action="store_true", help="--idle: the node sends only the SR")
+    ap.add_argument("--workers", type=int, default=None, help="the node's --workers (default: its own default)")
+    ap.add_argument("--no-predict", action="store_true", help="burst: do not run predict on the same files for comparison")
     ap.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/pacs[_idle]_cpu_2core.json)")
     a = ap.parse_args(argv)
     if a.out is None:
@@ -227,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     node = ServeProcess(scratch / "spool", weights, extra=[
         "--send-to", f"RECEIVER@127.0.0.1:{rx.port}", "--quiet-time", str(a.quiet_time), "--batch-size", str(a.batch_size),
         "--device", a.device, "--retry-initial", "0.5", "--retry-max", "5",
-    ])
+    ] + (["--workers", str(a.workers)] if a.workers is not None else []))
     t_start = time.monotonic()
     node.start()
     load_s = time.monotonic() - t_start
@@ -272,9 +299,19 @@ def main(argv: list[str] | None = None) -> int:
 
     result = report(read_audit(node.spool), metrics, params={
         "n": a.n, "associations": a.associations, "studies": a.studies, "batch_size": a.batch_size,
-        "quiet_time_s": a.quiet_time, "device": a.device})
+        "quiet_time_s": a.quiet_time, "device": a.device, "workers": a.workers, "source": "chest_cr_RG1_J2KI.dcm copies (JPEG 2000)"})
+    result["machine"]["cpu"] = _cpu_name()
     result.update({"node_ready_s": round(load_s, 2), "push_s": round(push_s, 2), "push_instances_per_s": round(ok / push_s, 2),
                    "serve_exit_code": rc, "complete": complete})
+    batches = [ln for p in node.logs for ln in p.read_text(errors="replace").splitlines() if ": batch of " in ln]
+    result["node_batches"] = len(batches)
+    result["node_batch_log_tail"] = [ln.split("cxr_lung_risk.serve: ", 1)[-1] for ln in batches[-3:]]
+    if not a.no_predict:
+        print("predict on the same files ...", flush=True)
+        result["predict"] = predict_throughput(scratch / "in", weights, a, scratch)
+        result["node_over_predict"] = round(result["throughput_instances_per_s"] / result["predict"]["throughput_instances_per_s"], 3)
+        print(f"node {result['throughput_instances_per_s']} vs predict {result['predict']['throughput_instances_per_s']} "
+              f"instances/s: {result['node_over_predict']}", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

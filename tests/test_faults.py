@@ -128,6 +128,65 @@ def test_a_dying_hogging_or_hanging_worker_costs_one_input(tmp_path, sample_pngs
     assert [p.status for r, p in by.items() if r not in ("img03.png", "img05.png", "img07.png")] == ["ok"] * 7
 
 
+def test_preparing_ahead_in_the_background_keeps_the_fence(tmp_path, sample_pngs, monkeypatch):
+    """The node's decode stage (:class:`PrepareAhead`): what is wanted is prepared before it is
+    taken, by the same fenced worker processes -- a worker killed, hogging or hanging costs one
+    input -- and what is no longer wanted is dropped."""
+    from cxr_lung_risk import pipeline
+
+    files = _inputs(tmp_path, sample_pngs, 10)
+    monkeypatch.setattr(pipeline, "prepare", _killing_prepare)  # workers are forked: they see it too
+    ahead = pipeline.PrepareAhead(pipeline.PrepareOptions(), workers=1, window=8, timeout_s=5, memory_bytes=1 << 30)
+    try:
+        ahead.want((f.rel, f) for f in files)  # more than the window: the first 8 are prepared
+        t = time.monotonic()
+        wait_until = t + 40
+        while ahead.prepared < 8 and time.monotonic() < wait_until:
+            time.sleep(0.1)
+        assert ahead.prepared == 8  # ahead of any take, and no further than the window
+        time.sleep(0.5)
+        assert ahead.prepared == 8
+        got = {f.rel: ahead.take(f.rel, f) for f in files[:8]}
+        assert ahead.prepared == 8  # each was taken from what was prepared ahead
+        assert got["img03.png"].status == "failed" and "SIGKILL" in got["img03.png"].reason
+        assert got["img05.png"].status == "failed" and "memory" in got["img05.png"].reason
+        assert got["img07.png"].status == "failed" and "longer than 5 s" in got["img07.png"].reason
+        assert [p.status for r, p in got.items() if r not in ("img03.png", "img05.png", "img07.png")] == ["ok"] * 5
+        assert [p.file.rel for p in got.values()] == [f.rel for f in files[:8]]
+        # an input not wanted (yet) goes first; what is no longer wanted is dropped
+        ahead.want([(files[8].rel, files[8])])
+        last = ahead.take(files[9].rel, files[9])
+        assert last.status == "ok" and last.file.rel == "img09.png"
+        while ahead.prepared < 10 and time.monotonic() < wait_until + 20:
+            time.sleep(0.05)
+        assert list(ahead._done) == ["img08.png"]
+        ahead.want([])
+        assert ahead._done == {} and not ahead.error
+        assert time.monotonic() - t < 60
+    finally:
+        ahead.close()
+    assert not ahead._thread.is_alive()
+
+
+def test_preparing_ahead_in_process(tmp_path, sample_pngs):
+    """``--workers 0``: the same stage prepares in the caller's process, still ahead."""
+    from cxr_lung_risk import pipeline
+
+    files = _inputs(tmp_path, sample_pngs, 3)
+    ahead = pipeline.PrepareAhead(pipeline.PrepareOptions(), workers=0, window=4)
+    try:
+        ahead.want((f.rel, f) for f in files)
+        wait_until = time.monotonic() + 30
+        while ahead.prepared < 3 and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        got = [ahead.take(f.rel, f) for f in files]
+        direct = [pipeline.prepare(f, pipeline.PrepareOptions()) for f in files]
+        assert ahead.prepared == 3 and [p.status for p in got] == ["ok"] * 3
+        assert all((a.image == b.image).all() for a, b in zip(got, direct))
+    finally:
+        ahead.close()
+
+
 def test_outputs_are_never_written_through_planted_links(tmp_path, dicom_data, synthetic_weights):
     out = tmp_path / "o"
     out.mkdir()

@@ -346,3 +346,64 @@ def test_one_log_format_and_a_line_per_instance_as_it_moves(node):
         assert f"INFO cxr_lung_risk.serve: received {sop} " in text
         assert f"INFO cxr_lung_risk.serve: scored {sop} " in text
         assert f"for {sop} to " in text and "INFO cxr_lung_risk.serve: delivered " in text
+
+
+# ------------------------------------------------------------------------------------------ the node's decode stage
+def _node_prepare(item, opts):
+    """The decode step, made hostile for one instance (what a decoder bug or the out-of-memory
+    killer does to the process that reads it)."""
+    import os
+    import signal
+
+    from cxr_lung_risk.pipeline import _prepare
+
+    if item.path.read_bytes().find(b"KILLME") >= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _prepare(item, opts)
+
+
+def test_the_node_decodes_in_fenced_processes_ahead_of_scoring(synthetic_weights, tmp_path, monkeypatch):
+    """The node's worker (in this process, with the real models and spool): instances are
+    decoded by worker processes while the previous batch is scored; the one whose decoding kills
+    its process fails with that reason, and the node and every other instance go on."""
+    import pydicom
+
+    from cxr_lung_risk import api, pipeline
+    from cxr_lung_risk.serve.audit import AuditLog
+    from cxr_lung_risk.serve.config import ServeConfig
+    from cxr_lung_risk.serve.metrics import Metrics
+    from cxr_lung_risk.serve.spool import Spool
+    from cxr_lung_risk.serve.worker import Worker
+
+    monkeypatch.setattr(pipeline, "prepare", _node_prepare)  # the decode processes are forked: they see it
+    files = make_instances(tmp_path / "in", 5, tag="fence")
+    ds = pydicom.dcmread(files[2])
+    ds.StudyDescription = "KILLME"
+    ds.save_as(files[2], enforce_file_format=True)
+    cfg = ServeConfig(spool=tmp_path / "spool", batch_size=2, quiet_time=0, workers=1)
+    spool = Spool(cfg.spool).open()
+    audit = AuditLog(cfg.audit_path)
+    stop = threading.Event()
+    scorer = api.load_scorer(["lung-risk"], weights={"lung-risk": synthetic_weights}, device="cpu")
+    worker = Worker(cfg, spool, scorer, audit, Metrics(), stop)
+    try:
+        for f in files:
+            d = pydicom.dcmread(f)
+            spool.store(f.read_bytes(), str(d.StudyInstanceUID), str(d.SOPInstanceUID))
+        worker.start()
+        wait_for(lambda: len([e for e in read_audit(cfg.spool) if e["event"] in ("scored", "failed")]) >= 5, 300,
+                 "every instance scored or failed")
+        assert worker.is_alive() and not worker.error
+        by_sop = {e["sop_uid"]: e for e in read_audit(cfg.spool) if e["event"] in ("scored", "failed")}
+        assert by_sop[sop_of(files[2])]["event"] == "failed"
+        assert "decode worker died from SIGKILL" in by_sop[sop_of(files[2])]["reason"]
+        assert sorted(e["event"] for s, e in by_sop.items() if s != sop_of(files[2])) == ["scored"] * 4
+        assert worker.ahead.prepared == 5 and worker.batches == 3  # every instance decoded by the stage, once
+        assert spool.pending() == []
+    finally:
+        stop.set()
+        worker.wake.set()
+        worker.join(60)
+        audit.close()
+        spool.close()
+    assert not worker.is_alive() and not worker.ahead._thread.is_alive()

@@ -325,6 +325,9 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
     a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
     a("--batch-size", type=int, metavar="N", help="images per batch; a full batch is scored at once (default 16)")
+    a("--workers", type=int, metavar="N", help="decode worker processes that prepare the next instances while a batch is "
+      "scored, each a fence against a hostile file (memory and time limits) (default: cores-1, at least 1 and at most 8, "
+      "so 1 on 2 cores; 0 decodes in the node's process)")
     a("--retry-initial", type=float, metavar="S", help="first retry after a failed delivery, doubling (default 2)")
     a("--retry-max", type=float, metavar="S", help="longest wait between delivery retries (default 300)")
     a("--strict-sop-class", action="store_const", const=True,
@@ -582,7 +585,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 _SERVE_KEYS = (
     "port", "ae_title", "bind", "spool", "weights", "age_weights", "model", "device", "precision", "send_to", "stow",
-    "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "retry_initial", "retry_max", "max_attempts",
+    "stow_token", "stow_ca", "allow_ae", "metrics_port", "quiet_time", "batch_size", "workers", "retry_initial", "retry_max", "max_attempts",
     "result_image", "tls_cert", "tls_key", "tls_ca", "send_tls", "audit_log", "im_version", "sr_class", "strict_sop_class",
     "degraded_after", "demo_weights", "fhir", "fhir_token", "fhir_ca",
 )

@@ -20,7 +20,7 @@ from . import dicom_io, preprocess, transforms
 from .dicom_io import InputFile, SelectionOptions
 from .records import Status, add_warnings
 
-__all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "file_sha256", "RASTER_SUFFIXES"]
+__all__ = ["PrepareOptions", "Prepared", "prepare", "iter_prepared", "PreparePool", "PrepareAhead", "file_sha256", "RASTER_SUFFIXES"]
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -320,6 +320,92 @@ def _death_reason(code: int | None) -> str:
     return f"failed: the decode worker exited (status {code}) while reading this file"
 
 
+class PreparePool:
+    """Fenced decode workers, driven by one thread: :meth:`give` hands an input to an idle worker,
+    :meth:`collect` returns what finished (or failed) since.
+
+    Each worker is a fence: its address space may grow by at most ``memory_bytes`` (beyond that
+    an allocation fails and the input is recorded as failed), an input that takes longer than
+    ``timeout_s`` has its worker killed and is recorded as failed, and a worker that dies (e.g.
+    killed by the out-of-memory killer) costs only the input it was reading. A replacement
+    worker takes over. Workers are forked from the calling thread and end with it (Linux's
+    parent-death signal): create, use and :meth:`close` a pool in one thread."""
+
+    def __init__(self, opts: PrepareOptions, workers: int, *, timeout_s: float | None = WORKER_TIMEOUT_S,
+                 memory_bytes: int | None = WORKER_MEMORY_BYTES) -> None:
+        import multiprocessing as mp
+
+        self._ctx = mp.get_context("fork")
+        self.opts, self.timeout_s, self.memory_bytes = opts, timeout_s, memory_bytes
+        self.slots = [_Slot(self._ctx, opts, memory_bytes) for _ in range(max(1, workers))]
+
+    def idle(self) -> list["_Slot"]:
+        return [s for s in self.slots if s.task is None]
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.task is not None)
+
+    def give(self, slot: "_Slot", key: Any, item: InputFile) -> None:
+        slot.task, slot.t0 = (key, item), time.monotonic()
+        try:
+            slot.conn.send((key, item))
+        except (OSError, EOFError):
+            pass  # a dead worker: found by collect() through its sentinel
+
+    def _replace(self, k: int) -> None:
+        self.slots[k].stop(hard=True)
+        self.slots[k] = _Slot(self._ctx, self.opts, self.memory_bytes)
+
+    def collect(self, timeout: float | None = None) -> list[tuple[Any, Prepared]]:
+        """Wait until a busy worker answers, dies or runs out of time (at most ``timeout``
+        seconds; ``None``: no limit but the workers' own), then return each ``(key, Prepared)``
+        that is done."""
+        from multiprocessing.connection import wait
+
+        busy = [s for s in self.slots if s.task is not None]
+        if not busy:
+            return []
+        wait_s = timeout
+        if self.timeout_s:
+            left = max(0.0, min(s.t0 + self.timeout_s - time.monotonic() for s in busy))
+            wait_s = left if wait_s is None else min(wait_s, left)
+        ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=wait_s)
+        out: list[tuple[Any, Prepared]] = []
+        for k, s in enumerate(self.slots):
+            if s.task is None:
+                continue
+            key, item = s.task
+            result = None
+            if s.conn in ready or s.proc.sentinel in ready:
+                try:
+                    if s.conn.poll():
+                        got, result = _receive(s.conn)
+                        if got != key:  # pragma: no cover - protocol error
+                            result = Prepared(item, Status.FAILED, "failed: internal error (worker answered for another input)")
+                except (EOFError, OSError):
+                    result = None
+                except Exception as e:  # noqa: BLE001 - a result that cannot be unpickled
+                    result = Prepared(item, Status.FAILED, f"failed: the decode worker's result could not be read "
+                                                           f"({type(e).__name__})")
+                if result is None:
+                    s.proc.join(timeout=5)
+                    result = Prepared(item, Status.FAILED, _death_reason(s.proc.exitcode))
+                    self._replace(k)
+                else:
+                    s.task = None
+            elif self.timeout_s and time.monotonic() - s.t0 > self.timeout_s:
+                result = Prepared(item, Status.FAILED, f"failed: reading this file took longer than {self.timeout_s:.0f} s; stopped")
+                self._replace(k)
+            if result is not None:
+                out.append((key, result))
+        return out
+
+    def close(self) -> None:
+        for s in self.slots:
+            s.stop(hard=s.task is not None)
+
+
 def iter_prepared(
     files: Iterable[InputFile],
     opts: PrepareOptions,
@@ -331,85 +417,159 @@ def iter_prepared(
 ) -> Iterator[Prepared]:
     """Prepared records in input order.
 
-    With ``workers > 0`` decoding runs in worker processes, a bounded number of items ahead of
-    the consumer (constant memory in the number of inputs), and each worker is a fence: its
-    address space may grow by at most ``memory_bytes`` (beyond that an allocation fails and the
-    input is recorded as failed), an input that takes longer than ``timeout_s`` has its worker
-    killed and is recorded as failed, and a worker that dies (e.g. killed by the out-of-memory
-    killer) costs only the input it was reading. A replacement worker takes over.
+    With ``workers > 0`` decoding runs in the fenced worker processes of a :class:`PreparePool`
+    (per input at most ``memory_bytes`` more address space and ``timeout_s`` seconds; a worker
+    that dies costs only its input), a bounded number of items ahead of the consumer (constant
+    memory in the number of inputs).
     """
     if workers <= 0:
         for f in files:
             yield prepare(f, opts)
         return
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
-
-    ctx = mp.get_context("fork")
+    pool = PreparePool(opts, workers, timeout_s=timeout_s, memory_bytes=memory_bytes)
     window = max(prefetch, workers * 2)
-    slots = [_Slot(ctx, opts, memory_bytes) for _ in range(workers)]
     done: dict[int, Prepared] = {}
     it = enumerate(files)
     next_out = submitted = 0
     exhausted = False
     try:
         while True:
-            for s in slots:  # hand out work, at most `window` items ahead of the consumer
-                if s.task is None and not exhausted and submitted - next_out < window:
-                    try:
-                        idx, item = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    submitted += 1
-                    s.task, s.t0 = (idx, item), time.monotonic()
-                    try:
-                        s.conn.send((idx, item))
-                    except (OSError, EOFError):
-                        pass  # a dead worker: found below through its sentinel
+            for s in pool.idle():  # hand out work, at most `window` items ahead of the consumer
+                if exhausted or submitted - next_out >= window:
+                    break
+                try:
+                    idx, item = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                submitted += 1
+                pool.give(s, idx, item)
             while next_out in done:
                 yield done.pop(next_out)
                 next_out += 1
-            busy = [s for s in slots if s.task is not None]
-            if not busy:
+            if not pool.busy:
                 if exhausted:
                     break
                 continue
-            now = time.monotonic()
-            wait_s = None
-            if timeout_s:
-                wait_s = max(0.0, min(s.t0 + timeout_s - now for s in busy))
-            ready = wait([s.conn for s in busy] + [s.proc.sentinel for s in busy], timeout=wait_s)
-            for k, s in enumerate(slots):
-                if s.task is None:
-                    continue
-                idx, item = s.task
-                result = None
-                if s.conn in ready or s.proc.sentinel in ready:
-                    try:
-                        if s.conn.poll():
-                            got_idx, result = _receive(s.conn)
-                            if got_idx != idx:  # pragma: no cover - protocol error
-                                result = Prepared(item, Status.FAILED, "failed: internal error (worker answered for another input)")
-                    except (EOFError, OSError):
-                        result = None
-                    except Exception as e:  # noqa: BLE001 - a result that cannot be unpickled
-                        result = Prepared(item, Status.FAILED, f"failed: the decode worker's result could not be read "
-                                                               f"({type(e).__name__})")
-                    if result is None:
-                        s.proc.join(timeout=5)
-                        result = Prepared(item, Status.FAILED, _death_reason(s.proc.exitcode))
-                        s.stop(hard=True)
-                        slots[k] = _Slot(ctx, opts, memory_bytes)
-                        s = slots[k]
-                elif timeout_s and time.monotonic() - s.t0 > timeout_s:
-                    result = Prepared(item, Status.FAILED, f"failed: reading this file took longer than {timeout_s:.0f} s; stopped")
-                    s.stop(hard=True)
-                    slots[k] = _Slot(ctx, opts, memory_bytes)
-                    s = slots[k]
-                if result is not None:
-                    done[idx] = result
-                    s.task = None
+            done.update(pool.collect())
     finally:
-        for s in slots:
-            s.stop(hard=s.task is not None)
+        pool.close()
+
+
+class PrepareAhead:
+    """Inputs prepared in the background, ahead of their use (the PACS node decodes the next
+    instances while a batch is scored).
+
+    :meth:`want` names the inputs needed soon, oldest first (it replaces the previous list);
+    :meth:`take` returns one prepared input, waiting for it (an input not wanted yet goes first).
+    A thread of its own drives a :class:`PreparePool` (``workers > 0``: the fenced worker
+    processes ``predict`` uses) or prepares in this process (``workers == 0``). At most
+    ``window`` wanted inputs are held prepared or in hand; what is no longer wanted is dropped.
+    Keys are the caller's (e.g. a path and its modification time, so a file replaced under the
+    same name is prepared again)."""
+
+    def __init__(self, opts: PrepareOptions, workers: int, window: int = 32, *,
+                 timeout_s: float | None = WORKER_TIMEOUT_S, memory_bytes: int | None = WORKER_MEMORY_BYTES) -> None:
+        import collections
+        import threading
+
+        self.opts, self.workers, self.window = opts, workers, max(1, window)
+        self._limits = {"timeout_s": timeout_s, "memory_bytes": memory_bytes}
+        self._cv = threading.Condition()
+        self._urgent: collections.deque = collections.deque()  # (key, item) a take() waits for
+        self._wanted: dict[Any, InputFile] = {}  # key -> item, oldest first, not handed out yet
+        self._inflight: set[Any] = set()
+        self._done: dict[Any, Prepared] = {}
+        self._awaited: set[Any] = set()
+        self._closed = False
+        self.error = ""
+        self.prepared = 0  # inputs this object prepared (for tests and the status)
+        self._thread = threading.Thread(target=self._run, name="prepare-ahead", daemon=True)
+        self._thread.start()
+
+    def want(self, items: Iterable[tuple[Any, InputFile]]) -> None:
+        with self._cv:
+            wanted: dict[Any, InputFile] = {}
+            for key, item in items:
+                if len(wanted) >= self.window:
+                    break
+                wanted[key] = item
+            for key in [k for k in self._done if k not in wanted and k not in self._awaited]:
+                del self._done[key]
+            self._wanted = {k: v for k, v in wanted.items() if k not in self._done and k not in self._inflight}
+            self._cv.notify_all()
+
+    def take(self, key: Any, item: InputFile) -> Prepared:
+        with self._cv:
+            self._awaited.add(key)
+            try:
+                if key not in self._done and key not in self._inflight:
+                    self._wanted.pop(key, None)
+                    self._urgent.append((key, item))
+                    self._cv.notify_all()
+                while key not in self._done:
+                    if self.error or self._closed:
+                        break
+                    self._cv.wait(1.0)
+                else:
+                    return self._done.pop(key)
+            finally:
+                self._awaited.discard(key)
+        return prepare(item, self.opts)  # the thread has ended (a bug: self.error says): prepare here
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(30)
+
+    def _next(self, free: int) -> list[tuple[Any, InputFile]]:
+        out = []
+        while free > 0:
+            if self._urgent:
+                out.append(self._urgent.popleft())
+            elif self._wanted and len(self._done) + len(self._inflight) + len(out) < self.window:
+                key = next(iter(self._wanted))
+                out.append((key, self._wanted.pop(key)))
+            else:
+                break
+            free -= 1
+        self._inflight.update(k for k, _ in out)
+        return out
+
+    def _run(self) -> None:
+        pool = None
+        try:
+            if self.workers > 0:
+                pool = PreparePool(self.opts, self.workers, **self._limits)
+            while True:
+                with self._cv:
+                    if self._closed:
+                        return
+                    todo = self._next(len(pool.idle()) if pool else 1)
+                    if not todo and not (pool and pool.busy):
+                        self._cv.wait(1.0)
+                        continue
+                if pool is not None:
+                    for (key, item), slot in zip(todo, pool.idle()):
+                        pool.give(slot, key, item)
+                    results = pool.collect(timeout=0.05)
+                else:
+                    results = [(key, prepare(item, self.opts)) for key, item in todo]
+                with self._cv:
+                    for key, res in results:
+                        self._inflight.discard(key)
+                        self._done[key] = res
+                        self.prepared += 1
+                    self._cv.notify_all()
+        except BaseException as e:  # noqa: BLE001 - take() falls back to preparing in the caller
+            self.error = f"{type(e).__name__}: {e}"
+            import logging
+
+            logging.getLogger("cxr_lung_risk").exception("preparing ahead stopped; inputs are prepared when scored")
+        finally:
+            if pool is not None:
+                pool.close()
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()

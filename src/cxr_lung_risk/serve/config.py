@@ -85,6 +85,7 @@ class ServeConfig:
     metrics_bind: str = "127.0.0.1"
     quiet_time: float = 5.0
     batch_size: int = 16
+    workers: int | None = None  # decode worker processes (fences), ahead of scoring; None: cores-1, 1..8; 0: in the node's process
     result_image: bool = True
     im_version: str = "6.8.9-9"
     sr_class: str = "3d"  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": Comprehensive SR (...88.33)
@@ -162,6 +163,8 @@ class ServeConfig:
             raise UsageError("--degraded-after must be 0 (never) or more failed rounds")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if self.workers is not None and not 0 <= self.workers <= 64:
+            raise UsageError("--workers must be between 0 and 64")
         if self.quiet_time < 0:
             raise UsageError("--quiet-time must be 0 or more seconds")
         if self.retry_initial <= 0 or self.retry_max < self.retry_initial:
@@ -246,7 +249,7 @@ def build_config(values: Mapping[str, Any]) -> ServeConfig:
     for k in ("stow", "allow_ae", "fhir"):
         if k in v:
             v[k] = tuple(_as_list(v[k]))
-    for k in ("port", "batch_size", "max_attempts", "max_pdu", "degraded_after"):
+    for k in ("port", "batch_size", "workers", "max_attempts", "max_pdu", "degraded_after"):
         if k in v and v[k] is not None:
             v[k] = _int(v[k], k)
     if v.get("metrics_port") is not None:

@@ -24,13 +24,13 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import api
 from ..dicom_io import InputFile
 from ..jobs import Job, Loaded, Plan, RunSummary, Sink
 from ..outputs.writer import OutputWriter
-from ..pipeline import PrepareOptions, iter_prepared
+from ..pipeline import PrepareAhead, PrepareOptions, Prepared, default_workers, iter_prepared
 from .audit import AuditLog
 from .config import ServeConfig
 from .metrics import Metrics
@@ -61,15 +61,18 @@ def next_batch(pending: Sequence[Pending], now: float, quiet_time: float, batch_
 
 class NodeEngine:
     """The node's :class:`~cxr_lung_risk.jobs.Engine`: it holds the scorer the node loaded once, at
-    start, and moves one spooled batch -- prepared in this process, its accepted inputs scored in
-    one step, handed to the job before the skipped and failed ones. A scoring error fails the
-    batch's accepted inputs with the reason instead of ending anything (the node carries on)."""
+    start, and moves one spooled batch -- prepared by ``prepared`` (the worker's decode processes,
+    ahead of scoring; default: in this process), its accepted inputs scored in one step, handed
+    to the job before the skipped and failed ones. A scoring error fails the batch's accepted
+    inputs with the reason instead of ending anything (the node carries on)."""
 
     name = "serve"
     stops_when_full = False  # a full spool disk fails the batch; it stays queued
 
-    def __init__(self, scorer: Any, prepare_options: PrepareOptions) -> None:
+    def __init__(self, scorer: Any, prepare_options: PrepareOptions,
+                 prepared: Callable[[Sequence[InputFile]], Iterable[Prepared]] | None = None) -> None:
         self.scorer, self.prepare_options = scorer, prepare_options
+        self.prepared = prepared or (lambda files: iter_prepared(files, prepare_options))
         self.keys = [m.spec.key for m in scorer.models]
 
     def load(self, keys: Sequence[str], timer: Any, summary: RunSummary) -> Loaded:
@@ -80,7 +83,7 @@ class NodeEngine:
 
     def move(self, plan: Plan, sink: Sink) -> None:
         timer = sink.timer
-        prepared = [plan.stamp(p) for p in timer.timed("prepare", iter_prepared(plan.todo, self.prepare_options))]
+        prepared = [plan.stamp(p) for p in timer.timed("prepare", iter(self.prepared(plan.todo)))]
         ok = [p for p in prepared if p.status is api.Status.OK]
         if ok:
             t = time.perf_counter()
@@ -110,6 +113,12 @@ def spool_file(p: Pending) -> InputFile:
     return InputFile(p.path, f"{p.study}/{p.sop}.dcm", source=p.path)
 
 
+def _ahead_key(p: Pending) -> tuple[str, int]:
+    """What a prepared instance is known by: its spool path and time (a re-sent instance replaces
+    the file under the same name and is prepared again)."""
+    return (str(p.path), p.received_ns)
+
+
 class Worker(threading.Thread):
     def __init__(
         self,
@@ -128,16 +137,34 @@ class Worker(threading.Thread):
         self.wake = threading.Event()
         self.on_queued = on_queued
         self.released = released  # study -> when an association that delivered it was released
-        self.engine = NodeEngine(scorer, PrepareOptions(selection=cfg.selection, im_version=cfg.im_version))
+        self.prepare_options = PrepareOptions(selection=cfg.selection, im_version=cfg.im_version)
+        self.workers = default_workers() if cfg.workers is None else cfg.workers
+        self.ahead: PrepareAhead | None = None  # started by run(): its decode processes belong to this thread's node
+        self._keys: dict[Path, tuple[str, int]] = {}  # the batch being scored: input path -> key
+        self.engine = NodeEngine(scorer, self.prepare_options, prepared=self._prepared)
         self.busy = False
         self.error: str = ""
         self.batches = 0
 
+    def _prepared(self, files: Sequence[InputFile]) -> Iterable[Prepared]:
+        """The batch's inputs, prepared ahead (decode processes) while the previous batch was scored."""
+        if self.ahead is None:
+            return iter_prepared(files, self.prepare_options)
+        return (self.ahead.take(self._keys[f.path], f) for f in files)
+
     def run(self) -> None:
+        self.ahead = PrepareAhead(self.prepare_options, self.workers, window=2 * self.cfg.batch_size)
+        try:
+            self._loop()
+        finally:
+            self.ahead.close()
+
+    def _loop(self) -> None:
         while not self.stop_event.is_set():
             try:
                 pending = self.spool.pending()
                 self.metrics.queue_depth.labels(stage="incoming").set(len(pending))
+                self.ahead.want((_ahead_key(p), spool_file(p)) for p in pending)
                 batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size, self.released())
                 if batch:
                     self.busy = True
@@ -172,10 +199,15 @@ class Worker(threading.Thread):
         work = self.spool.new_batch_dir()
         try:
             plan = Plan.batch([spool_file(p) for p in batch])
+            self._keys = {p.path: _ahead_key(p) for p in batch}
             job = Job(self.engine, RunSummary(out=work, inputs=plan.n_inputs), keep_records=True)
             loaded = job.load(self.engine.keys)
             records = {rec.file: rec for rec in job.move(plan, self._writer(work, loaded, plan))}
             t_scored = time.time()
+            ph = job.timer.phases
+            LOG.info("batch of %d: %.2f s waiting for decoding (done ahead, %s), %.2f s models, %.2f s writing", len(batch),
+                     ph["prepare"], f"{self.workers} decode process(es)" if self.workers else "in the node's process",
+                     ph["infer"], ph["write"])
             results = self.spool.commit_batch(work)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
