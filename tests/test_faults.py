@@ -153,6 +153,10 @@ def test_preparing_ahead_in_the_background_keeps_the_fence(tmp_path, sample_pngs
         assert got["img07.png"].status == "failed" and "longer than 5 s" in got["img07.png"].reason
         assert [p.status for r, p in got.items() if r not in ("img03.png", "img05.png", "img07.png")] == ["ok"] * 5
         assert [p.file.rel for p in got.values()] == [f.rel for f in files[:8]]
+        ahead.want((f.rel, f) for f in files[:8])  # still listed (the node's spool until they are moved) ...
+        time.sleep(0.5)
+        assert ahead.prepared == 8  # ... but taken: not prepared again
+        ahead.forget(f.rel for f in files[:8])
         # an input not wanted (yet) goes first; what is no longer wanted is dropped
         ahead.want([(files[8].rel, files[8])])
         last = ahead.take(files[9].rel, files[9])
@@ -169,13 +173,21 @@ def test_preparing_ahead_in_the_background_keeps_the_fence(tmp_path, sample_pngs
 
 
 def test_preparing_ahead_in_process(tmp_path, sample_pngs):
-    """``--workers 0``: the same stage prepares in the caller's process, still ahead."""
+    """``--workers 0``: the same stage prepares in the caller's process, still ahead; with a
+    ``source`` it finds what arrived on its own (the node's spool), except while paused (the
+    node's models run)."""
     from cxr_lung_risk import pipeline
 
     files = _inputs(tmp_path, sample_pngs, 3)
-    ahead = pipeline.PrepareAhead(pipeline.PrepareOptions(), workers=0, window=4)
+    arrived: list = []
+    ahead = pipeline.PrepareAhead(pipeline.PrepareOptions(), workers=0, window=4, source=lambda: list(arrived), refresh_s=0.05)
     try:
-        ahead.want((f.rel, f) for f in files)
+        time.sleep(0.3)
+        assert ahead.prepared == 0
+        with ahead.paused():
+            arrived += [(f.rel, f) for f in files]  # no want(): the stage asks its source ...
+            time.sleep(0.5)
+            assert ahead.prepared == 0  # ... but hands nothing out while paused
         wait_until = time.monotonic() + 30
         while ahead.prepared < 3 and time.monotonic() < wait_until:
             time.sleep(0.05)

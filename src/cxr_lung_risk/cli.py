@@ -325,9 +325,9 @@ def _add_serve_parser(sub, models: Sequence[str]) -> None:
     a("--metrics-port", type=int, metavar="N", help="serve /healthz and Prometheus /metrics on this local HTTP port")
     a("--quiet-time", type=float, metavar="S", help="score a study S seconds after its last instance arrived (default 5)")
     a("--batch-size", type=int, metavar="N", help="images per batch; a full batch is scored at once (default 16)")
-    a("--workers", type=int, metavar="N", help="decode worker processes that prepare the next instances while a batch is "
-      "scored, each a fence against a hostile file (memory and time limits) (default: cores-1, at least 1 and at most 8, "
-      "so 1 on 2 cores; 0 decodes in the node's process)")
+    a("--workers", type=int, metavar="N", help="decode worker processes that prepare instances as they arrive, pausing while "
+      "the models run, each a fence against a hostile file (memory and time limits) (default: one per core, at most 8, "
+      "so 2 on 2 cores; 0 decodes in the node's process)")
     a("--retry-initial", type=float, metavar="S", help="first retry after a failed delivery, doubling (default 2)")
     a("--retry-max", type=float, metavar="S", help="longest wait between delivery retries (default 300)")
     a("--strict-sop-class", action="store_const", const=True,

@@ -6,13 +6,14 @@ networks see, or a recorded reason why not. Data flows one way: ``dicom_io`` ->
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -461,6 +462,8 @@ class PrepareAhead:
     instances while a batch is scored).
 
     :meth:`want` names the inputs needed soon, oldest first (it replaces the previous list);
+    ``source``, when given, is asked for that list whenever the workers would otherwise idle (at
+    most every ``refresh_s``), so inputs that arrive while the caller is busy are prepared too;
     :meth:`take` returns one prepared input, waiting for it (an input not wanted yet goes first).
     A thread of its own drives a :class:`PreparePool` (``workers > 0``: the fenced worker
     processes ``predict`` uses) or prepares in this process (``workers == 0``). At most
@@ -469,11 +472,13 @@ class PrepareAhead:
     same name is prepared again)."""
 
     def __init__(self, opts: PrepareOptions, workers: int, window: int = 32, *,
+                 source: Callable[[], Iterable[tuple[Any, InputFile]]] | None = None, refresh_s: float = 0.25,
                  timeout_s: float | None = WORKER_TIMEOUT_S, memory_bytes: int | None = WORKER_MEMORY_BYTES) -> None:
         import collections
         import threading
 
         self.opts, self.workers, self.window = opts, workers, max(1, window)
+        self.source, self.refresh_s = source, refresh_s
         self._limits = {"timeout_s": timeout_s, "memory_bytes": memory_bytes}
         self._cv = threading.Condition()
         self._urgent: collections.deque = collections.deque()  # (key, item) a take() waits for
@@ -481,7 +486,9 @@ class PrepareAhead:
         self._inflight: set[Any] = set()
         self._done: dict[Any, Prepared] = {}
         self._awaited: set[Any] = set()
+        self._taken: set[Any] = set()  # taken, not yet forgotten: never wanted again
         self._closed = False
+        self._paused = 0
         self.error = ""
         self.prepared = 0  # inputs this object prepared (for tests and the status)
         self._thread = threading.Thread(target=self._run, name="prepare-ahead", daemon=True)
@@ -493,10 +500,12 @@ class PrepareAhead:
             for key, item in items:
                 if len(wanted) >= self.window:
                     break
-                wanted[key] = item
+                if key not in self._taken:
+                    wanted[key] = item
             for key in [k for k in self._done if k not in wanted and k not in self._awaited]:
                 del self._done[key]
-            self._wanted = {k: v for k, v in wanted.items() if k not in self._done and k not in self._inflight}
+            urgent = {k for k, _ in self._urgent}
+            self._wanted = {k: v for k, v in wanted.items() if k not in self._done and k not in self._inflight and k not in urgent}
             self._cv.notify_all()
 
     def take(self, key: Any, item: InputFile) -> Prepared:
@@ -512,10 +521,31 @@ class PrepareAhead:
                         break
                     self._cv.wait(1.0)
                 else:
+                    self._taken.add(key)
                     return self._done.pop(key)
             finally:
                 self._awaited.discard(key)
         return prepare(item, self.opts)  # the thread has ended (a bug: self.error says): prepare here
+
+    def forget(self, keys: Iterable[Any]) -> None:
+        """These taken inputs are finished (the node moved them out of its spool): a key that
+        was taken is never prepared again until forgotten, though its file is still listed."""
+        with self._cv:
+            self._taken.difference_update(keys)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No new input is handed to a worker inside this block (what is being decoded goes on):
+        the node scores a batch in it, so that decoding takes no core from the models' threads
+        (on a machine they fill, sharing costs the models more than decoding gains)."""
+        with self._cv:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._paused -= 1
+                self._cv.notify_all()
 
     def close(self) -> None:
         with self._cv:
@@ -528,7 +558,7 @@ class PrepareAhead:
         while free > 0:
             if self._urgent:
                 out.append(self._urgent.popleft())
-            elif self._wanted and len(self._done) + len(self._inflight) + len(out) < self.window:
+            elif self._wanted and not self._paused and len(self._done) + len(self._inflight) + len(out) < self.window:
                 key = next(iter(self._wanted))
                 out.append((key, self._wanted.pop(key)))
             else:
@@ -537,18 +567,31 @@ class PrepareAhead:
         self._inflight.update(k for k, _ in out)
         return out
 
+    def _refresh(self, last: float) -> float:
+        """Ask ``source`` for the wanted list when the workers would idle (and ``refresh_s`` passed)."""
+        now = time.monotonic()
+        if self.source is None or now - last < self.refresh_s:
+            return last
+        with self._cv:
+            room = not self._wanted and len(self._done) + len(self._inflight) < self.window
+        if room:
+            self.want(self.source())
+        return now
+
     def _run(self) -> None:
         pool = None
+        last = 0.0
         try:
             if self.workers > 0:
                 pool = PreparePool(self.opts, self.workers, **self._limits)
             while True:
+                last = self._refresh(last)
                 with self._cv:
                     if self._closed:
                         return
                     todo = self._next(len(pool.idle()) if pool else 1)
                     if not todo and not (pool and pool.busy):
-                        self._cv.wait(1.0)
+                        self._cv.wait(self.refresh_s if self.source is not None else 1.0)
                         continue
                 if pool is not None:
                     for (key, item), slot in zip(todo, pool.idle()):

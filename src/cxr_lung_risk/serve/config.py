@@ -85,7 +85,7 @@ class ServeConfig:
     metrics_bind: str = "127.0.0.1"
     quiet_time: float = 5.0
     batch_size: int = 16
-    workers: int | None = None  # decode worker processes (fences), ahead of scoring; None: cores-1, 1..8; 0: in the node's process
+    workers: int | None = None  # decode worker processes (fences), ahead of scoring; None: one per core, 1..8; 0: in the node's process
     result_image: bool = True
     im_version: str = "6.8.9-9"
     sr_class: str = "3d"  # "3d": Comprehensive 3D SR (IHE AIR); "comprehensive": Comprehensive SR (...88.33)
