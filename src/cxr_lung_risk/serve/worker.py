@@ -7,7 +7,9 @@ prepares and scores it, the job writes the same tables, SRs and records as ``pre
 accounts each input. What is the node's (here): when a batch is due (:func:`next_batch`), the
 writer's options (stable UIDs, csv + json + sr, + fhir when a FHIR destination exists, the result
 image), the work folder committed into ``results/`` by one rename, an outbox entry per
-destination, the audit log and the metrics.
+destination, the audit log and the metrics. Instances are decoded ahead -- as they arrive, and
+while a batch is written -- by the decode processes of a :class:`~cxr_lung_risk.pipeline.PrepareAhead`
+(``--workers``; the same fences as ``predict``'s), which pauses while the models run.
 
 A study is scored as soon as the association that delivered its last instance is released (the
 sender says it is done: an idle node scores one image without waiting), else when no instance of
@@ -131,6 +133,11 @@ def _ahead_key(p: Pending) -> tuple[str, int]:
     return (str(p.path), p.received_ns)
 
 
+def _listed(pending: Sequence[Pending]) -> Iterable[tuple[tuple[str, int], InputFile]]:
+    """The spool's instances as the decode stage wants them: (key, input), oldest first."""
+    return ((_ahead_key(p), spool_file(p)) for p in pending)
+
+
 class Worker(threading.Thread):
     def __init__(
         self,
@@ -169,7 +176,7 @@ class Worker(threading.Thread):
 
     def run(self) -> None:
         self.ahead = PrepareAhead(self.prepare_options, self.workers, window=2 * self.cfg.batch_size,
-                                  source=lambda: ((_ahead_key(p), spool_file(p)) for p in self.spool.pending()))
+                                  source=lambda: _listed(self.spool.pending()))
         try:
             self._loop()
         finally:
@@ -180,7 +187,7 @@ class Worker(threading.Thread):
             try:
                 pending = self.spool.pending()
                 self.metrics.queue_depth.labels(stage="incoming").set(len(pending))
-                self.ahead.want((_ahead_key(p), spool_file(p)) for p in pending)
+                self.ahead.want(_listed(pending))
                 batch = next_batch(pending, time.time(), self.cfg.quiet_time, self.cfg.batch_size, self.released())
                 if batch:
                     self.busy = True
